@@ -1,0 +1,46 @@
+"""Build a file or folder once per host, however many processes ask for it at the same time.
+
+Many clients (and their workers) share one data dir. The first to arrive builds the entry
+under an exclusive file lock into a temporary name and renames it into place; the others
+wait on the lock and then find it ready. A crash mid-build leaves only the temporary name,
+so a half-written entry is never read.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+from pathlib import Path
+from typing import Callable
+
+
+def build_once(target: Path, build: Callable[[Path], None]) -> Path:
+    """Return ``target``, calling ``build(temporary_path)`` first if it does not exist yet."""
+    target = Path(target)
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = target.with_name(f".{target.name}.lock")
+    with open(lock_path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if target.exists():
+                return target
+            scratch = target.with_name(f".{target.name}.{os.getpid()}.partial")
+            _remove(scratch)
+            try:
+                build(scratch)
+                os.replace(scratch, target)
+            finally:
+                _remove(scratch)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return target
+
+
+def _remove(entry: Path) -> None:
+    if entry.is_dir() and not entry.is_symlink():
+        shutil.rmtree(entry)
+    elif entry.exists() or entry.is_symlink():
+        entry.unlink()

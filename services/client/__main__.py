@@ -1,0 +1,42 @@
+"""``python -m services.client``: wait for the server, then train each round in a fresh worker."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import sys
+
+from services import logs
+from services import settings as settings_module
+from services.client.connect import ServerUnreachable, wait_for_server
+from services.taskspec import Placement
+
+log = logging.getLogger("bouquet.client")
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = settings_module.parse(settings_module.CLIENT, argv, program="services.client", description=__doc__)
+    logs.setup()
+    identity = settings.client_id or socket.gethostname()
+    try:
+        wait_for_server(settings.server_address, settings.connect_timeout)
+    except ServerUnreachable as problem:
+        log.error("%s", problem)
+        return 1
+    from services.client import flower  # imported late: validation and the wait come first
+
+    client = flower.WorkerClient(identity, Placement(settings.data_dir, settings.device), settings.worker_start)
+    log.info("client %s connecting to %s (workers: %s)", identity, settings.server_address, settings.worker_start)
+    try:
+        flower.run(settings.server_address, client, settings.connect_timeout)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as problem:  # gRPC gave up reconnecting, or the server broke the protocol
+        log.error("client %s stopped: %s: %s", identity, type(problem).__name__, problem)
+        return 1
+    log.info("client %s: server ended the run", identity)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""Every Flower call the client makes: the Client implementation and start_client.
+
+``fit`` and ``evaluate`` each run ONE worker (services.worker). When the worker fails the
+client answers with a non-OK status carrying the cause, so the server records a failed
+round for this client, and stays connected for the next round.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from flwr.client import Client, start_client
+from flwr.common import (
+    Code,
+    EvaluateIns,
+    EvaluateRes,
+    FitIns,
+    FitRes,
+    GetPropertiesIns,
+    GetPropertiesRes,
+    Parameters,
+    Status,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+
+from services import protocol, worker
+from services.taskspec import Placement, TaskSpec
+
+log = logging.getLogger("bouquet.client")
+
+
+class WorkerClient(Client):
+    def __init__(self, identity: str, placement: Placement, start_method: str) -> None:
+        self.identity = identity
+        self.placement = placement
+        self.start_method = start_method
+        self.weights: list = []  # the latest global weights, as numpy arrays
+
+    def get_properties(self, ins: GetPropertiesIns) -> GetPropertiesRes:
+        return GetPropertiesRes(status=Status(Code.OK, ""), properties={protocol.IDENTITY_PROPERTY: self.identity})
+
+    def fit(self, ins: FitIns) -> FitRes:
+        spec, partition, num_partitions, server_round = self._read_config(ins.config)
+        self.weights = parameters_to_ndarrays(ins.parameters)
+        try:
+            result = worker.run(
+                "services.task:train",
+                {
+                    "spec": spec,
+                    "placement": self.placement,
+                    "weights": self.weights,
+                    "partition_id": partition,
+                    "num_partitions": num_partitions,
+                    "server_round": server_round,
+                },
+                timeout=spec.worker_timeout,
+                start_method=self.start_method,
+            )
+        except worker.WorkerFailed as failure:
+            log.error("round %d: training worker (pid %s) failed: %s", server_round, failure.pid, failure.cause)
+            message = protocol.encode_failure(failure.cause, worker_pid=failure.pid, client_pid=os.getpid())
+            return FitRes(status=Status(Code.FIT_NOT_IMPLEMENTED, message), parameters=Parameters([], ""), num_examples=0, metrics={})
+        trained = result.value
+        metrics = {
+            **trained["metrics"],
+            "client_pid": os.getpid(),
+            "worker_start_seconds": round(result.start_seconds, 4),
+            "worker_seconds": round(result.total_seconds, 4),
+        }
+        log.info(
+            "round %d: partition %d trained on %d examples in worker pid %d (%.2f s, start %.2f s), loss %.4f",
+            server_round, partition, trained["num_examples"], result.pid, result.total_seconds, result.start_seconds, metrics["train_loss"],
+        )
+        self.weights = trained["weights"]
+        return FitRes(status=Status(Code.OK, ""), parameters=ndarrays_to_parameters(self.weights), num_examples=trained["num_examples"], metrics=metrics)
+
+    def evaluate(self, ins: EvaluateIns) -> EvaluateRes:
+        spec, partition, num_partitions, server_round = self._read_config(ins.config)
+        try:
+            result = worker.run(
+                "services.task:evaluate",
+                {
+                    "spec": spec,
+                    "placement": self.placement,
+                    "weights": parameters_to_ndarrays(ins.parameters),
+                    "partition_id": partition,
+                    "num_partitions": num_partitions,
+                },
+                timeout=spec.worker_timeout,
+                start_method=self.start_method,
+            )
+        except worker.WorkerFailed as failure:
+            log.error("round %d: evaluation worker (pid %s) failed: %s", server_round, failure.pid, failure.cause)
+            message = protocol.encode_failure(failure.cause, worker_pid=failure.pid, client_pid=os.getpid())
+            return EvaluateRes(status=Status(Code.EVALUATE_NOT_IMPLEMENTED, message), loss=0.0, num_examples=0, metrics={})
+        scored = result.value
+        return EvaluateRes(
+            status=Status(Code.OK, ""),
+            loss=float(scored["loss"]),
+            num_examples=scored["num_examples"],
+            metrics={"accuracy": float(scored["accuracy"]), **scored["metrics"], "client_pid": os.getpid()},
+        )
+
+    @staticmethod
+    def _read_config(config: dict[str, Any]) -> tuple[TaskSpec, int, int, int]:
+        return (
+            TaskSpec.from_config(config),
+            int(config[protocol.PARTITION_ID]),
+            int(config[protocol.NUM_PARTITIONS]),
+            int(config[protocol.SERVER_ROUND]),
+        )
+
+
+def run(server_address: str, client: WorkerClient, reconnect_timeout: float) -> None:
+    """Serve the server's rounds until it says the run is over."""
+    start_client(server_address=server_address, client=client, insecure=True, max_wait_time=reconnect_timeout)

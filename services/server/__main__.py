@@ -1,0 +1,89 @@
+"""``python -m services.server``: validate settings, open the run folder, serve all rounds.
+
+Whatever ends the run (all rounds done, an error, Ctrl-C or SIGTERM), summary.json is
+written with what was completed; metrics.jsonl and the checkpoints are already on disk.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from types import SimpleNamespace
+
+from services import logs
+from services import settings as settings_module
+from services.server.central import CentralEvaluator
+from services.server.registry import PartitionRegistry
+from services.server.results import RoundRecorder, RunFolder, utc_now
+from services.taskspec import Placement, TaskSpec, check_model_fits
+
+log = logging.getLogger("bouquet.server")
+
+
+def validate(values: SimpleNamespace) -> None:
+    check_model_fits(values.dataset, values.model)
+    if values.min_fit_clients > values.min_clients:
+        raise settings_module.SettingError(
+            f"--min-fit-clients / FL_MIN_FIT_CLIENTS = {values.min_fit_clients}: must not exceed "
+            f"--min-clients / FL_MIN_CLIENTS = {values.min_clients}, or no round could ever start"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = settings_module.parse(
+        settings_module.SERVER, argv, program="services.server", description=__doc__, validate=validate
+    )
+    logs.setup()
+    spec = TaskSpec.from_settings(settings)
+    try:
+        folder = RunFolder(settings.results_dir, settings.run_id)
+    except (FileExistsError, OSError) as problem:
+        print(f"services.server: error: {problem}", file=sys.stderr)
+        return settings_module.EXIT_BAD_SETTING
+    log.info("run %s: results in %s", folder.run_id, folder.path)
+
+    recorder = RoundRecorder(folder)
+    registry = PartitionRegistry()
+    evaluator = CentralEvaluator(spec, Placement(settings.data_dir, settings.device), settings.worker_start)
+    started_at, started = utc_now(), time.monotonic()
+    status, error = "failed", None
+    try:
+        from services.server import flower  # imported late: flwr is slow to import and validation comes first
+
+        flower.run(settings, spec, folder, recorder, evaluator, registry)
+        status = "completed" if len(recorder.rounds) == settings.rounds else "incomplete"
+    except KeyboardInterrupt:
+        status, error = "interrupted", "KeyboardInterrupt"
+    except SystemExit as exit_request:  # Flower's SIGINT/SIGTERM handler exits this way
+        status, error = "interrupted", f"stopped by signal (exit {exit_request.code})"
+    except Exception as problem:
+        error = f"{type(problem).__name__}: {problem}"
+        log.exception("run %s failed", folder.run_id)
+    finally:
+        last = recorder.rounds[-1] if recorder.rounds else {}
+        folder.write_summary(
+            {
+                "run_id": folder.run_id,
+                "status": status,
+                "error": error,
+                "rounds_requested": settings.rounds,
+                "rounds_completed": len(recorder.rounds),
+                "initial_accuracy": recorder.initial.get("accuracy"),
+                "initial_loss": recorder.initial.get("loss"),
+                "final_accuracy": last.get("accuracy"),
+                "final_loss": last.get("loss"),
+                "num_partitions": registry.num_partitions,
+                "partitions": registry.assignments,
+                "started_at": started_at,
+                "ended_at": utc_now(),
+                "duration_seconds": round(time.monotonic() - started, 3),
+                "settings": settings_module.as_dict(settings),
+            }
+        )
+    log.info("run %s %s after %d of %d rounds; results in %s", folder.run_id, status, len(recorder.rounds), settings.rounds, folder.path)
+    return 0 if status == "completed" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

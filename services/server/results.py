@@ -1,0 +1,154 @@
+"""A run's folder: metrics.jsonl (one line per finished round), checkpoints/, summary.json.
+
+Every write lands whole or not at all (append + fsync for the metrics log, write-then-rename
+for checkpoints and the summary), so a crash or Ctrl-C keeps everything written so far.
+A run never reuses another run's folder.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import os
+import secrets
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+
+def utc_now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def new_run_id() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN and infinity are not JSON; write null instead."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(item) for item in value]
+    if isinstance(value, np.generic):
+        return _json_safe(value.item())
+    return value
+
+
+def write_json_atomically(path: Path, payload: Any) -> None:
+    scratch = path.with_name(f".{path.name}.partial")
+    with open(scratch, "w") as out:
+        json.dump(_json_safe(payload), out, indent=2, sort_keys=True)
+        out.write("\n")
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(scratch, path)
+
+
+class RunFolder:
+    """Owns ``<results-dir>/<run-id>/`` for one run."""
+
+    def __init__(self, results_dir: str | Path, run_id: str | None) -> None:
+        self.run_id = run_id or new_run_id()
+        self.path = Path(results_dir) / self.run_id
+        Path(results_dir).mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.mkdir()
+        except FileExistsError:
+            raise FileExistsError(
+                f"--run-id / FL_RUN_ID = {self.run_id!r}: {self.path} already exists and is never reused; "
+                "choose another run id or leave it unset"
+            ) from None
+        (self.path / "checkpoints").mkdir()
+        self.metrics_path = self.path / "metrics.jsonl"
+        self.metrics_path.touch()
+
+    def append_round(self, record: dict[str, Any]) -> None:
+        line = json.dumps(_json_safe(record), sort_keys=True)
+        with open(self.metrics_path, "a") as out:
+            out.write(line + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+
+    def save_checkpoint(self, server_round: int, weights: Iterable[np.ndarray]) -> Path:
+        target = self.path / "checkpoints" / f"round-{server_round:04d}.npz"
+        scratch = target.with_name(f".{target.name}.partial")
+        with open(scratch, "wb") as out:
+            np.savez(out, *list(weights))
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(scratch, target)
+        return target
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        write_json_atomically(self.path / "summary.json", summary)
+
+
+def load_checkpoint(path: str | Path) -> list[np.ndarray]:
+    with np.load(path) as arrays:
+        return [arrays[f"arr_{i}"] for i in range(len(arrays.files))]
+
+
+def read_rounds(run_path: str | Path) -> list[dict[str, Any]]:
+    with open(Path(run_path) / "metrics.jsonl") as lines:
+        return [json.loads(line) for line in lines if line.strip()]
+
+
+class RoundRecorder:
+    """Collects what happens in a round and appends it to metrics.jsonl when the round ends."""
+
+    def __init__(self, folder: RunFolder) -> None:
+        self.folder = folder
+        self.rounds: list[dict[str, Any]] = []
+        self.initial: dict[str, Any] = {}
+        self._current: dict[str, Any] | None = None
+        self._started = 0.0
+
+    def initial_evaluation(self, loss: float, accuracy: float) -> None:
+        self.initial = {"loss": loss, "accuracy": accuracy}
+
+    def round_started(self, server_round: int) -> None:
+        self._started = time.monotonic()
+        self._current = {
+            "round": server_round,
+            "started_at": utc_now(),
+            "clients": [],
+            "failures": [],
+            "accuracy": None,
+            "loss": None,
+        }
+
+    def fit_finished(self, clients: list[dict[str, Any]], failures: list[dict[str, Any]], num_partitions: int) -> None:
+        assert self._current is not None
+        self._current.update(
+            clients=sorted(clients, key=lambda c: (c.get("partition") is None, c.get("partition"))),
+            failures=failures,
+            clients_ok=len(clients),
+            clients_failed=len(failures),
+            num_partitions=num_partitions,
+        )
+
+    def central_evaluated(self, loss: float, accuracy: float) -> None:
+        assert self._current is not None
+        self._current.update(loss=loss, accuracy=accuracy)
+
+    def federated_evaluated(self, loss: float | None, accuracy: float | None, clients: int) -> None:
+        assert self._current is not None
+        self._current["client_eval"] = {"loss": loss, "accuracy": accuracy, "clients": clients}
+
+    def round_ended(self) -> dict[str, Any]:
+        assert self._current is not None
+        record = self._current
+        record["ended_at"] = utc_now()
+        record["round_seconds"] = round(time.monotonic() - self._started, 3)
+        record.setdefault("clients_ok", 0)
+        record.setdefault("clients_failed", 0)
+        self.folder.append_round(record)
+        self.rounds.append(record)
+        self._current = None
+        return record

@@ -1,0 +1,265 @@
+"""Settings for every Bouquet entry point, from CLI flags and ``FL_*`` environment variables.
+
+Each setting is declared once (name, parser, default, help); its flag and environment
+variable derive from the name. Everything is parsed and validated before any process,
+socket or folder is created, and a bad value ends the program with exit code 2 and one
+line naming the setting, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import re
+import sys
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any, Callable, Mapping, Sequence
+
+EXIT_BAD_SETTING = 2
+
+DATASETS = ("digits", "cifar10", "synthetic")
+MODELS = ("auto", "digits-cnn", "cifar-cnn", "resnet18")
+PARTITIONINGS = ("iid", "dirichlet")
+DEVICES = ("auto", "cpu", "cuda")
+WORKER_STARTS = ("spawn", "forkserver", "inprocess")
+
+
+class SettingError(ValueError):
+    """A setting has a value the program cannot run with."""
+
+
+# --- parsers: each takes the raw string and returns the value or raises ValueError("allowed") --
+
+
+def positive_int(raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError("must be an integer >= 1") from None
+    if value < 1:
+        raise ValueError("must be an integer >= 1")
+    return value
+
+
+def non_negative_int(raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError("must be an integer >= 0") from None
+    if value < 0:
+        raise ValueError("must be an integer >= 0")
+    return value
+
+
+def positive_float(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError("must be a number > 0") from None
+    if not value > 0 or value == float("inf"):
+        raise ValueError("must be a number > 0")
+    return value
+
+
+def non_negative_float(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError("must be a number >= 0") from None
+    if not value >= 0 or value == float("inf"):
+        raise ValueError("must be a number >= 0")
+    return value
+
+
+def fraction(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError("must be a number in (0, 1]") from None
+    if not 0 < value <= 1:
+        raise ValueError("must be a number in (0, 1]")
+    return value
+
+
+def boolean(raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("must be one of true/false, 1/0, yes/no, on/off")
+
+
+def choice(*allowed: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        if raw not in allowed:
+            raise ValueError(f"must be one of: {', '.join(allowed)}")
+        return raw
+
+    return parse
+
+
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?$")
+
+
+def address(raw: str) -> str:
+    """host:port, [ipv6]:port; the host is an IP address or a DNS name."""
+    allowed = "must be HOST:PORT (e.g. 0.0.0.0:8080, server:8080, [::]:8080) with PORT in 1-65535"
+    match = re.fullmatch(r"\[(?P<v6>[0-9A-Fa-f:.]+)\]:(?P<port>\d+)|(?P<host>[^:\[\]]+):(?P<port2>\d+)", raw)
+    if not match:
+        raise ValueError(allowed)
+    port = int(match.group("port") or match.group("port2"))
+    if not 1 <= port <= 65535:
+        raise ValueError(allowed)
+    if match.group("v6"):
+        try:
+            ipaddress.IPv6Address(match.group("v6"))
+        except ValueError:
+            raise ValueError(allowed) from None
+    elif not _HOSTNAME.match(match.group("host")):
+        raise ValueError(allowed)
+    return raw
+
+
+def identifier(raw: str) -> str:
+    """A name that is safe as a folder name and in logs (run ids, client ids)."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}", raw):
+        raise ValueError("must be 1-128 characters of letters, digits, '.', '_' or '-', starting with a letter or digit")
+    return raw
+
+
+def path(raw: str) -> str:
+    if not raw.strip():
+        raise ValueError("must be a non-empty path")
+    return raw
+
+
+def optional(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An empty string means 'not set' (lets .env files leave a value blank)."""
+
+    def parse_optional(raw: str) -> Any:
+        return None if raw == "" else parse(raw)
+
+    return parse_optional
+
+
+# --- declarations ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    parse: Callable[[str], Any]
+    default: Any
+    help: str
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return "FL_" + self.name.upper()
+
+
+# Training settings the server sends to every client in each round's config.
+TASK = [
+    Setting("dataset", choice(*DATASETS), "digits", "data set: digits (offline, 8x8), cifar10 (downloaded once into the data dir), synthetic (random tensors)"),
+    Setting("model", choice(*MODELS), "auto", "model: auto picks digits-cnn for digits and cifar-cnn otherwise; resnet18 (untrained) for heavier GPU work"),
+    Setting("local_epochs", positive_int, 2, "local epochs per round"),
+    Setting("batch_size", positive_int, 16, "training batch size"),
+    Setting("learning_rate", positive_float, 0.05, "SGD learning rate (momentum 0.9)"),
+    Setting("partitioning", choice(*PARTITIONINGS), "iid", "how the training split is divided among clients"),
+    Setting("dirichlet_alpha", positive_float, 0.5, "Dirichlet concentration for --partitioning dirichlet (smaller = more label skew)"),
+    Setting("seed", non_negative_int, 0, "seed for model initialisation, partitioning and synthetic data"),
+    Setting("synthetic_samples", positive_int, 5000, "number of samples of the synthetic data set (train + test)"),
+    Setting("worker_timeout", positive_float, 600.0, "seconds a training or evaluation worker may run before it is killed"),
+]
+
+# Settings of the process itself, shared by server and client.
+LOCAL = [
+    Setting("data_dir", path, "data", "folder for data caches (CIFAR-10 download, prepared arrays, partition indices), shared by all clients of a host"),
+    Setting("device", choice(*DEVICES), "auto", "where workers compute: auto uses CUDA when available, else CPU"),
+    Setting("worker_start", choice(*WORKER_STARTS), "spawn", "how workers start: spawn (fresh interpreter), forkserver (forked from a torch-preloaded server), inprocess (no worker: the memory problem, for comparison only)"),
+]
+
+SERVER = [
+    Setting("listen_address", address, "0.0.0.0:8080", "address the Flower gRPC server listens on"),
+    Setting("rounds", positive_int, 5, "number of federated rounds"),
+    Setting("min_clients", positive_int, 2, "clients that must be connected before round 1 starts"),
+    Setting("join_grace", non_negative_float, 5.0, "after --min-clients are connected, keep admitting clients until none joined for this many seconds; their count becomes num-partitions (0: exactly --min-clients)"),
+    Setting("fraction_fit", fraction, 1.0, "fraction of partition-holding clients sampled for training each round"),
+    Setting("min_fit_clients", positive_int, 2, "minimum clients sampled for training each round"),
+    Setting("client_eval", boolean, False, "also evaluate on the clients after each round (off: server-side evaluation only)"),
+    Setting("results_dir", path, "results", "folder under which each run gets its own <run-id>/ folder"),
+    Setting("run_id", optional(identifier), None, "name of this run's results folder (default: UTC timestamp + random suffix); an existing folder is never reused"),
+    *TASK,
+    *LOCAL,
+]
+
+CLIENT = [
+    Setting("server_address", address, "server:8080", "address of the Flower server"),
+    Setting("client_id", optional(identifier), None, "stable identity the server maps to a partition (default: the hostname)"),
+    Setting("connect_timeout", positive_float, 120.0, "seconds to keep retrying (with backoff) until the server accepts connections"),
+    *LOCAL,
+]
+
+
+def _report_and_exit(program: str, message: str) -> None:
+    print(f"{program}: error: {message}", file=sys.stderr)
+    raise SystemExit(EXIT_BAD_SETTING)
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse exits 2 on unknown flags already; keep its message to one line."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        _report_and_exit(self.prog, message)
+
+
+def parse(
+    settings: Sequence[Setting],
+    argv: Sequence[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+    program: str = "bouquet",
+    description: str = "",
+    validate: Callable[[SimpleNamespace], None] | None = None,
+) -> SimpleNamespace:
+    """Flags override environment variables, which override defaults. Exits 2 on a bad value."""
+    environ = os.environ if environ is None else environ
+    parser = _ArgumentParser(prog=program, description=description)
+    for setting in settings:
+        default = "" if setting.default is None else setting.default
+        parser.add_argument(
+            setting.flag,
+            dest=setting.name,
+            default=None,
+            metavar=setting.name.upper(),
+            help=f"{setting.help} [env {setting.env}, default {default!s}]",
+        )
+    raw = parser.parse_args(argv)
+    values = {}
+    for setting in settings:
+        from_flag = getattr(raw, setting.name)
+        source, text = (setting.flag, from_flag) if from_flag is not None else (setting.env, environ.get(setting.env))
+        if text is None:
+            values[setting.name] = setting.default
+            continue
+        try:
+            values[setting.name] = setting.parse(text)
+        except ValueError as allowed:
+            label = f"{setting.flag} / {setting.env}"
+            _report_and_exit(program, f"{label} = {text!r} (from {source}): {allowed}")
+    namespace = SimpleNamespace(**values)
+    if validate is not None:
+        try:
+            validate(namespace)
+        except SettingError as problem:
+            _report_and_exit(program, str(problem))
+    return namespace
+
+
+def as_dict(values: SimpleNamespace) -> dict[str, Any]:
+    return dict(vars(values))
