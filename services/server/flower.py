@@ -188,7 +188,10 @@ class BouquetStrategy(FedAvg):
         if not results:
             log.warning("round %d: no client returned weights; the global model stays as it was", server_round)
             return None, {}
-        return super().aggregate_fit(server_round, results, failures)
+        started = time.perf_counter()
+        aggregated = super().aggregate_fit(server_round, results, failures)
+        self.recorder.aggregated(time.perf_counter() - started)
+        return aggregated
 
     # -- evaluation -------------------------------------------------------------------------
 

@@ -133,6 +133,10 @@ class RoundRecorder:
             num_partitions=num_partitions,
         )
 
+    def aggregated(self, seconds: float) -> None:
+        assert self._current is not None
+        self._current["aggregate_seconds"] = round(seconds, 6)
+
     def central_evaluated(self, loss: float, accuracy: float) -> None:
         assert self._current is not None
         self._current.update(loss=loss, accuracy=accuracy)
