@@ -77,6 +77,14 @@ def tail(path: Path, lines: int = 40) -> str:
         return "(no log)"
 
 
+def _die_with_launcher() -> None:
+    """In each child before exec: get SIGTERM if the launcher dies, even by SIGKILL (Linux)."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 class Federation:
     def __init__(self, own: argparse.Namespace, values: object) -> None:
         self.own, self.values = own, values
@@ -95,6 +103,7 @@ class Federation:
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
             start_new_session=True,  # Ctrl-C reaches the launcher only; it stops the others in order
+            preexec_fn=_die_with_launcher,
         )
         log_file.close()
         self.processes[name] = (process, log_path)
@@ -110,7 +119,7 @@ class Federation:
         except RuntimeError as problem:
             return self._fail("server", str(problem))
         if self.own.monitor:
-            self.start("monitor", ["-m", "services.monitor", "--results-dir", str(v.results_dir), "--run-id", v.run_id])
+            self.start("monitor", ["-m", "services.monitor", "--results-dir", str(v.results_dir), "--run-id", v.run_id, "--monitor-scope", "launcher"])
         client_flags = ["--server-address", host_port, *flags(v, [*SHARED_LOCAL, "connect_timeout"])]
         for index in range(self.own.clients):
             self.start(f"client-{index}", ["-m", "services.client", *client_flags], {"FL_CLIENT_ID": f"client-{index}"})

@@ -18,13 +18,19 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import signal
+import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass
 from typing import Any, Callable
 
 START_METHODS = ("spawn", "forkserver", "inprocess")
-# Modules the forkserver imports once so forked workers start warm. None of them touches CUDA.
+# Modules the forkserver imports once so forked workers start warm. None of them touches CUDA:
+# importing torch loads its CUDA libraries but neither initialises CUDA nor counts devices.
+# Anything that did (even torch.cuda.is_available()) would make every forked worker unable to
+# use the GPU; _refuse_poisoned_fork turns that into a clear failure, tests/test_forkserver.py
+# checks it never happens.
 FORKSERVER_PRELOAD = ["torch", "torch._dynamo", "services.task"]
 
 
@@ -48,8 +54,60 @@ class WorkerResult:
 def _context(start_method: str) -> multiprocessing.context.BaseContext:
     context = multiprocessing.get_context(start_method)
     if start_method == "forkserver":
+        # Takes effect when the forkserver starts (first worker, or prestart); it is one process
+        # per client (or server) process, restarted by multiprocessing if it dies.
         context.set_forkserver_preload(FORKSERVER_PRELOAD)
     return context
+
+
+def prestart(start_method: str) -> None:
+    """Start the forkserver now (it imports torch, ~1-2 s), so the first round does not wait for it.
+
+    No-op for the other start methods. The forkserver is started by exec, not fork, so it is
+    safe to call from a process that already runs gRPC threads."""
+    if start_method == "forkserver":
+        _context(start_method)
+        from multiprocessing import forkserver
+
+        forkserver.ensure_running()
+
+
+def forkserver_pid() -> int | None:
+    """PID of this process's forkserver, or None before it started (for tests and the benchmark)."""
+    from multiprocessing import forkserver
+
+    return getattr(forkserver._forkserver, "_forkserver_pid", None)
+
+
+def inherited_cuda_state() -> dict[str, Any]:
+    """A worker job reporting the CUDA state the worker inherited from its parent at fork time.
+
+    Run it as the first thing in a forkserver child: the child is a memory copy of the
+    forkserver, so ``torch.cuda._initialized`` is the forkserver's flag, and torch's at-fork
+    hook marks the child as a "bad fork" when the forkserver initialised CUDA or counted
+    devices (``torch.cuda.is_available()``). Both must be false."""
+    torch_preloaded = "torch" in sys.modules
+    import torch
+
+    return {
+        "pid": os.getpid(),
+        "parent_pid": os.getppid(),
+        "torch_preloaded": torch_preloaded,
+        "parent_cuda_initialized": bool(torch.cuda._initialized),
+        "bad_fork": bool(torch.cuda._is_in_bad_fork()),
+        "cuda_initialized": torch.cuda.is_initialized(),
+    }
+
+
+def _refuse_poisoned_fork() -> None:
+    """In a forkserver child: fail loudly if the forkserver touched CUDA (the child could not use it)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda._is_in_bad_fork():
+        raise RuntimeError(
+            "the forkserver touched CUDA before forking this worker, so the worker cannot use the GPU; "
+            "a module in services.worker.FORKSERVER_PRELOAD must not call torch.cuda at import "
+            "(use FL_WORKER_START=spawn meanwhile)"
+        )
 
 
 def resolve(job: str) -> Callable[..., Any]:
@@ -59,9 +117,12 @@ def resolve(job: str) -> Callable[..., Any]:
     return getattr(importlib.import_module(module), name)
 
 
-def _worker_main(connection: multiprocessing.connection.Connection, job: str, kwargs: dict[str, Any]) -> None:
-    """Entry point inside the worker: import the job, report readiness, run it, send its outcome."""
+def _worker_main(connection: multiprocessing.connection.Connection, forked: bool = False) -> None:
+    """Entry point inside the worker: receive the job, import it, report readiness, run it, send its outcome."""
     try:
+        job, kwargs = connection.recv()
+        if forked:
+            _refuse_poisoned_fork()
         function = resolve(job)
         connection.send(("started", os.getpid()))
         connection.send(("ok", function(**kwargs)))
@@ -97,12 +158,14 @@ def run(job: str, kwargs: dict[str, Any], *, timeout: float, start_method: str =
 
     asked = time.monotonic()
     context = _context(start_method)
-    receiver, sender = context.Pipe(duplex=False)
-    process = context.Process(target=_worker_main, args=(sender, job, kwargs), name=f"bouquet-worker-{job.partition(':')[2]}", daemon=True)
+    receiver, worker_end = context.Pipe()
+    process = context.Process(target=_worker_main, args=(worker_end, start_method == "forkserver"), name=f"bouquet-worker-{job.partition(':')[2]}", daemon=True)
     started_at: float | None = None
+    handover = threading.Thread(target=_hand_over, args=(receiver, job, kwargs), daemon=True)
     try:
-        process.start()
-        sender.close()  # so that the receiver sees EOF once the worker is gone
+        _start(process, start_method)
+        worker_end.close()  # only the worker holds its end now: we see EOF once it is gone
+        handover.start()
         deadline = asked + timeout
         while True:
             remaining = deadline - time.monotonic()
@@ -133,9 +196,59 @@ def run(job: str, kwargs: dict[str, Any], *, timeout: float, start_method: str =
             process.kill()
         if process.pid is not None:
             process.join()
+        if handover.ident is not None:
+            handover.join()  # the worker is gone, so a blocked send has failed by now
         receiver.close()
         if hasattr(process, "close"):
             process.close()
+
+
+def _hand_over(connection: multiprocessing.connection.Connection, job: str, kwargs: dict[str, Any]) -> None:
+    """Send the job and its inputs over our own pipe, from a thread.
+
+    The inputs (weights) do not travel as Process arguments: multiprocessing writes those
+    into a pipe whose read end the parent itself keeps open until the write completes, so a
+    worker killed before it read them all would block the parent forever. Here a dead worker
+    only makes this send fail, and the main loop reports why the worker died."""
+    try:
+        connection.send((job, kwargs))
+    except OSError:
+        pass
+
+
+def _start(process: multiprocessing.process.BaseProcess, start_method: str) -> None:
+    """Start the worker; a forkserver that just died (e.g. OOM-killed) is replaced and the start
+    retried once. Any other failure to start becomes a WorkerFailed, so the round fails cleanly."""
+    try:
+        process.start()
+        return
+    except (OSError, EOFError) as error:
+        if start_method != "forkserver":
+            raise WorkerFailed(f"could not start a {start_method} worker: {type(error).__name__}: {error}", None) from error
+        first_error = error
+    _await_forkserver_exit(forkserver_pid())
+    try:
+        process.start()  # multiprocessing notices the dead forkserver and starts a new one
+    except (OSError, EOFError) as error:
+        raise WorkerFailed(
+            f"could not start a forkserver worker ({type(first_error).__name__}: {first_error}; "
+            f"after restarting the forkserver: {type(error).__name__}: {error})",
+            None,
+        ) from error
+
+
+def _await_forkserver_exit(pid: int | None, patience: float = 5.0) -> None:
+    """Wait until the dead forkserver is a zombie: only then does multiprocessing see it is gone
+    (it checks with waitpid, which we must not call ourselves or it would lose the status)."""
+    deadline = time.monotonic() + patience
+    while pid is not None and time.monotonic() < deadline:
+        try:
+            state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return
+        if state in ("Z", "X"):
+            return
+        time.sleep(0.02)
 
 
 def _run_inprocess(job: str, kwargs: dict[str, Any]) -> WorkerResult:

@@ -1,0 +1,71 @@
+"""The client turns every worker failure into a failed round for the server, and stays up."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+from flwr.common import Code, FitIns, GetPropertiesIns, ndarrays_to_parameters, parameters_to_ndarrays
+
+from conftest import PYTHON, REPO
+from services import protocol, task
+from services.client.flower import WorkerClient
+from services.taskspec import Placement, TaskSpec
+
+
+def fit_ins(spec: TaskSpec, partition: int = 0, num_partitions: int = 3) -> FitIns:
+    weights = task.initial_weights(spec)
+    config = {**spec.to_config(), protocol.PARTITION_ID: partition, protocol.NUM_PARTITIONS: num_partitions, protocol.SERVER_ROUND: 1}
+    return FitIns(ndarrays_to_parameters(weights), config)
+
+
+def digits_spec(**changes) -> TaskSpec:
+    values = dict(dataset="digits", model="digits-cnn", local_epochs=1, batch_size=16, learning_rate=0.05,
+                  partitioning="iid", dirichlet_alpha=0.5, seed=0, synthetic_samples=100, worker_timeout=120.0)
+    return TaskSpec(**{**values, **changes})
+
+
+def test_client_reports_its_identity(data_dir):
+    client = WorkerClient("replica-7", Placement(str(data_dir), "cpu"), "spawn")
+    assert client.get_properties(GetPropertiesIns({})).properties == {protocol.IDENTITY_PROPERTY: "replica-7"}
+
+
+def test_fit_trains_in_a_worker_and_counts_examples(data_dir):
+    client = WorkerClient("c", Placement(str(data_dir), "cpu"), "spawn")
+    res = client.fit(fit_ins(digits_spec()))
+    assert res.status.code == Code.OK
+    assert res.num_examples == 479  # a third of digits' 1437 training EXAMPLES, not batches
+    assert res.metrics["worker_pid"] != os.getpid() == res.metrics["client_pid"]
+    assert [a.shape for a in parameters_to_ndarrays(res.parameters)] == [a.shape for a in task.initial_weights(digits_spec())]
+
+
+@pytest.mark.parametrize(
+    "spec, partition, cause",
+    [
+        (digits_spec(), 5, "ValueError: partition_id 5 outside 0..2"),  # the worker raises
+        (digits_spec(worker_timeout=0.2), 0, "timed out after 0.2 s"),  # the worker outlives its timeout
+    ],
+)
+def test_failed_worker_fails_the_round_not_the_client(data_dir, spec, partition, cause):
+    client = WorkerClient("c", Placement(str(data_dir), "cpu"), "spawn")
+    res = client.fit(fit_ins(spec, partition=partition))
+    assert res.status.code != Code.OK
+    failure = json.loads(res.status.message)
+    assert cause in failure["cause"] and failure["client_pid"] == os.getpid()
+    # The same client object serves the next round normally.
+    assert client.fit(fit_ins(digits_spec())).status.code == Code.OK
+
+
+def test_client_gives_up_clearly_when_no_server_answers():
+    started = time.monotonic()
+    done = subprocess.run(
+        [PYTHON, "-m", "services.client", "--server-address", "127.0.0.1:9", "--connect-timeout", "1.5"],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 1
+    assert "not reachable within 1.5 s (FL_CONNECT_TIMEOUT)" in done.stderr
+    assert time.monotonic() - started < 30

@@ -1,0 +1,88 @@
+"""A worker either brings back its result or a one-line cause; either way it is reaped."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import psutil
+import pytest
+
+from services import worker
+
+
+def no_children_left() -> bool:
+    """No worker is left (multiprocessing's own resource tracker may stay, by design)."""
+    return not [c for c in psutil.Process().children(recursive=True) if "resource_tracker" not in " ".join(c.cmdline())]
+
+
+def test_result_comes_back_from_a_new_process():
+    result = worker.run("worker_jobs:report_pid", {"value": 21}, timeout=60)
+    assert result.value["value"] == 42
+    assert result.pid == result.value["pid"] != os.getpid()
+    assert result.value["parent"] == os.getpid()
+    assert 0 < result.start_seconds <= result.total_seconds
+    assert no_children_left()
+
+
+def test_each_run_gets_a_fresh_pid():
+    pids = {worker.run("worker_jobs:report_pid", {"value": 1}, timeout=60).pid for _ in range(3)}
+    assert len(pids) == 3
+
+
+def test_large_results_do_not_deadlock_the_pipe():
+    result = worker.run("worker_jobs:large_result", {"megabytes": 64}, timeout=120)
+    assert len(result.value) == 64 * 2**20
+
+
+@pytest.mark.parametrize(
+    "job, kwargs, timeout, cause",
+    [
+        ("worker_jobs:raise_error", {}, 60, "ValueError: bad partition"),
+        ("worker_jobs:kill_self", {}, 60, "killed by SIGKILL"),
+        ("worker_jobs:sleep_forever", {}, 3, "timed out after 3 s"),
+        ("worker_jobs:exit_quietly", {}, 60, "exited with code 3"),
+        ("worker_jobs:no_such_job", {}, 60, "AttributeError"),
+    ],
+)
+def test_failures_name_their_cause_and_leave_no_process(job, kwargs, timeout, cause):
+    with pytest.raises(worker.WorkerFailed) as failure:
+        worker.run(job, kwargs, timeout=timeout)
+    assert cause in failure.value.cause
+    assert failure.value.pid not in (None, os.getpid())
+    assert no_children_left()
+
+
+@pytest.mark.timeout(120)
+def test_worker_killed_while_receiving_large_inputs_does_not_hang_the_caller():
+    """The OOM killer can strike before a worker has read its inputs (the weights)."""
+    me = psutil.Process()
+
+    def kill_first_worker():
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            for child in me.children():
+                if "spawn_main" in " ".join(child.cmdline()):
+                    child.kill()
+                    return
+            time.sleep(0.001)
+
+    killer = threading.Thread(target=kill_first_worker)
+    killer.start()
+    with pytest.raises(worker.WorkerFailed, match="SIGKILL"):
+        worker.run("worker_jobs:report_pid", {"value": 1, "padding": b"x" * 50 * 2**20}, timeout=90)
+    killer.join()
+    assert no_children_left()
+
+
+def test_inprocess_mode_runs_in_the_caller():
+    result = worker.run("worker_jobs:report_pid", {"value": 2}, timeout=60, start_method="inprocess")
+    assert result.pid == os.getpid() == result.value["pid"]
+    with pytest.raises(worker.WorkerFailed, match="ValueError: bad partition"):
+        worker.run("worker_jobs:raise_error", {}, timeout=60, start_method="inprocess")
+
+
+def test_unknown_start_method_is_refused():
+    with pytest.raises(ValueError, match="start_method"):
+        worker.run("worker_jobs:report_pid", {"value": 1}, timeout=5, start_method="fork")
