@@ -1,0 +1,34 @@
+#!/usr/bin/env python3
+"""Print the README's settings table from the declarations in services/settings.py."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from services import settings  # noqa: E402
+
+GROUPS = [
+    ("server (`python -m services.server`)", settings.SERVER),
+    ("client (`python -m services.client`)", settings.CLIENT),
+    ("monitor (`python -m services.monitor`)", getattr(settings, "MONITOR", [])),
+]
+
+
+def main() -> None:
+    print("| flag | environment variable | default | used by | meaning |")
+    print("| --- | --- | --- | --- | --- |")
+    rows: dict[str, list] = {}
+    for group, table in GROUPS:
+        for setting in table:
+            row = rows.setdefault(setting.env, [setting, []])
+            row[1].append(group.split(" ")[0])
+    for setting, users in rows.values():
+        default = "(unset)" if setting.default is None else f"`{setting.default}`"
+        print(f"| `{setting.flag}` | `{setting.env}` | {default} | {', '.join(users)} | {setting.help.replace('|', '/')} |")
+
+
+if __name__ == "__main__":
+    main()
