@@ -69,3 +69,23 @@ def test_client_gives_up_clearly_when_no_server_answers():
     assert done.returncode == 1
     assert "not reachable within 1.5 s (FL_CONNECT_TIMEOUT)" in done.stderr
     assert time.monotonic() - started < 30
+
+
+def test_client_process_never_imports_torch(data_dir):
+    """A whole fit, through the real client class, leaves torch out of the client's process."""
+    script = (
+        "import sys\n"
+        "from flwr.common import FitIns, ndarrays_to_parameters\n"
+        "from services.client.flower import WorkerClient\n"
+        "from services.taskspec import Placement, TaskSpec\n"
+        "from services import protocol, worker\n"
+        "spec = TaskSpec('digits', 'digits-cnn', 1, 16, 0.05, 'iid', 0.5, 0, 100, 120.0)\n"
+        "weights = worker.run('services.task:initial_weights', {'spec': spec}, timeout=120).value\n"
+        "config = {**spec.to_config(), protocol.PARTITION_ID: 0, protocol.NUM_PARTITIONS: 2, protocol.SERVER_ROUND: 1}\n"
+        f"client = WorkerClient('c', Placement({str(data_dir)!r}, 'cpu'), 'spawn')\n"
+        "res = client.fit(FitIns(ndarrays_to_parameters(weights), config))\n"
+        "print(res.status.code.name, res.num_examples, 'torch' in sys.modules)\n"
+    )
+    done = subprocess.run([PYTHON, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-3:] == ["OK", "719", "False"]
