@@ -33,54 +33,34 @@ class SettingError(ValueError):
 # --- parsers: each takes the raw string and returns the value or raises ValueError("allowed") --
 
 
-def positive_int(raw: str) -> int:
+def _number(raw: str, convert: Callable[[str], Any], acceptable: Callable[[Any], bool], allowed: str) -> Any:
     try:
-        value = int(raw)
+        value = convert(raw)
     except ValueError:
-        raise ValueError("must be an integer >= 1") from None
-    if value < 1:
-        raise ValueError("must be an integer >= 1")
+        raise ValueError(allowed) from None
+    if not acceptable(value):  # also refuses nan (every comparison with nan is false) and inf
+        raise ValueError(allowed)
     return value
+
+
+def positive_int(raw: str) -> int:
+    return _number(raw, int, lambda v: v >= 1, "must be an integer >= 1")
 
 
 def non_negative_int(raw: str) -> int:
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError("must be an integer >= 0") from None
-    if value < 0:
-        raise ValueError("must be an integer >= 0")
-    return value
+    return _number(raw, int, lambda v: v >= 0, "must be an integer >= 0")
 
 
 def positive_float(raw: str) -> float:
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError("must be a number > 0") from None
-    if not value > 0 or value == float("inf"):
-        raise ValueError("must be a number > 0")
-    return value
+    return _number(raw, float, lambda v: 0 < v < float("inf"), "must be a number > 0")
 
 
 def non_negative_float(raw: str) -> float:
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError("must be a number >= 0") from None
-    if not value >= 0 or value == float("inf"):
-        raise ValueError("must be a number >= 0")
-    return value
+    return _number(raw, float, lambda v: 0 <= v < float("inf"), "must be a number >= 0")
 
 
 def fraction(raw: str) -> float:
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError("must be a number in (0, 1]") from None
-    if not 0 < value <= 1:
-        raise ValueError("must be a number in (0, 1]")
-    return value
+    return _number(raw, float, lambda v: 0 < v <= 1, "must be a number in (0, 1]")
 
 
 def boolean(raw: str) -> bool:
@@ -263,3 +243,43 @@ def parse(
 
 def as_dict(values: SimpleNamespace) -> dict[str, Any]:
     return dict(vars(values))
+
+
+# --- the memory monitor (services.monitor) ------------------------------------------------------
+
+MONITOR_SOURCES = ("auto", "nvml", "host")
+MONITOR_SCOPES = ("host", "launcher")
+
+
+def port(raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError("must be a TCP port, an integer in 1-65535") from None
+    if not 1 <= value <= 65535:
+        raise ValueError("must be a TCP port, an integer in 1-65535")
+    return value
+
+
+def sample_interval(raw: str) -> float:
+    """Rounds of small models last seconds; a sample every minute would miss whole rounds."""
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError("must be a number of seconds in [0.01, 60]") from None
+    if not 0.01 <= value <= 60:
+        raise ValueError("must be a number of seconds in [0.01, 60]")
+    return value
+
+
+MONITOR = [
+    Setting("results_dir", path, "results", "folder that holds the run folders (the server's --results-dir)"),
+    Setting("run_id", optional(identifier), None, "run folder to record; unset: the newest run under --results-dir that is still running and not yet recorded"),
+    Setting("monitor_interval", sample_interval, 0.2, "seconds between samples"),
+    Setting("monitor_source", choice(*MONITOR_SOURCES), "auto", "what to sample: nvml (GPU memory; fails without a GPU), host (RSS of the run's processes), auto (nvml when a GPU is visible, else host)"),
+    Setting("monitor_scope", choice(*MONITOR_SCOPES), "host", "which processes are the run's: host (every services.server/services.client process on the host and their children; containers with pid: host) or launcher (only those started by the monitor's parent, as scripts/run_local.py does)"),
+    Setting("docker_socket", optional(path), "/var/run/docker.sock", "Docker API socket used read-only to name containers (empty: do not ask Docker)"),
+    Setting("metrics_port", optional(port), None, "serve Prometheus metrics on this port (unset: off)"),
+    Setting("residual_tolerance_mib", non_negative_float, 64.0, "memory a round may leave held above baseline (MiB) and still count as returned"),
+    Setting("run_wait", positive_float, 600.0, "seconds to wait for the run folder to appear before giving up"),
+]

@@ -45,24 +45,11 @@ class WorkerClient(Client):
     def fit(self, ins: FitIns) -> FitRes:
         spec, partition, num_partitions, server_round = self._read_config(ins.config)
         self.weights = parameters_to_ndarrays(ins.parameters)
-        try:
-            result = worker.run(
-                "services.task:train",
-                {
-                    "spec": spec,
-                    "placement": self.placement,
-                    "weights": self.weights,
-                    "partition_id": partition,
-                    "num_partitions": num_partitions,
-                    "server_round": server_round,
-                },
-                timeout=spec.worker_timeout,
-                start_method=self.start_method,
-            )
-        except worker.WorkerFailed as failure:
-            log.error("round %d: training worker (pid %s) failed: %s", server_round, failure.pid, failure.cause)
-            message = protocol.encode_failure(failure.cause, worker_pid=failure.pid, client_pid=os.getpid())
-            return FitRes(status=Status(Code.FIT_NOT_IMPLEMENTED, message), parameters=Parameters([], ""), num_examples=0, metrics={})
+        inputs = {"spec": spec, "placement": self.placement, "weights": self.weights,
+                  "partition_id": partition, "num_partitions": num_partitions, "server_round": server_round}
+        result = self._run("services.task:train", inputs, spec, server_round)
+        if isinstance(result, str):
+            return FitRes(status=Status(Code.FIT_NOT_IMPLEMENTED, result), parameters=Parameters([], ""), num_examples=0, metrics={})
         trained = result.value
         metrics = {
             **trained["metrics"],
@@ -79,23 +66,11 @@ class WorkerClient(Client):
 
     def evaluate(self, ins: EvaluateIns) -> EvaluateRes:
         spec, partition, num_partitions, server_round = self._read_config(ins.config)
-        try:
-            result = worker.run(
-                "services.task:evaluate",
-                {
-                    "spec": spec,
-                    "placement": self.placement,
-                    "weights": parameters_to_ndarrays(ins.parameters),
-                    "partition_id": partition,
-                    "num_partitions": num_partitions,
-                },
-                timeout=spec.worker_timeout,
-                start_method=self.start_method,
-            )
-        except worker.WorkerFailed as failure:
-            log.error("round %d: evaluation worker (pid %s) failed: %s", server_round, failure.pid, failure.cause)
-            message = protocol.encode_failure(failure.cause, worker_pid=failure.pid, client_pid=os.getpid())
-            return EvaluateRes(status=Status(Code.EVALUATE_NOT_IMPLEMENTED, message), loss=0.0, num_examples=0, metrics={})
+        inputs = {"spec": spec, "placement": self.placement, "weights": parameters_to_ndarrays(ins.parameters),
+                  "partition_id": partition, "num_partitions": num_partitions}
+        result = self._run("services.task:evaluate", inputs, spec, server_round)
+        if isinstance(result, str):
+            return EvaluateRes(status=Status(Code.EVALUATE_NOT_IMPLEMENTED, result), loss=0.0, num_examples=0, metrics={})
         scored = result.value
         return EvaluateRes(
             status=Status(Code.OK, ""),
@@ -103,6 +78,17 @@ class WorkerClient(Client):
             num_examples=scored["num_examples"],
             metrics={"accuracy": float(scored["accuracy"]), **scored["metrics"], "client_pid": os.getpid()},
         )
+
+    def _run(self, job: str, inputs: dict[str, Any], spec: TaskSpec, server_round: int) -> worker.WorkerResult | str:
+        """The worker's result, or the failure message (JSON) to send back instead of one.
+
+        Flower's legacy gRPC client crashes its process on an exception, so a failed worker
+        must become a non-OK status here: the round fails, the client stays."""
+        try:
+            return worker.run(job, inputs, timeout=spec.worker_timeout, start_method=self.start_method)
+        except worker.WorkerFailed as failure:
+            log.error("round %d: %s worker (pid %s) failed: %s", server_round, job.partition(":")[2], failure.pid, failure.cause)
+            return protocol.encode_failure(failure.cause, worker_pid=failure.pid, client_pid=os.getpid())
 
     @staticmethod
     def _read_config(config: dict[str, Any]) -> tuple[TaskSpec, int, int, int]:
