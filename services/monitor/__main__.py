@@ -1,0 +1,171 @@
+"""``python -m services.monitor``: record the memory of one Bouquet run until it ends.
+
+Samples GPU memory through NVML (or, without a GPU, the RSS of the run's processes) every
+--monitor-interval seconds into <run folder>/memory.csv, attributing every process to its
+replica and every sample to its round. When the server writes summary.json (the run is over),
+or on SIGTERM / Ctrl-C, it writes memory_summary.json and exits 0.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from services import logs
+from services import settings as settings_module
+from services.monitor.containers import DockerNames
+from services.monitor.csvlog import MemoryCsv, read_rows, relabel
+from services.monitor.follow import wait_for_run_folder
+from services.monitor.host import HostReader
+from services.monitor.nvml import NvmlUnavailable, open_nvml
+from services.monitor.processes import ProcessTable
+from services.monitor.readings import MemoryReader
+from services.monitor.rounds import RoundLog
+from services.monitor.sampler import Sampler
+from services.monitor.summary import summarize
+from services.server.results import write_json_atomically
+
+log = logging.getLogger("bouquet.monitor")
+PROGRAM = "services.monitor"
+
+
+def choose_reader(source: str, table: ProcessTable) -> MemoryReader:
+    """NVML when asked or when a GPU is visible; otherwise host memory, said once."""
+    if source == "host":
+        return HostReader(table)
+    try:
+        return open_nvml()
+    except NvmlUnavailable as reason:
+        if source == "nvml":
+            print(f"{PROGRAM}: error: --monitor-source / FL_MONITOR_SOURCE = 'nvml': {reason}; use auto or host", file=sys.stderr)
+            raise SystemExit(settings_module.EXIT_BAD_SETTING) from None
+        log.warning("no GPU (%s): recording host memory (RSS of the run's processes) instead", reason)
+        return HostReader(table)
+
+
+def open_exporter(port: int | None) -> Any:
+    if port is None:
+        return None
+    from services.monitor.exporter import Exporter
+
+    try:
+        exporter = Exporter(port)
+    except OSError as error:
+        print(f"{PROGRAM}: error: --metrics-port / FL_METRICS_PORT = {port}: cannot listen ({error})", file=sys.stderr)
+        raise SystemExit(1) from None
+    log.info("Prometheus metrics on :%d/metrics", port)
+    return exporter
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = settings_module.parse(settings_module.MONITOR, argv, program=PROGRAM, description=__doc__)
+    logs.setup()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+
+    table = ProcessTable(settings.monitor_scope, DockerNames(settings.docker_socket))
+    reader = choose_reader(settings.monitor_source, table)
+    exporter = None
+    try:
+        exporter = open_exporter(settings.metrics_port)
+        results_dir = Path(settings.results_dir)
+        run_path = wait_for_run_folder(results_dir, settings.run_id, settings.run_wait, stop)
+        if run_path is None:
+            wanted = f"{results_dir / settings.run_id}" if settings.run_id else f"a new run folder under {results_dir}"
+            log.error("gave up: %s did not appear within %g s (FL_RUN_WAIT)", wanted, settings.run_wait)
+            return 1
+        try:
+            csv_out = MemoryCsv(run_path / "memory.csv")
+        except FileExistsError:
+            log.error("%s already exists: this run was recorded by another monitor", run_path / "memory.csv")
+            return 1
+        give_to_folder_owner(csv_out.path)
+        return record(settings, run_path, reader, table, csv_out, exporter, stop)
+    finally:
+        reader.close()
+        if exporter is not None:
+            exporter.close()
+
+
+def record(settings: Any, run_path: Path, reader: MemoryReader, table: ProcessTable, csv_out: MemoryCsv, exporter: Any, stop: threading.Event) -> int:
+    rounds = RoundLog(run_path / "metrics.jsonl")
+
+    def write(rows: list[dict[str, Any]]) -> None:
+        csv_out.write(rows)
+        if exporter is not None:
+            exporter.update(rows, len(rounds.rounds))
+
+    sampler = Sampler(reader, table, rounds, write, settings.monitor_interval)
+    log.info("recording %s memory of run %s every %g s (scope %s) into %s", reader.source, run_path.name, settings.monitor_interval, settings.monitor_scope, csv_out.path)
+    sampler.start()
+    ended = "stopped by signal"
+    try:
+        while not stop.wait(0.2):
+            if (run_path / "summary.json").exists():
+                ended = "the run ended"
+                seen = time.time()  # one more sample after the end, so the last round has its "after" sample
+                deadline = time.monotonic() + 5 * settings.monitor_interval + 1
+                while (sampler.last_t or 0) <= seen and time.monotonic() < deadline and not stop.is_set():
+                    time.sleep(settings.monitor_interval / 4)
+                break
+    finally:
+        sampler.stop()
+        csv_out.close()
+    finish(settings, run_path, reader, sampler, csv_out)
+    log.info("stopped (%s) after %d samples", ended, sampler.samples)
+    return 0
+
+
+def finish(settings: Any, run_path: Path, reader: MemoryReader, sampler: Sampler, csv_out: MemoryCsv) -> dict[str, Any]:
+    rounds = RoundLog(run_path / "metrics.jsonl").refresh()
+    relabel(csv_out.path, rounds)
+    give_to_folder_owner(csv_out.path)  # the relabelled file is a new file
+    summary = summarize(read_rows(csv_out.path), rounds, settings.residual_tolerance_mib)
+    run_summary = run_path / "summary.json"
+    summary.update(
+        run_id=run_path.name,
+        source=reader.source,
+        scope=settings.monitor_scope,
+        devices=[{"index": str(i), "name": name} for i, name in enumerate(getattr(reader, "names", []))] or [{"index": "host", "name": "host memory"}],
+        run_status=_run_status(run_summary),
+        monitor={
+            "interval_s": settings.monitor_interval,
+            "samples": sampler.samples,
+            "rows": csv_out.rows_written,
+            "mean_sample_ms": round(1000 * sampler.busy_s / max(1, sampler.samples), 2),
+            "max_sample_ms": round(1000 * sampler.max_busy_s, 2),
+            "failed_samples": sampler.errors,
+            "cpu_seconds": round(sum(os.times()[:2]), 2),  # the monitor's own CPU time, start-up included
+        },
+    )
+    write_json_atomically(run_path / "memory_summary.json", summary)
+    give_to_folder_owner(run_path / "memory_summary.json")
+    log.info("verdict: %s", summary["verdict"]["text"])
+    return summary
+
+
+def give_to_folder_owner(path: Path) -> None:
+    """In compose the monitor runs as root (Docker socket, other users' /proc entries); its
+    files should still belong to whoever owns the run folder, like the server's."""
+    if os.geteuid() == 0:
+        folder = path.parent.stat()
+        os.chown(path, folder.st_uid, folder.st_gid)
+
+
+def _run_status(path: Path) -> str | None:
+    try:
+        return json.loads(path.read_text()).get("status")
+    except (OSError, ValueError):
+        return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

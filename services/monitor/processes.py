@@ -1,0 +1,266 @@
+"""Which processes belong to the run, and to which replica each one belongs.
+
+Roles: ``client`` and ``server`` (``python -m services.client`` / ``services.server``),
+``worker`` (a process under a client: its per-round training and evaluation workers),
+``server-worker`` (the same under the server: initial weights, central evaluation),
+``helper`` (any other process under them: multiprocessing's resource tracker and forkserver,
+a short-lived subprocess), ``monitor`` and ``other`` (anything else, e.g. another program on the GPU).
+A worker belongs to the replica of the client or server above it. A client's replica is its
+identity: FL_CLIENT_ID from its environment (the local launcher sets client-0..N-1), else
+its container (compose service and number, via Docker), else its pid.
+
+Scope ``launcher`` keeps the processes started by the monitor's parent (scripts/run_local.py
+starts server, clients and monitor side by side), so other runs on the same machine stay
+out; scope ``host`` takes every Bouquet process on the host (containers with ``pid: host``).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+import psutil
+
+from services.monitor.containers import Container, DockerNames, read_container_id
+
+PROGRAMS = {"services.client": "client", "services.server": "server", "services.monitor": "monitor"}
+FORKSERVER = "multiprocessing.forkserver"
+SPAWNED = "--multiprocessing-fork"  # the last argument of every process multiprocessing spawns
+OWNER_ROLES = ("client", "server")
+WORKER_ROLES = ("worker", "server-worker")
+RUN_ROLES = (*OWNER_ROLES, *WORKER_ROLES, "helper")
+MAX_DEPTH = 4  # forkserver workers sit two levels below their client
+
+
+@dataclass(frozen=True)
+class Attribution:
+    pid: int
+    ppid: int | None
+    started: float | None  # process creation time, seconds since the epoch
+    role: str
+    replica: str
+    identity: str  # the client identity the server knows (metrics.jsonl "id"); "" for others
+    container: str  # short container id; "" on the host
+
+
+def program_of(cmdline: tuple[str, ...]) -> str | None:
+    for index, token in enumerate(cmdline):
+        if token == "-m" and index + 1 < len(cmdline) and cmdline[index + 1] in PROGRAMS:
+            return PROGRAMS[cmdline[index + 1]]
+        for module, program in PROGRAMS.items():
+            if token.endswith(module.replace(".", "/") + "/__main__.py"):
+                return program
+    return None
+
+
+class Probe(Protocol):
+    """Facts about processes; psutil on a live host, recorded tables in tests."""
+
+    def listing(self) -> dict[int, tuple[int | None, float | None]]: ...  # pid -> (ppid, started)
+
+    def details(self, pid: int) -> tuple[tuple[str, ...], str | None]: ...  # (cmdline, the identity its environment sets)
+
+    def container_id(self, pid: int) -> str | None: ...
+
+
+def boot_time(proc: str = "/proc") -> float:
+    """Boot time to the millisecond. psutil's comes from /proc/stat's whole-second btime, which
+    puts process start times up to a second early: too coarse to tell whether a worker started
+    before or after a round ended."""
+    with open(os.path.join(proc, "uptime")) as uptime:
+        return time.time() - float(uptime.read().split()[0])
+
+
+class ProcProbe:
+    """Reads /proc directly: one small read of /proc/<pid>/stat per process per sample (about
+    a third of what psutil.process_iter costs), command lines and identities once per process."""
+
+    def __init__(self, proc: str = "/proc") -> None:
+        self.proc = proc
+        self.boot = boot_time(proc)
+        self.ticks = os.sysconf("SC_CLK_TCK")
+
+    def listing(self) -> dict[int, tuple[int | None, float | None]]:
+        out: dict[int, tuple[int | None, float | None]] = {}
+        for name in os.listdir(self.proc):
+            if not name.isdigit():
+                continue
+            try:
+                with open(os.path.join(self.proc, name, "stat"), "rb") as stat:
+                    data = stat.read()
+            except OSError:  # exited since the listing
+                continue
+            fields = data[data.rfind(b")") + 2 :].split()  # the command name may hold spaces and parentheses
+            out[int(name)] = (int(fields[1]), round(self.boot + int(fields[19]) / self.ticks, 3))
+        return out
+
+    def details(self, pid: int) -> tuple[tuple[str, ...], str | None]:
+        try:
+            process = psutil.Process(pid)
+            cmdline = tuple(process.cmdline())
+            identity = None
+            if program_of(cmdline) == "client":  # what services.client reports: FL_CLIENT_ID, else the hostname
+                environ = process.environ()
+                identity = environ.get("FL_CLIENT_ID") or environ.get("HOSTNAME")
+            return cmdline, identity or None
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            return (), None
+
+    def container_id(self, pid: int) -> str | None:
+        return read_container_id(pid, self.proc)
+
+
+class ProcessTable:
+    """Refreshed once per sample; remembers what never changes (command line, identity, owner),
+    so a worker stays attributed to its client even if it outlives it. Processes younger than
+    SETTLE_S are looked at afresh every sample: between fork and exec a new worker still shows
+    its parent's command line."""
+
+    SETTLE_S = 1.0
+
+    def __init__(
+        self,
+        scope: str,
+        names: DockerNames,
+        probe: Probe | None = None,
+        self_pid: int | None = None,
+        root_pid: int | None = None,
+        clock=time.time,
+    ) -> None:
+        if scope not in ("host", "launcher"):
+            raise ValueError(f"scope must be host or launcher, got {scope!r}")
+        self.scope = scope
+        self.names = names
+        self.probe = probe or ProcProbe()
+        self.self_pid = os.getpid() if self_pid is None else self_pid
+        self.root_pid = os.getppid() if root_pid is None else root_pid
+        self.clock = clock
+        self._listing: dict[int, tuple[int | None, float | None]] = {}
+        self._details: dict[tuple[int, float | None], tuple[tuple[str, ...], str | None]] = {}
+        self._settled: dict[tuple[int, float | None], Attribution] = {}
+        self._in_scope: set[tuple[int, float | None]] = set()
+        self._out_of_scope: set[tuple[int, float | None]] = set()
+        self._young: set[tuple[int, float | None]] = set()
+        self._young_in_scope: set[tuple[int, float | None]] = set()
+
+    def refresh(self) -> None:
+        now = self.clock()
+        self._listing = self.probe.listing()
+        alive = {(pid, started) for pid, (_, started) in self._listing.items()}
+        for cache in (self._details, self._settled):
+            for key in set(cache) - alive:
+                del cache[key]
+        self._in_scope &= alive
+        self._out_of_scope &= alive
+        self._young = {key for key in alive if key[1] is not None and now - key[1] < self.SETTLE_S}
+        self._young_in_scope = set()
+        for key in self._young:
+            self._details.pop(key, None)
+            self._settled.pop(key, None)
+        for key in alive - self._in_scope - self._out_of_scope:
+            belongs = self._belongs(key[0])
+            if key in self._young:
+                if belongs:
+                    self._young_in_scope.add(key)
+            else:
+                (self._in_scope if belongs else self._out_of_scope).add(key)
+
+    def tracked(self) -> list[int]:
+        """The run's own processes (servers, clients, their workers and helpers), in pid order."""
+        keys = self._in_scope | self._young_in_scope
+        return sorted(pid for pid, _ in keys if self.describe(pid).role in RUN_ROLES)
+
+    def describe(self, pid: int) -> Attribution:
+        key = self._key(pid)
+        if key in self._settled:
+            return self._settled[key]
+        ppid, started = self._listing.get(pid, (None, None))
+        role, owner = self._role(pid)
+        if owner is None:
+            container = self._container(pid)
+            attribution = Attribution(pid, ppid, started, role, container.replica if container else "host", "", _short(container))
+        else:
+            replica, identity, container = self._owner(owner, role if owner == pid else self._role(owner)[0])
+            attribution = Attribution(pid, ppid, started, role, replica, identity, _short(container))
+            if key not in self._young:
+                self._settled[key] = attribution
+        return attribution
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _key(self, pid: int) -> tuple[int, float | None]:
+        return pid, self._listing.get(pid, (None, None))[1]
+
+    def _cmdline(self, pid: int) -> tuple[tuple[str, ...], str | None]:
+        key = self._key(pid)
+        if key not in self._details:
+            self._details[key] = self.probe.details(pid)
+        return self._details[key]
+
+    def _ancestors(self, pid: int):
+        seen = 0
+        current = self._listing.get(pid, (None, None))[0]
+        while current and current in self._listing and seen < MAX_DEPTH:
+            yield current
+            current = self._listing[current][0]
+            seen += 1
+
+    def _role(self, pid: int) -> tuple[str, int | None]:
+        """(role, pid of the owning client or server, or None)."""
+        cmdline, _ = self._cmdline(pid)
+        program = program_of(cmdline)
+        if program == "monitor":
+            return "monitor", None
+        owner_pid, owner = next(
+            ((ancestor, found) for ancestor in self._ancestors(pid) if (found := program_of(self._cmdline(ancestor)[0])) in OWNER_ROLES),
+            (None, None),
+        )
+        if program in OWNER_ROLES and owner != program:
+            return program, pid
+        if owner_pid is None:
+            return "other", None
+        worker = "worker" if owner == "client" else "server-worker"
+        parent = self._listing.get(pid, (None, None))[0]
+        if parent is not None and FORKSERVER in " ".join(self._cmdline(parent)[0]):
+            return worker, owner_pid  # forked by the forkserver: keeps the forkserver's command line
+        if SPAWNED in cmdline or program == owner:  # a spawned worker, or a fork not yet exec'd
+            return worker, owner_pid
+        return "helper", owner_pid  # resource tracker, forkserver, or any other subprocess
+
+    def _owner(self, owner: int, owner_role: str) -> tuple[str, str, Container | None]:
+        """(replica, identity, container) of a client or server process."""
+        _, env_identity = self._cmdline(owner)
+        container = self._container(owner)
+        if owner_role == "server":
+            return (container.replica if container else "server"), "", container
+        if container is not None:  # compose names ("client-3") read better than hostnames (container ids)
+            identity = env_identity or container.hostname or ""
+            named = container.service is not None or container.name is not None
+            return (container.replica if named or not identity else identity), identity, container
+        return env_identity or f"client-pid{owner}", env_identity or "", None
+
+    def _container(self, pid: int) -> Container | None:
+        container_id = self.probe.container_id(pid)
+        return self.names.lookup(container_id) if container_id else None
+
+    def _belongs(self, pid: int) -> bool:
+        if pid == self.self_pid:
+            return False
+        if self.scope == "launcher":
+            chain = [pid, *self._full_ancestors(pid)]
+            return self.root_pid in chain[1:] and self.self_pid not in chain
+        role, _ = self._role(pid)
+        return role in RUN_ROLES
+
+    def _full_ancestors(self, pid: int) -> list[int]:
+        chain, current = [], self._listing.get(pid, (None, None))[0]
+        while current and current in self._listing and current not in chain:
+            chain.append(current)
+            current = self._listing[current][0]
+        return chain
+
+
+def _short(container: Container | None) -> str:
+    return container.id[:12] if container else ""

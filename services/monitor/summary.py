@@ -1,0 +1,189 @@
+"""memory_summary.json from the recorded samples and the server's round times.
+
+Definitions (docs/monitor.md explains them for users):
+- overall memory of a sample: the device rows' used memory (on a GPU what the card has
+  allocated; on the host the RSS of the run's processes); per replica: its processes' memory.
+- baseline: the last sample before round 1 started (before the first client worker, while no
+  round is known yet), leaving out the workers alive in it (the server's evaluation of the
+  initial model may just be ending): what the run holds when nothing computes.
+- helpers (multiprocessing's resource tracker and forkserver, other subprocesses of a client)
+  are left out of baseline and residuals: they start with the first worker, stay for the
+  client's life and never touch the GPU (NVML never lists them); memory.csv keeps them.
+- residual after round N: memory at the first sample at or after the round ended, counting only
+  processes that already existed when it ended (a worker of round N+1 that started a few
+  milliseconds later is not memory round N left behind), minus the baseline.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from itertools import groupby
+from typing import Any, Iterable
+
+from services.monitor.rounds import Round, iso, label
+
+WORKERS = ("worker", "server-worker")
+
+
+class Sample:
+    def __init__(self, rows: list[dict[str, Any]]) -> None:
+        self.t = rows[0]["t"]
+        self.devices = [r for r in rows if r["kind"] == "device"]
+        self.processes = [r for r in rows if r["kind"] == "process"]
+
+    def _left_out(self, row: dict[str, Any], cutoff: float | None, held: bool, without_workers: bool) -> bool:
+        return (
+            (cutoff is not None and _newer(row, cutoff))
+            or (held and row["role"] == "helper")
+            or (without_workers and row["role"] in WORKERS)
+        )
+
+    def overall(self, cutoff: float | None = None, held: bool = False, without_workers: bool = False) -> float:
+        """Device memory; ``held`` leaves helpers out, ``cutoff`` processes started after it."""
+        used = sum(r["memory_mib"] or 0.0 for r in self.devices)
+        return used - sum(r["memory_mib"] or 0.0 for r in self.processes if self._left_out(r, cutoff, held, without_workers))
+
+    def by_replica(self, cutoff: float | None = None, held: bool = False, without_workers: bool = False) -> dict[str, float]:
+        out: dict[str, float] = defaultdict(float)
+        for r in self.processes:
+            if not self._left_out(r, cutoff, held, without_workers):
+                out[r["replica"]] += r["memory_mib"] or 0.0
+        return dict(out)
+
+    def workers(self, role: str | None = None, cutoff: float | None = None) -> list[dict[str, Any]]:
+        roles = WORKERS if role is None else (role,)
+        return [r for r in self.processes if r["role"] in roles and (cutoff is None or not _newer(r, cutoff))]
+
+
+def _newer(row: dict[str, Any], cutoff: float) -> bool:
+    return row["started_t"] is not None and row["started_t"] > cutoff
+
+
+def samples_of(rows: Iterable[dict[str, Any]]) -> list[Sample]:
+    return [Sample(list(group)) for _, group in groupby(rows, key=lambda r: r["sample"])]
+
+
+def _mib(value: float) -> float:
+    return round(value, 1)
+
+
+def baseline_sample(samples: list[Sample], rounds: list[Round]) -> Sample | None:
+    if not samples:
+        return None
+    start = rounds[0].started if rounds else next((s.t for s in samples if s.workers("worker")), None)
+    before = [s for s in samples if start is not None and s.t < start]
+    return before[-1] if before else samples[0]
+
+
+def summarize(rows: list[dict[str, Any]], rounds: list[Round], tolerance_mib: float) -> dict[str, Any]:
+    samples = samples_of(rows)
+    if not samples:
+        return {"samples": 0, "rounds": [], "verdict": {"ok": None, "text": "no samples were recorded: nothing to judge", "tolerance_mib": tolerance_mib}}
+    base = baseline_sample(samples, rounds)
+    base_overall, base_replicas = base.overall(held=True, without_workers=True), base.by_replica(held=True, without_workers=True)
+    peak = max(samples, key=lambda s: s.overall())
+    crowded = max(samples, key=lambda s: len(s.workers()))
+    summary: dict[str, Any] = {
+        "samples": len(samples),
+        "first_sample_at": iso(samples[0].t),
+        "last_sample_at": iso(samples[-1].t),
+        "baseline": {"at": iso(base.t), "overall_mib": _mib(base_overall), "per_replica_mib": {k: _mib(v) for k, v in sorted(base_replicas.items())}},
+        "peak": {"at": iso(peak.t), "round": label(rounds, peak.t, final=True)[0], "overall_mib": _mib(peak.overall()), "above_baseline_mib": _mib(peak.overall() - base_overall)},
+        "max_workers_alive": {"count": len(crowded.workers()), "at": iso(crowded.t), "round": label(rounds, crowded.t, final=True)[0]},
+        "replicas": _replicas(samples, base.t),
+        "rounds": [_round(samples, current, base_overall, base_replicas) for current in rounds],
+    }
+    summary["verdict"] = verdict(summary["rounds"], tolerance_mib)
+    return summary
+
+
+def _replicas(samples: list[Sample], since: float) -> dict[str, Any]:
+    """Per replica: the range of its long-lived process (flat is good) and its workers."""
+    out: dict[str, Any] = {}
+    for sample in samples:
+        totals = sample.by_replica()
+        for row in sample.processes:
+            entry = out.setdefault(row["replica"], {"roles": set(), "process_min_mib": None, "process_max_mib": None, "peak_mib": 0.0, "worker_pids": set()})
+            entry["roles"].add(row["role"])
+            entry["peak_mib"] = max(entry["peak_mib"], totals[row["replica"]])
+            if row["role"] in WORKERS:
+                entry["worker_pids"].add(row["pid"])
+            elif row["role"] in ("client", "server") and sample.t >= since and row["memory_mib"] is not None:
+                low, high = entry["process_min_mib"], entry["process_max_mib"]
+                entry["process_min_mib"] = row["memory_mib"] if low is None else min(low, row["memory_mib"])
+                entry["process_max_mib"] = row["memory_mib"] if high is None else max(high, row["memory_mib"])
+    return {
+        name: {
+            "roles": sorted(entry["roles"]),
+            "process_min_mib": None if entry["process_min_mib"] is None else _mib(entry["process_min_mib"]),
+            "process_max_mib": None if entry["process_max_mib"] is None else _mib(entry["process_max_mib"]),
+            "peak_mib": _mib(entry["peak_mib"]),
+            "workers_seen": len(entry["worker_pids"]),
+        }
+        for name, entry in sorted(out.items())
+    }
+
+
+def _round(samples: list[Sample], current: Round, base_overall: float, base_replicas: dict[str, float]) -> dict[str, Any]:
+    inside = [s for s in samples if current.started <= s.t <= current.ended]
+    after = next((s for s in samples if s.t >= current.ended), None)
+    record: dict[str, Any] = {
+        "round": current.number,
+        "started_at": iso(current.started),
+        "ended_at": iso(current.ended),
+        "samples": len(inside),
+        "peak_mib": _mib(max((s.overall() for s in inside), default=0.0)),
+        "max_workers_alive": max((len(s.workers()) for s in inside), default=0),
+        "worker_pids_seen": sorted({r["pid"] for s in inside for r in s.workers("worker")}),
+    }
+    if after is None:  # the monitor stopped before this round ended
+        record.update(measured_at=None, residual_mib=None, residual_per_replica_mib={}, workers_left=None)
+        return record
+    held = after.by_replica(cutoff=current.ended, held=True)
+    record.update(
+        measured_at=iso(after.t),
+        residual_mib=_mib(after.overall(cutoff=current.ended, held=True) - base_overall),
+        residual_per_replica_mib={name: _mib(held.get(name, 0.0) - base_replicas.get(name, 0.0)) for name in sorted(set(held) | set(base_replicas))},
+        workers_left=len(after.workers(cutoff=current.ended)),
+    )
+    return record
+
+
+def verdict(rounds: list[dict[str, Any]], tolerance_mib: float) -> dict[str, Any]:
+    """One line a person can act on: all rounds returned, or the first round and replica that did not."""
+    measured = [r for r in rounds if r["residual_mib"] is not None]
+    if not measured:
+        return {"ok": None, "tolerance_mib": tolerance_mib, "text": "no round finished while the monitor was recording: nothing to judge"}
+    for record in measured:
+        if _failed(record, tolerance_mib):
+            culprits = {name: value for name, value in record["residual_per_replica_mib"].items() if value > tolerance_mib}
+            if culprits:
+                name, value = max(culprits.items(), key=lambda item: item[1])
+                what = f"{name} held {value:.0f} MiB above its baseline"
+            elif record["workers_left"]:
+                what = f"{record['workers_left']} worker(s) of the round were still alive"
+            else:
+                what = f"the device held {record['residual_mib']:.0f} MiB above baseline"
+            others = [r["round"] for r in measured if r is not record and _failed(r, tolerance_mib)]
+            tail = f"; also rounds {', '.join(map(str, others))}" if others else ""
+            return {
+                "ok": False,
+                "tolerance_mib": tolerance_mib,
+                "first_failed_round": record["round"],
+                "text": f"memory did not return to baseline after round {record['round']}: {what} (tolerance {tolerance_mib:g} MiB){tail}",
+            }
+    worst = max([0.0] + [max([r["residual_mib"], *r["residual_per_replica_mib"].values()]) for r in measured])
+    return {
+        "ok": True,
+        "tolerance_mib": tolerance_mib,
+        "max_residual_mib": _mib(worst),
+        "text": f"memory returned to within {worst:.0f} MiB of baseline after every round ({len(measured)} rounds, tolerance {tolerance_mib:g} MiB)",
+    }
+
+
+def _failed(record: dict[str, Any], tolerance_mib: float) -> bool:
+    return bool(
+        record["residual_mib"] > tolerance_mib
+        or record["workers_left"]
+        or any(value > tolerance_mib for value in record["residual_per_replica_mib"].values())
+    )

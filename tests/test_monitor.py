@@ -1,0 +1,670 @@
+"""The memory monitor: attribution, round labels and summary driven by recorded samples, the
+NVML reader driven by a recorded NVML, and one real local run with the monitor and report."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from services.monitor import csvlog, nvml as nvml_module
+from services.monitor.containers import DockerNames, container_id_from_cgroup
+from services.monitor.processes import ProcessTable, program_of
+from services.monitor.readings import MIB, DeviceReading, ProcessReading, Reading
+from services.monitor.rounds import Round, RoundLog, iso, label
+from services.monitor.sampler import Sampler
+from services.monitor.summary import summarize
+
+REPO = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+T0 = 1_800_000_000.0  # recorded samples start here (seconds since the epoch)
+
+# --- containers ----------------------------------------------------------------------------------
+
+CID = "3f4e5d6c7b8a" + "0" * 52
+
+
+@pytest.mark.parametrize(
+    "cgroup, expected",
+    [
+        (f"12:memory:/docker/{CID}\n11:cpu:/docker/{CID}\n", CID),  # cgroup v1
+        (f"0::/system.slice/docker-{CID}.scope\n", CID),  # v2, systemd driver
+        (f"0::/../{CID}\n", CID),  # v2 seen from another container's cgroup namespace
+        (f"0::/kubepods/besteffort/pod1/cri-containerd-{CID}.scope\n", CID),
+        ("0::/user.slice/user-1000.slice/session-2.scope\n", None),  # a process on the host
+        ("0::/\n", None),
+    ],
+)
+def test_container_id_from_cgroup(cgroup, expected):
+    assert container_id_from_cgroup(cgroup) == expected
+
+
+class FakeDocker:
+    def __init__(self, attrs):
+        self.calls = 0
+        self.containers = SimpleNamespace(get=self._get)
+        self._attrs = attrs
+
+    def _get(self, container_id):
+        self.calls += 1
+        if container_id not in self._attrs:
+            raise LookupError("No such container")
+        return SimpleNamespace(attrs=self._attrs[container_id])
+
+
+def test_docker_names_uses_compose_labels_once_per_container(tmp_path):
+    sock = tmp_path / "docker.sock"
+    sock.touch()
+    docker = FakeDocker({CID: {"Name": "/bouquet_client_3", "Config": {"Hostname": CID[:12], "Labels": {"com.docker.compose.service": "client", "com.docker.compose.container-number": "3"}}}})
+    names = DockerNames(str(sock), client_factory=lambda path: docker)
+    first = names.lookup(CID)
+    assert (first.replica, first.hostname, first.name) == ("client-3", CID[:12], "bouquet_client_3")
+    assert names.lookup(CID) is first and docker.calls == 1
+    assert names.lookup("a" * 64).replica == "a" * 12  # unknown to Docker: short id
+
+
+def test_docker_names_without_socket_falls_back_to_short_ids(tmp_path, caplog):
+    names = DockerNames(str(tmp_path / "missing.sock"), client_factory=lambda path: pytest.fail("must not connect"))
+    assert names.lookup(CID).replica == CID[:12]
+    assert names.lookup("b" * 64).replica == "b" * 12
+    assert sum("no Docker socket" in r.getMessage() for r in caplog.records) == 1
+
+
+# --- processes -----------------------------------------------------------------------------------
+
+SPAWN = ("/venv/bin/python", "-c", "from multiprocessing.spawn import spawn_main; spawn_main(tracker_fd=5, pipe_handle=7)", "--multiprocessing-fork")
+TRACKER = ("/venv/bin/python", "-c", "from multiprocessing.resource_tracker import main;main(4)")
+FORKSERVER = ("/venv/bin/python", "-c", "from multiprocessing.forkserver import main; main(8, 9, ['__main__'], **{'sys_path': []})")
+CLIENT = ("/venv/bin/python", "-m", "services.client", "--server-address", "127.0.0.1:5000")
+SERVER = ("/venv/bin/python", "-m", "services.server", "--rounds", "2")
+MONITOR = ("/venv/bin/python", "-m", "services.monitor", "--run-id", "x")
+
+
+class FakeProbe:
+    """A recorded process table: pid -> (ppid, started, cmdline, identity from env, container id)."""
+
+    def __init__(self, table):
+        self.table = dict(table)
+        self.details_calls = 0
+
+    def listing(self):
+        return {pid: (entry[0], entry[1]) for pid, entry in self.table.items()}
+
+    def details(self, pid):
+        self.details_calls += 1
+        entry = self.table.get(pid)
+        return (entry[2], entry[3]) if entry else ((), None)
+
+    def container_id(self, pid):
+        entry = self.table.get(pid)
+        return entry[4] if entry else None
+
+
+def recorded_host():
+    return {
+        1: (0, T0 - 1000, ("/sbin/init",), None, None),
+        100: (1, T0 - 60, ("/venv/bin/python", "scripts/run_local.py", "--monitor"), None, None),
+        101: (100, T0 - 59, SERVER, None, None),
+        102: (100, T0 - 58, CLIENT, "client-0", None),
+        103: (100, T0 - 58, CLIENT, "client-1", None),
+        104: (100, T0 - 58, MONITOR, None, None),
+        110: (102, T0 - 30, TRACKER, None, None),
+        111: (102, T0 - 30, SPAWN, None, None),
+        112: (101, T0 - 20, SPAWN, None, None),
+        120: (103, T0 - 30, FORKSERVER, None, None),
+        121: (120, T0 - 29, FORKSERVER, None, None),  # forked by the forkserver: a worker
+        130: (102, T0 - 10, ("/sbin/ldconfig", "-p"), None, None),
+        199: (1, T0 - 70, ("bash",), None, None),
+        200: (199, T0 - 69, CLIENT, "other-run", None),  # another federation on the same machine
+        201: (200, T0 - 30, SPAWN, None, None),
+        300: (1, T0 - 50, ("python", "train.py"), None, None),
+    }
+
+
+def table(scope, processes, names=None, now=T0):
+    return ProcessTable(scope, names or DockerNames(None), probe=FakeProbe(processes), self_pid=104, root_pid=100, clock=lambda: now)
+
+
+def test_program_of_recognises_module_and_script_forms():
+    assert program_of(CLIENT) == "client"
+    assert program_of(("python", "/app/services/server/__main__.py")) == "server"
+    assert program_of(SPAWN) is None
+
+
+def test_roles_and_replicas_from_a_recorded_process_table():
+    processes = table("launcher", recorded_host())
+    processes.refresh()
+    seen = {pid: (processes.describe(pid).role, processes.describe(pid).replica) for pid in recorded_host()}
+    assert seen[101] == ("server", "server")
+    assert seen[102] == ("client", "client-0") and seen[103] == ("client", "client-1")
+    assert seen[111] == ("worker", "client-0")
+    assert seen[112] == ("server-worker", "server")
+    assert seen[110] == ("helper", "client-0") and seen[120] == ("helper", "client-1") and seen[130] == ("helper", "client-0")
+    assert seen[121] == ("worker", "client-1")
+    assert seen[104][0] == "monitor" and seen[300] == ("other", "host")
+    assert processes.describe(111).identity == "client-0"
+
+
+def test_launcher_scope_keeps_other_runs_out_and_host_scope_takes_them_in():
+    launcher = table("launcher", recorded_host())
+    launcher.refresh()
+    assert launcher.tracked() == [101, 102, 103, 110, 111, 112, 120, 121, 130]
+    host = table("host", recorded_host())
+    host.refresh()
+    assert {200, 201} <= set(host.tracked()) and 104 not in host.tracked() and 300 not in host.tracked()
+
+
+def test_a_worker_that_outlives_its_client_stays_attributed():
+    processes = recorded_host()
+    live = table("launcher", processes)
+    live.refresh()
+    assert live.describe(111).replica == "client-0"
+    del live.probe.table[102]
+    live.probe.table[111] = (1, *processes[111][1:])  # reparented to init
+    live.refresh()
+    assert (live.describe(111).role, live.describe(111).replica) == ("worker", "client-0")
+    assert 111 in live.tracked()
+
+
+def test_a_young_fork_is_a_worker_and_is_looked_at_again_after_exec():
+    processes = recorded_host()
+    processes[140] = (103, T0 - 0.05, CLIENT, "client-1", None)  # forked, not exec'd yet
+    now = [T0]
+    live = ProcessTable("launcher", DockerNames(None), probe=FakeProbe(processes), self_pid=104, root_pid=100, clock=lambda: now[0])
+    live.refresh()
+    assert (live.describe(140).role, live.describe(140).replica) == ("worker", "client-1")
+    live.probe.table[140] = (103, T0 - 0.05, SPAWN, None, None)  # exec'd
+    now[0] = T0 + 2
+    live.refresh()
+    assert (live.describe(140).role, live.describe(140).replica) == ("worker", "client-1")
+    calls = live.probe.details_calls
+    live.refresh()
+    live.describe(140)
+    assert live.probe.details_calls == calls  # settled: not read again
+
+
+def test_containers_name_replicas_by_compose_service_and_keep_the_hostname_as_identity(tmp_path):
+    sock = tmp_path / "docker.sock"
+    sock.touch()
+    server_id, client_id = "c" * 64, CID
+    docker = FakeDocker(
+        {
+            client_id: {"Name": "/b_client_3", "Config": {"Hostname": client_id[:12], "Labels": {"com.docker.compose.service": "client", "com.docker.compose.container-number": "3"}}},
+            server_id: {"Name": "/b_server_1", "Config": {"Hostname": "server", "Labels": {"com.docker.compose.service": "server", "com.docker.compose.container-number": "1"}}},
+        }
+    )
+    processes = {
+        1: (0, T0 - 999, ("/sbin/init",), None, None),
+        500: (1, T0 - 60, SERVER, None, server_id),
+        501: (500, T0 - 10, SPAWN, None, server_id),
+        600: (1, T0 - 60, CLIENT, None, client_id),
+        601: (600, T0 - 10, SPAWN, None, client_id),
+    }
+    host = table("host", processes, names=DockerNames(str(sock), client_factory=lambda path: docker))
+    host.refresh()
+    worker = host.describe(601)
+    assert (worker.role, worker.replica, worker.identity, worker.container) == ("worker", "client-3", client_id[:12], client_id[:12])
+    assert (host.describe(501).role, host.describe(501).replica) == ("server-worker", "server-1")
+
+
+# --- NVML reader (recorded NVML) -------------------------------------------------------------------
+
+
+class RecordedNvml:
+    """Stands in for pynvml with values recorded from a GPU: two devices, one without utilisation."""
+
+    class NVMLError(Exception):
+        pass
+
+    def __init__(self):
+        self.shut = False
+
+    def nvmlDeviceGetCount(self):
+        return 2
+
+    def nvmlDeviceGetHandleByIndex(self, index):
+        return index
+
+    def nvmlDeviceGetName(self, handle):
+        return [b"NVIDIA H100 80GB HBM3", "NVIDIA H100 80GB HBM3 MIG 1g.10gb"][handle]
+
+    def nvmlDeviceGetMemoryInfo(self, handle):
+        return SimpleNamespace(used=[1210 * MIB, 300 * MIB][handle], total=[81559 * MIB, 9984 * MIB][handle])
+
+    def nvmlDeviceGetUtilizationRates(self, handle):
+        if handle == 1:
+            raise self.NVMLError("Not Supported")
+        return SimpleNamespace(gpu=37, memory=12)
+
+    def nvmlDeviceGetComputeRunningProcesses(self, handle):
+        if handle == 0:
+            return [SimpleNamespace(pid=4242, usedGpuMemory=512 * MIB), SimpleNamespace(pid=4243, usedGpuMemory=None)]
+        return [SimpleNamespace(pid=4244, usedGpuMemory=100 * MIB), SimpleNamespace(pid=4244, usedGpuMemory=28 * MIB), SimpleNamespace(pid=4245, usedGpuMemory=nvml_module.NOT_AVAILABLE)]
+
+    def nvmlShutdown(self):
+        self.shut = True
+
+
+def test_nvml_reader_turns_a_recorded_nvml_into_readings():
+    recorded = RecordedNvml()
+    reader = nvml_module.NvmlReader(recorded)
+    reading = reader.read()
+    assert reader.names == ["NVIDIA H100 80GB HBM3", "NVIDIA H100 80GB HBM3 MIG 1g.10gb"]
+    assert reading.devices == [
+        DeviceReading("0", "NVIDIA H100 80GB HBM3", 1210.0, 81559.0, 37.0),
+        DeviceReading("1", "NVIDIA H100 80GB HBM3 MIG 1g.10gb", 300.0, 9984.0, None),
+    ]
+    assert sorted(reading.processes, key=lambda p: p.pid) == [
+        ProcessReading(4242, "0", 512.0),
+        ProcessReading(4243, "0", None),  # the driver withheld it
+        ProcessReading(4244, "1", 128.0),  # one pid on two slices of a device: summed
+        ProcessReading(4245, "1", None),
+    ]
+    reader.close()
+    assert recorded.shut
+
+
+def test_without_a_gpu_open_nvml_says_why(monkeypatch):
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        pynvml.nvmlShutdown()
+        pytest.skip("this machine has a working NVML")
+    except Exception:
+        pass
+    with pytest.raises(nvml_module.NvmlUnavailable, match="NVML"):
+        nvml_module.open_nvml()
+
+
+# --- rounds --------------------------------------------------------------------------------------
+
+
+def make_round(number, started, ended, **record):
+    return Round(number, T0 + started, T0 + ended, {"round": number, **record})
+
+
+ROUNDS = [make_round(1, 10, 20, accuracy=0.5, loss=1.5, round_seconds=10), make_round(2, 20.01, 30, accuracy=0.7, loss=1.0, round_seconds=10)]
+
+
+@pytest.mark.parametrize(
+    "offset, final, expected",
+    [(5, True, (0, "setup")), (15, True, (1, "round")), (20.005, True, (1, "between")), (25, True, (2, "round")), (40, True, (2, "after")), (40, False, (None, ""))],
+)
+def test_round_labels(offset, final, expected):
+    assert label(ROUNDS, T0 + offset, final) == expected
+
+
+def test_round_labels_before_any_round_is_known():
+    assert label([], T0, final=False) == (None, "")
+    assert label([], T0, final=True) == (0, "setup")
+
+
+def test_round_log_reads_only_complete_lines(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    first, second = (json.dumps({"round": n, "started_at": iso(T0), "ended_at": iso(T0 + 3), "accuracy": 0.5}) for n in (1, 2))
+    path.write_text(first + "\n" + second[:20])  # the server is halfway through writing round 2
+    log = RoundLog(path)
+    assert [r.number for r in log.refresh()] == [1]
+    with open(path, "a") as out:
+        out.write(second[20:] + "\n")
+    assert [r.number for r in log.refresh()] == [1, 2]
+    assert log.rounds[0].ended - log.rounds[0].started == pytest.approx(3.0, abs=0.002)
+
+
+# --- summary from recorded samples ---------------------------------------------------------------
+
+
+class Recording:
+    """Builds typed rows as csvlog.read_rows returns them."""
+
+    def __init__(self, source="nvml"):
+        self.rows, self.sample, self.source = [], 0, source
+
+    def add(self, at, device_mib, processes=()):
+        t = T0 + at
+        common = {"t": t, "time": iso(t), "sample": self.sample, "source": self.source}
+        self.rows.append({**common, "kind": "device", "device": "0", "memory_mib": device_mib, "role": None, "replica": None, "pid": None, "started_t": None})
+        for pid, role, replica, started, memory in processes:
+            self.rows.append({**common, "kind": "process", "device": "0", "pid": pid, "role": role, "replica": replica, "started_t": T0 + started, "memory_mib": memory})
+        self.sample += 1
+
+
+def worker_mode_recording():
+    """Two clients on one GPU, workers come and go; memory returns to 500 MiB after each round."""
+    rec = Recording()
+    rec.add(8, 500)
+    rec.add(9.9, 1100, [(50, "server-worker", "server", 8.5, 600)])  # initial evaluation ending
+    for number, (start, end) in enumerate([(10, 20), (20.01, 30)], start=1):
+        w1, w2 = 100 * number, 100 * number + 1
+        rec.add(start + 2, 2500, [(w1, "worker", "client-0", start + 0.5, 1000), (w2, "worker", "client-1", start + 0.5, 1000)])
+        rec.add(start + 5, 2500, [(w1, "worker", "client-0", start + 0.5, 1000), (w2, "worker", "client-1", start + 0.5, 1000)])
+        rec.add(end - 0.5, 1100, [(90 + number, "server-worker", "server", end - 2, 600)])
+        # first sample after the round: the next round's worker already started; it is not "held"
+        rec.add(end + 0.1, 502 + 40, [(w1 + 50, "worker", "client-0", end + 0.05, 40)])
+    return rec
+
+
+def test_summary_of_a_clean_worker_mode_run():
+    summary = summarize(worker_mode_recording().rows, ROUNDS, tolerance_mib=64)
+    assert summary["baseline"]["overall_mib"] == 500.0  # the initial evaluation's worker is left out
+    assert summary["peak"]["overall_mib"] == 2500.0 and summary["peak"]["round"] == 1
+    assert summary["max_workers_alive"]["count"] == 2
+    assert [r["residual_mib"] for r in summary["rounds"]] == [2.0, 2.0]
+    assert [r["workers_left"] for r in summary["rounds"]] == [0, 0]
+    assert summary["rounds"][0]["worker_pids_seen"] == [100, 101]
+    assert summary["verdict"]["ok"] is True
+    assert summary["verdict"]["text"] == "memory returned to within 2 MiB of baseline after every round (2 rounds, tolerance 64 MiB)"
+
+
+def test_summary_names_the_round_and_replica_that_kept_memory():
+    """In-process mode: the client processes themselves hold CUDA memory after each round."""
+    rec = Recording()
+    rec.add(9, 500)
+    held = {1: {"client-0": 600, "client-1": 300}, 2: {"client-0": 620, "client-1": 900}}
+    for number, (start, end) in enumerate([(10, 20), (20.01, 30)], start=1):
+        rec.add(start + 3, 500 + 1500, [(11, "client", "client-0", -50, 1000), (12, "client", "client-1", -50, 500)])
+        after = held[number]
+        rec.add(end + 0.1, 500 + sum(after.values()), [(11, "client", "client-0", -50, after["client-0"]), (12, "client", "client-1", -50, after["client-1"])])
+    summary = summarize(rec.rows, ROUNDS, tolerance_mib=64)
+    assert summary["rounds"][0]["residual_per_replica_mib"] == {"client-0": 600.0, "client-1": 300.0}
+    assert summary["rounds"][1]["residual_mib"] == 1520.0
+    verdict = summary["verdict"]
+    assert verdict["ok"] is False and verdict["first_failed_round"] == 1
+    assert verdict["text"].startswith("memory did not return to baseline after round 1: client-0 held 600 MiB above its baseline")
+    assert verdict["text"].endswith("; also rounds 2")
+
+
+def test_a_worker_still_alive_after_its_round_fails_the_verdict():
+    rec = Recording()
+    rec.add(9, 500)
+    rec.add(15, 1500, [(7, "worker", "client-0", 10.5, 1000)])
+    rec.add(20.2, 500, [(7, "worker", "client-0", 10.5, 0.0)])  # hung worker holding nothing yet
+    summary = summarize(rec.rows, ROUNDS[:1], tolerance_mib=64)
+    assert summary["rounds"][0]["workers_left"] == 1
+    assert "1 worker(s) of the round were still alive" in summary["verdict"]["text"]
+
+
+def test_summary_without_rounds_or_samples_judges_nothing():
+    assert summarize([], ROUNDS, 64)["verdict"]["ok"] is None
+    rec = Recording()
+    rec.add(1, 500)
+    assert summarize(rec.rows, [], 64)["verdict"]["ok"] is None
+
+
+def test_helpers_are_left_out_of_baseline_and_residual():
+    rec = Recording(source="host")
+    rec.add(9, 100, [(1, "client", "client-0", -50, 100)])
+    rec.add(20.1, 113, [(1, "client", "client-0", -50, 101), (2, "helper", "client-0", 10.2, 12)])
+    summary = summarize(rec.rows, ROUNDS[:1], tolerance_mib=0.5)
+    assert summary["rounds"][0]["residual_per_replica_mib"] == {"client-0": 1.0}
+    assert summary["rounds"][0]["residual_mib"] == 1.0
+
+
+# --- csv, sampler, exporter ----------------------------------------------------------------------
+
+
+class RecordedReader:
+    source = "nvml"
+
+    def __init__(self, readings):
+        self.readings = list(readings)
+
+    def read(self):
+        return self.readings.pop(0)
+
+    def close(self):
+        pass
+
+
+def test_sampler_rows_reach_the_disk_before_close_and_relabel_fills_rounds(tmp_path):
+    processes = recorded_host()
+    live = table("launcher", processes)
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"round": 1, "started_at": iso(T0 + 1), "ended_at": iso(T0 + 2)}) + "\n")
+    rounds = RoundLog(tmp_path / "metrics.jsonl")
+    out = csvlog.MemoryCsv(tmp_path / "memory.csv")
+    clock = iter([T0 + 1.5, T0 + 3.0])
+    readings = [Reading([DeviceReading("0", "gpu", 900.0, 81559.0, 50.0)], [ProcessReading(111, "0", 400.0)]), Reading([DeviceReading("0", "gpu", 500.0, 81559.0, 0.0)], [])]
+    sampler = Sampler(RecordedReader(readings), live, rounds, out.write, interval=0.2, clock=lambda: next(clock))
+    sampler.sample_once()
+    sampler.sample_once()
+    on_disk = csvlog.read_rows(tmp_path / "memory.csv")  # not closed yet
+    assert [(r["sample"], r["kind"], r["round"], r["phase"]) for r in on_disk] == [(0, "device", 1, "round"), (0, "process", 1, "round"), (1, "device", None, None)]
+    process = on_disk[1]
+    assert (process["pid"], process["role"], process["replica"], process["identity"], process["memory_mib"]) == (111, "worker", "client-0", "client-0", 400.0)
+    out.close()
+    csvlog.relabel(tmp_path / "memory.csv", rounds.refresh())
+    assert [(r["round"], r["phase"]) for r in csvlog.read_rows(tmp_path / "memory.csv")][-1] == (1, "after")
+    with pytest.raises(FileExistsError):
+        csvlog.MemoryCsv(tmp_path / "memory.csv")
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_prometheus_endpoint_serves_device_and_replica_memory():
+    from services.monitor.exporter import Exporter
+
+    port = free_port()
+    exporter = Exporter(port, address="127.0.0.1")
+    try:
+        device = {"kind": "device", "source": "nvml", "device": "0", "memory_mib": 900.0, "total_mib": 81559.0, "utilization_pct": 40.0}
+        worker = {"kind": "process", "source": "nvml", "replica": "client-0", "role": "worker", "memory_mib": 400.0}
+        exporter.update([device, worker], rounds_finished=1)
+        exporter.update([{**device, "memory_mib": 500.0}], rounds_finished=2)
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    finally:
+        exporter.close()
+    assert 'bouquet_device_memory_used_mib{device="0",source="nvml"} 500.0' in text
+    assert 'bouquet_replica_memory_mib{replica="client-0",role="worker",source="nvml"} 0.0' in text  # its worker is gone
+    assert "bouquet_workers_alive 0.0" in text and "bouquet_rounds_finished 2.0" in text
+
+
+# --- the program ---------------------------------------------------------------------------------
+
+
+def monitor(*args, **env):
+    return subprocess.Popen(
+        [PYTHON, "-m", "services.monitor", *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **env}
+    )
+
+
+@pytest.mark.parametrize(
+    "args, named",
+    [
+        (["--monitor-interval", "0"], "--monitor-interval / FL_MONITOR_INTERVAL = '0'"),
+        (["--metrics-port", "70000"], "--metrics-port / FL_METRICS_PORT = '70000'"),
+        (["--monitor-source", "gpu"], "--monitor-source / FL_MONITOR_SOURCE = 'gpu'"),
+        (["--monitor-scope", "everything"], "--monitor-scope / FL_MONITOR_SCOPE = 'everything'"),
+        (["--residual-tolerance-mib", "-1"], "--residual-tolerance-mib / FL_RESIDUAL_TOLERANCE_MIB = '-1'"),
+    ],
+)
+def test_bad_settings_exit_2_with_one_line(args, named):
+    done = subprocess.run([PYTHON, "-m", "services.monitor", *args], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and named in done.stderr
+
+
+def test_forcing_nvml_without_a_gpu_exits_2(tmp_path):
+    try:
+        nvml_module.open_nvml().close()
+        pytest.skip("this machine has a GPU")
+    except nvml_module.NvmlUnavailable:
+        pass
+    done = subprocess.run([PYTHON, "-m", "services.monitor", "--monitor-source", "nvml", "--results-dir", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "--monitor-source / FL_MONITOR_SOURCE = 'nvml'" in done.stderr
+
+
+def fake_run(folder: Path, rounds=1):
+    folder.mkdir(parents=True)
+    with open(folder / "metrics.jsonl", "w") as out:
+        for number in range(1, rounds + 1):
+            out.write(json.dumps({"round": number, "started_at": iso(time.time() - 1), "ended_at": iso(time.time()), "accuracy": 0.5, "loss": 1.0, "round_seconds": 1.0}) + "\n")
+
+
+def test_monitor_follows_a_new_run_folder_and_stops_when_the_run_ends(tmp_path):
+    process = monitor("--results-dir", str(tmp_path), "--monitor-source", "host", "--monitor-interval", "0.05", "--docker-socket", "")
+    time.sleep(1.5)
+    fake_run(tmp_path / "run-a")
+    time.sleep(1.0)
+    (tmp_path / "run-a" / "summary.json").write_text(json.dumps({"status": "completed"}))
+    output, _ = process.communicate(timeout=30)
+    assert process.returncode == 0, output
+    summary = json.loads((tmp_path / "run-a" / "memory_summary.json").read_text())
+    assert summary["source"] == "host" and summary["run_status"] == "completed" and summary["samples"] >= 5
+    assert summary["monitor"]["interval_s"] == 0.05
+    assert "stopped (the run ended)" in output
+
+
+def test_monitor_writes_its_summary_on_sigterm(tmp_path):
+    fake_run(tmp_path / "run-b")
+    process = monitor("--results-dir", str(tmp_path), "--run-id", "run-b", "--monitor-source", "host", "--monitor-interval", "0.05", "--docker-socket", "")
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "run-b" / "memory.csv").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=30)
+    assert process.returncode == 0, output
+    assert (tmp_path / "run-b" / "memory_summary.json").is_file()
+    rows = csvlog.read_rows(tmp_path / "run-b" / "memory.csv")
+    assert rows and all(row["phase"] == "after" for row in rows)  # relabelled: all after round 1
+
+
+def test_following_picks_the_running_run_not_finished_or_recorded_ones(tmp_path):
+    from services.monitor.follow import running_runs
+
+    for name in ("done", "recorded", "old", "running"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "done" / "summary.json").write_text("{}")
+    (tmp_path / "recorded" / "memory.csv").write_text("")
+    os.utime(tmp_path / "old", (time.time() - 3600, time.time() - 3600))  # a crashed run from an hour ago
+    (tmp_path / ".hidden.logs").mkdir()
+    assert running_runs(tmp_path, since=time.time() - 60) == [tmp_path / "running"]
+
+
+def test_monitor_gives_up_when_the_run_folder_never_appears(tmp_path):
+    done = subprocess.run(
+        [PYTHON, "-m", "services.monitor", "--results-dir", str(tmp_path), "--run-id", "nope", "--monitor-source", "host", "--run-wait", "0.5"],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 1 and "did not appear within 0.5 s" in done.stderr
+
+
+def test_report_from_recorded_samples(tmp_path):
+    run = tmp_path / "run-c"
+    run.mkdir()
+    out = csvlog.MemoryCsv(run / "memory.csv")
+    rec = worker_mode_recording()
+    out.write([{key: value for key, value in row.items() if key in csvlog.COLUMNS} | {"started": iso(row["started_t"]) if row["started_t"] else None} for row in rec.rows])
+    out.close()
+    with open(run / "metrics.jsonl", "w") as metrics:
+        for current in ROUNDS:
+            metrics.write(json.dumps({**current.record, "started_at": iso(current.started), "ended_at": iso(current.ended), "clients": [{"worker_start_seconds": 1.2}]}) + "\n")
+    done = subprocess.run([PYTHON, "scripts/report.py", str(run)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    page = (run / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 3
+    assert "memory returned to within 2 MiB of baseline after every round" in page
+    assert "held after round 2" in page
+
+
+def test_report_says_what_is_missing(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text("")
+    done = subprocess.run([PYTHON, "scripts/report.py", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "has no memory.csv" in done.stderr
+
+
+def load_script(name):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_check_puts_the_two_modes_side_by_side():
+    gpu_check = load_script("gpu_check")
+    clean = summarize(worker_mode_recording().rows, ROUNDS, 64)
+    rec = Recording()
+    rec.add(9, 500)
+    rec.add(20.1, 1500, [(11, "client", "client-0", -50, 1000)])
+    rec.add(30.1, 1700, [(11, "client", "client-0", -50, 1200)])
+    leaky = summarize(rec.rows, ROUNDS, 64)
+    results = [
+        {"mode": "worker", "clients": 2, "run_id": "a", "exit_code": 0, "memory": clean, "run": {"status": "completed", "final_accuracy": 0.9}},
+        {"mode": "inprocess", "clients": 2, "run_id": "b", "exit_code": 0, "memory": leaky, "run": {"status": "completed", "final_accuracy": 0.9}},
+    ]
+    lines = gpu_check.table(results, rounds=2)
+    assert lines[0] == "| | worker ×2 | inprocess ×2 |"
+    assert "| held after round 2 (MiB) | 2 | 1200 |" in lines
+    assert lines[-1] == "| verdict | ok | not ok |"
+    assert gpu_check.client_counts("2,4") == [2, 4]
+
+
+def test_gpu_check_without_a_gpu_says_so():
+    try:
+        nvml_module.open_nvml().close()
+        pytest.skip("this machine has a GPU")
+    except nvml_module.NvmlUnavailable:
+        pass
+    done = subprocess.run([PYTHON, "scripts/gpu_check.py", "--clients", "1", "--rounds", "1"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "no usable GPU here" in done.stderr
+
+
+# --- a real local run ----------------------------------------------------------------------------
+
+CLIENT_RSS_BOUND_MIB = 400  # a client never imports torch (~790 MB with it); flwr + grpc + numpy is ~70-130
+CLIENT_RSS_DRIFT_MIB = 64
+
+
+@pytest.mark.integration
+def test_local_run_with_monitor_shows_workers_coming_and_going(tmp_path):
+    done = subprocess.run(
+        [PYTHON, "scripts/run_local.py", "--clients", "3", "--rounds", "2", "--dataset", "digits", "--local-epochs", "1", "--results-dir", str(tmp_path), "--run-id", "it", "--monitor"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = tmp_path / "it"
+    rounds = RoundLog(run / "metrics.jsonl").refresh()
+    rows = csvlog.read_rows(run / "memory.csv")
+    summary = json.loads((run / "memory_summary.json").read_text())
+    assert len(rounds) == 2 and summary["source"] in ("host", "nvml")
+    processes = [r for r in rows if r["kind"] == "process"]
+    for index, current in enumerate(rounds):
+        following = rounds[index + 1].started if index + 1 < len(rounds) else None
+        for client in current.record["clients"]:
+            seen = [r for r in processes if r["pid"] == client["worker_pid"]]
+            assert seen, f"round {current.number}: worker {client['worker_pid']} of {client['id']} never sampled"
+            assert {(r["role"], r["replica"]) for r in seen} == {("worker", client["id"])}
+            # a sample's time is when it began; its listing follows within milliseconds
+            assert all(current.started - 0.1 <= r["t"] <= current.ended for r in seen), "a worker was sampled outside its round"
+            if following is not None:
+                assert max(r["t"] for r in seen) < following
+            assert client["worker_pid"] != client["client_pid"]
+    clients = [r for r in processes if r["role"] == "client" and r["t"] >= rounds[0].started]
+    assert {r["replica"] for r in clients} == {"client-0", "client-1", "client-2"}
+    for name in ("client-0", "client-1", "client-2"):
+        rss = [r["memory_mib"] for r in clients if r["replica"] == name]
+        if summary["source"] == "host":
+            assert max(rss) < CLIENT_RSS_BOUND_MIB and max(rss) - min(rss) < CLIENT_RSS_DRIFT_MIB, (name, min(rss), max(rss))
+    assert [r["workers_left"] for r in summary["rounds"]] == [0, 0]
+    assert summary["max_workers_alive"]["count"] >= 2
+    assert summary["verdict"]["ok"] is True, summary["verdict"]
+    report = subprocess.run([PYTHON, "scripts/report.py", str(run)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert report.returncode == 0, report.stderr
+    page = (run / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 3 and summary["verdict"]["text"] in page
