@@ -1,0 +1,33 @@
+#!/bin/sh
+# Entry point of both Bouquet images (compose runs it under tini: `init: true`).
+#
+# Started as the image's user (bouquet, uid 1000; how clients run): just runs the command.
+#
+# Started as root (how compose runs the server, to write into the host folder mounted at
+# $FL_RESULTS_DIR): steps down before running the command, to the owner of that folder, so
+# result files belong to the host user who owns ./results. A folder owned by root (Docker
+# creates a missing ./results as root) is handed to bouquet first. The command never runs
+# as root. The step-down keeps bouquet's group as a supplementary group so the server can
+# share the data cache volume with the clients.
+set -eu
+umask 0002  # the data cache is shared by group bouquet (setgid folder), whatever uid writes it
+
+if [ "$(id -u)" != 0 ]; then
+    exec "$@"
+fi
+
+results=${FL_RESULTS_DIR:-/results}
+mkdir -p "$results"
+uid=$(stat -c %u "$results")
+gid=$(stat -c %g "$results")
+if [ "$uid" = 0 ]; then
+    chown bouquet:bouquet "$results"
+    uid=$(id -u bouquet)
+    gid=$(id -g bouquet)
+fi
+[ "$gid" != 0 ] || gid=$(id -g bouquet)
+if [ "$uid" != "$(id -u bouquet)" ]; then
+    export HOME=/tmp  # a host uid has no home in the image
+fi
+echo "bouquet-entrypoint: running as uid $uid gid $gid (owner of $results)" >&2
+exec setpriv --reuid="$uid" --regid="$gid" --groups="$(id -g bouquet)" --inh-caps=-all -- "$@"

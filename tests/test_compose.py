@@ -1,0 +1,274 @@
+"""The container setup: compose files, Dockerfiles, and a real compose smoke test.
+
+The fast tests (schema, shared Dockerfile prefix, CPU/GPU switch, dependency flavours) run in
+the default test run. The smoke test (marked ``docker``) runs the real thing: the CPU images
+built by scripts/build_images_offline.sh, ``up --scale client=3`` on digits for 2 rounds, then
+checks the results folder on the host. It skips when Docker is not reachable, unless
+BOUQUET_REQUIRE_DOCKER=1 (CI sets it), where it fails instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+BASE = REPO / "docker-compose.yml"
+GPU_OVERLAY = REPO / "docker-compose.gpu.yml"
+PUBLISH_OVERLAY = REPO / "docker-compose.publish.yml"
+COMPOSE_FILES = [BASE, GPU_OVERLAY, PUBLISH_OVERLAY]
+SHARED_PREFIX_END = "# ---- end of the shared prefix ----"
+CPU_IMAGES = ("bouquet/server:cpu", "bouquet/client:cpu")
+
+
+def _load(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+def _dotenv() -> dict[str, str]:
+    values = {}
+    for line in (REPO / ".env").read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            key, _, value = line.partition("=")
+            values[key.strip()] = value.strip()
+    return values
+
+
+# --- fast checks -------------------------------------------------------------------------------
+
+
+def test_compose_files_are_valid_against_the_compose_spec() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec", *map(str, COMPOSE_FILES)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_compose_file_runs_on_compose_v1_and_v2() -> None:
+    """No `version:` key (v2 warns on it) and no top-level `name:` (docker-compose 1.29 rejects it)."""
+    for path in COMPOSE_FILES:
+        assert not {"version", "name"} & set(_load(path)), path.name
+
+
+def test_one_switch_selects_gpu_or_cpu() -> None:
+    """.env lists the GPU overlay in COMPOSE_FILE; COMPOSE_FILE=docker-compose.yml alone is the CPU setup."""
+    assert _dotenv()["COMPOSE_FILE"] == "docker-compose.yml:docker-compose.gpu.yml"
+    base, gpu = _load(BASE)["services"], _load(GPU_OVERLAY)["services"]
+    for name in ("server", "client"):
+        assert base[name]["image"] == f"bouquet/{name}:cpu"
+        assert base[name]["build"]["args"]["TORCH_FLAVOUR"] == "cpu"
+        assert gpu[name]["image"] == f"bouquet/{name}:gpu"
+        assert gpu[name]["build"]["args"]["TORCH_FLAVOUR"] == "gpu"
+        assert "deploy" not in base[name] and "runtime" not in base[name]
+    devices = gpu["client"]["deploy"]["resources"]["reservations"]["devices"]
+    assert devices == [{"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}]
+
+
+def test_client_is_scalable_and_server_is_private() -> None:
+    services = _load(BASE)["services"]
+    client, server = services["client"], services["server"]
+    assert "container_name" not in client and "ports" not in client
+    assert "FL_CLIENT_ID" not in client["environment"], "replicas must identify by hostname"
+    assert client["depends_on"]["server"]["condition"] == "service_healthy"
+    assert client["restart"] == "on-failure"
+    assert "ports" not in server and "healthcheck" in server
+    published = _load(PUBLISH_OVERLAY)["services"]["server"]["ports"]
+    assert all(str(port).startswith("127.0.0.1:") for port in published)
+    for name in ("server", "client"):
+        assert services[name]["init"] is True
+        assert "data:/data" in services[name]["volumes"]
+
+
+def test_every_passed_through_setting_is_documented_in_dotenv() -> None:
+    env_text = (REPO / ".env").read_text()
+    for name, service in _load(BASE)["services"].items():
+        for key, value in service["environment"].items():
+            if value is None:  # passed through from .env / the shell
+                assert re.search(rf"^#?\s*{key}=", env_text, re.M), f"{name}: {key} is not in .env"
+
+
+def test_compose_passes_only_settings_the_programs_know() -> None:
+    """A misspelt FL_* name would be passed and silently ignored."""
+    from services import settings
+
+    known = {"server": {s.env for s in settings.SERVER}, "client": {s.env for s in settings.CLIENT}}
+    for name, service in _load(BASE)["services"].items():
+        unknown = {key for key in service["environment"] if key.startswith("FL_")} - known[name]
+        assert not unknown, f"{name}: {sorted(unknown)} are not settings of services.{name}"
+
+
+def test_dotenv_gives_the_programs_own_defaults() -> None:
+    """.env documents the defaults: each FL_* value there parses to the program's default."""
+    from services import settings
+
+    by_env = {s.env: s for s in (*settings.SERVER, *settings.CLIENT)}
+    for key, raw in _dotenv().items():
+        if key.startswith("FL_"):
+            setting = by_env[key]
+            value = setting.parse(raw) if raw else None
+            assert value == setting.default, f".env {key}={raw!r}: the program's default is {setting.default!r}"
+
+
+def test_dockerfiles_share_the_dependency_layer_prefix() -> None:
+    """Identical instructions up to the marker: the torch layer is built once for both images."""
+
+    def prefix(path: Path) -> str:
+        text = path.read_text()
+        assert SHARED_PREFIX_END in text, path.name
+        return text[text.index("\nARG BASE_IMAGE=") : text.index(SHARED_PREFIX_END)]
+
+    server, client = prefix(REPO / "Dockerfile.server"), prefix(REPO / "Dockerfile.client")
+    assert server == client
+    assert server.index("install-deps.sh") < server.index("COPY services"), "dependencies before code"
+    for path in (REPO / "Dockerfile.server", REPO / "Dockerfile.client"):
+        tail = path.read_text().split(SHARED_PREFIX_END, 1)[1]
+        assert "USER bouquet" in tail
+        assert not re.search(r"^(RUN|COPY|ADD)\b", tail, re.M), f"{path.name}: layers after the code layer"
+
+
+def _requirements(flavour: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["sh", str(REPO / "docker" / "install-deps.sh"), "--print", flavour, str(REPO / "requirements.lock")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+    )
+
+
+def test_gpu_flavour_installs_the_lock_as_is() -> None:
+    lock = [line for line in (REPO / "requirements.lock").read_text().splitlines() if not line.startswith("#")]
+    assert _requirements("gpu").stdout.splitlines() == lock
+
+
+def test_cpu_flavour_takes_cpu_torch_and_drops_the_cuda_wheels() -> None:
+    result = _requirements("cpu", TORCH_CPU_INDEX="https://download.pytorch.org/whl/cpu")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    lock = dict(line.split("==") for line in (REPO / "requirements.lock").read_text().splitlines() if "==" in line)
+    assert f"torch=={lock['torch']}+cpu" in lines
+    assert f"torchvision=={lock['torchvision']}+cpu" in lines
+    assert f"nvidia-ml-py=={lock['nvidia-ml-py']}" in lines  # NVML bindings, not a CUDA wheel
+    cuda = [line for line in lines if re.match(r"(nvidia-(?!ml-py)|cuda-|triton==)", line, re.I)]
+    assert cuda == []
+    assert len(lines) == len(set(lines))
+
+
+def test_cpu_flavour_without_an_index_is_refused() -> None:
+    result = _requirements("cpu", TORCH_CPU_INDEX="")
+    assert result.returncode == 2 and "TORCH_CPU_INDEX" in result.stderr
+    assert _requirements("rocm").returncode == 2
+
+
+# --- the real smoke test -----------------------------------------------------------------------
+
+
+def _unavailable(reason: str) -> None:
+    if os.environ.get("BOUQUET_REQUIRE_DOCKER") == "1":
+        pytest.fail(f"BOUQUET_REQUIRE_DOCKER=1 but {reason}")
+    pytest.skip(reason)
+
+
+def _compose_command() -> list[str]:
+    """BOUQUET_COMPOSE if set (e.g. 'docker compose'), else docker-compose (CI's 1.29), else v2."""
+    if os.environ.get("BOUQUET_COMPOSE"):
+        return shlex.split(os.environ["BOUQUET_COMPOSE"])
+    if shutil.which("docker-compose"):
+        return ["docker-compose"]
+    return ["docker", "compose"]
+
+
+def _docker_ready() -> list[str]:
+    if shutil.which("docker") is None:
+        _unavailable("the docker CLI is not installed")
+    try:
+        info = subprocess.run(["docker", "info"], capture_output=True, text=True, timeout=20)
+    except subprocess.TimeoutExpired:
+        info = None
+    if info is None or info.returncode != 0:
+        _unavailable("the Docker daemon is not reachable (start dockerd, e.g. `bash .ci/docker.sh start`)")
+    compose = _compose_command()
+    version = subprocess.run([*compose, "version"], capture_output=True, text=True)
+    if version.returncode != 0:
+        _unavailable(f"{' '.join(compose)} is not available")
+    missing = [image for image in CPU_IMAGES if subprocess.run(["docker", "image", "inspect", image], capture_output=True).returncode]
+    if missing:
+        _unavailable(f"images {missing} are missing: run scripts/build_images_offline.sh")
+    return compose
+
+
+@pytest.mark.docker
+@pytest.mark.timeout(900)
+def test_compose_up_scale_3_cpu_trains_two_rounds(tmp_path: Path) -> None:
+    compose = _docker_ready()
+    results = tmp_path / "results"
+    results.mkdir()
+    project = f"bouquet-smoke-{os.getpid()}"
+    env = {
+        **os.environ,
+        "COMPOSE_FILE": "docker-compose.yml",  # the CPU switch
+        "COMPOSE_PROJECT_NAME": project,
+        "BOUQUET_RESULTS_DIR": str(results),
+        "FL_DATASET": "digits",
+        "FL_ROUNDS": "2",
+        "FL_RUN_ID": "smoke",
+    }
+
+    def run(*args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
+        result = subprocess.run([*compose, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+        if check and result.returncode != 0:
+            raise AssertionError(f"{' '.join(compose)} {' '.join(args)} exited {result.returncode}:\n{result.stdout}{result.stderr}")
+        return result
+
+    def logs() -> str:
+        return run("logs", "--no-color", "--tail", "60", check=False).stdout
+
+    try:
+        run("up", "--detach", "--no-build", "--scale", "client=3")
+        server = run("ps", "-q", "server").stdout.strip()
+        clients = run("ps", "-q", "client").stdout.split()
+        assert server and len(clients) == 3, f"server {server!r}, clients {clients}"
+        deadline = time.monotonic() + 600
+        while True:
+            state = subprocess.run(
+                ["docker", "inspect", "-f", "{{.State.Status}} {{.State.ExitCode}}", server],
+                capture_output=True, text=True, check=True,
+            ).stdout.split()
+            if state[0] in ("exited", "dead"):
+                break
+            assert time.monotonic() < deadline, f"server still {state[0]} after 600 s\n{logs()}"
+            time.sleep(2)
+        assert state[1] == "0", f"server exited {state[1]}\n{logs()}"
+
+        run_dir = results / "smoke"
+        rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        summary = json.loads((run_dir / "summary.json").read_text())
+        context = f"\nrounds: {json.dumps(rounds, indent=1)}\n{logs()}"
+        assert [r["round"] for r in rounds] == [1, 2], context
+        assert summary["rounds_completed"] == 2, context
+        for record in rounds:
+            assert (record["clients_ok"], record["clients_failed"]) == (3, 0), context
+            assert sorted(c["partition"] for c in record["clients"]) == [0, 1, 2], context
+            assert all(c["num_examples"] > 0 for c in record["clients"]), context
+        identities = {c["id"] for c in rounds[0]["clients"]}
+        assert len(identities) == 3 and identities == {c["id"] for c in rounds[1]["clients"]}, context
+        partition_of = {c["id"]: c["partition"] for c in rounds[0]["clients"]}
+        assert partition_of == {c["id"]: c["partition"] for c in rounds[1]["clients"]}, "a replica changed partition"
+        assert rounds[1]["accuracy"] > rounds[0]["accuracy"], context
+        pid_of = [{c["id"]: c["worker_pid"] for c in record["clients"]} for record in rounds]
+        for identity in identities:
+            assert pid_of[0][identity] != pid_of[1][identity], f"{identity}: same worker pid in both rounds{context}"
+        assert (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir())
+    finally:
+        run("down", "--volumes", "--remove-orphans", "--timeout", "10", check=False, timeout=120)
