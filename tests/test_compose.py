@@ -9,6 +9,7 @@ BOUQUET_REQUIRE_DOCKER=1 (CI sets it), where it fails instead.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -103,7 +104,11 @@ def test_compose_passes_only_settings_the_programs_know() -> None:
     """A misspelt FL_* name would be passed and silently ignored."""
     from services import settings
 
-    known = {"server": {s.env for s in settings.SERVER}, "client": {s.env for s in settings.CLIENT}}
+    known = {
+        "server": {s.env for s in settings.SERVER},
+        "client": {s.env for s in settings.CLIENT},
+        "gpu-monitor": {s.env for s in settings.MONITOR},
+    }
     for name, service in _load(BASE)["services"].items():
         unknown = {key for key in service["environment"] if key.startswith("FL_")} - known[name]
         assert not unknown, f"{name}: {sorted(unknown)} are not settings of services.{name}"
@@ -113,7 +118,7 @@ def test_dotenv_gives_the_programs_own_defaults() -> None:
     """.env documents the defaults: each FL_* value there parses to the program's default."""
     from services import settings
 
-    by_env = {s.env: s for s in (*settings.SERVER, *settings.CLIENT)}
+    by_env = {s.env: s for s in (*settings.SERVER, *settings.CLIENT, *settings.MONITOR)}
     for key, raw in _dotenv().items():
         if key.startswith("FL_"):
             setting = by_env[key]
@@ -270,5 +275,15 @@ def test_compose_up_scale_3_cpu_trains_two_rounds(tmp_path: Path) -> None:
         for identity in identities:
             assert pid_of[0][identity] != pid_of[1][identity], f"{identity}: same worker pid in both rounds{context}"
         assert (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir())
+
+        # The gpu-monitor sidecar (host memory here: no GPU) ends by itself after the run and
+        # leaves its files in the same run folder on the host, naming the replicas it saw.
+        deadline = time.monotonic() + 120
+        while not (run_dir / "memory_summary.json").exists():
+            assert time.monotonic() < deadline, f"no memory_summary.json 120 s after the run ended\n{logs()}"
+            time.sleep(2)
+        with open(run_dir / "memory.csv") as rows:
+            replicas = {row["replica"] for row in csv.DictReader(rows) if row["role"] == "client"}
+        assert len(replicas) == 3, f"monitor saw client replicas {replicas}"
     finally:
         run("down", "--volumes", "--remove-orphans", "--timeout", "10", check=False, timeout=120)

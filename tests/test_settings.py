@@ -99,20 +99,7 @@ def test_real_entry_point_exits_2_and_starts_nothing(tmp_path):
 
 def test_every_setting_is_documented_in_readme():
     readme = (REPO / "README.md").read_text()
-    names = {s.env for s in settings.SERVER + settings.CLIENT + getattr(settings, "MONITOR", [])}
+    names = {s.env for s in settings.SERVER + settings.CLIENT + settings.MONITOR}
     missing = sorted(name for name in names if f"`{name}`" not in readme)
     assert not missing, f"README settings table lacks {missing}"
 
-
-def test_compose_env_file_states_the_programs_defaults():
-    """.env documents every FL_* setting with its default; a stale copy would silently change runs."""
-    by_env = {s.env: s for s in settings.SERVER + settings.CLIENT}
-    stated = {}
-    for line in (REPO / ".env").read_text().splitlines():
-        name, sep, value = line.partition("=")
-        if sep and name.startswith("FL_"):
-            stated[name] = value
-    assert stated, ".env states no FL_* settings"
-    for name, value in stated.items():
-        assert name in by_env, f".env sets {name}, which no program reads"
-        assert by_env[name].parse(value) == by_env[name].default, f".env: {name}={value} differs from the default"
