@@ -4,7 +4,10 @@
     .venv/bin/python scripts/run_local.py --clients 5 --rounds 5 --dataset digits
 
 Every server and client setting is accepted too (see the README's table) and validated
-before anything starts. Clients start once the server accepts connections (no fixed
+before anything starts. Locally the launcher knows N, so its defaults differ from the
+server's in three places: --min-clients N, --join-grace 0, and --torch-threads
+max(1, cores // N) (the workers share this host's cores). Clients start once the server
+accepts connections (no fixed
 sleep); a progress bar follows the rounds; Ctrl-C or the end of the run stops everything.
 Exit code 0 when all rounds finished; otherwise non-zero, with the tail of the log of
 the process that failed. Logs land in <run folder>/logs/.
@@ -54,7 +57,14 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, object]:
         print(__doc__)
         print("launcher options:\n  --clients N   number of client processes (default 5)\n  --monitor     also record memory (services.monitor)\n")
     # Locally the federation's size is known: default min-clients to it and skip the join grace.
-    defaults = {"min_clients": own.clients, "min_fit_clients": min(2, own.clients), "join_grace": 0.0, "listen_address": f"127.0.0.1:{free_port()}"}
+    # All workers share this host's cores: split them rather than let each worker take them all.
+    defaults = {
+        "min_clients": own.clients,
+        "min_fit_clients": min(2, own.clients),
+        "join_grace": 0.0,
+        "listen_address": f"127.0.0.1:{free_port()}",
+        "torch_threads": max(1, (os.cpu_count() or 1) // own.clients),
+    }
     table = [dataclasses.replace(s, default=defaults.get(s.name, s.default)) for s in settings_module.SERVER] + CLIENT_ONLY
     from services.server.__main__ import validate
 

@@ -162,6 +162,7 @@ TASK = [
 LOCAL = [
     Setting("data_dir", path, "data", "folder for data caches (CIFAR-10 download, prepared arrays, partition indices), shared by all clients of a host"),
     Setting("device", choice(*DEVICES), "auto", "where workers compute: auto uses CUDA when available, else CPU"),
+    Setting("torch_threads", non_negative_int, 0, "CPU threads per worker for torch (0: torch's default, one per core); with many replicas on a CPU host, 1 avoids oversubscription"),
     Setting("worker_start", choice(*WORKER_STARTS), "spawn", "how workers start: spawn (fresh interpreter), forkserver (forked from a torch-preloaded server), inprocess (no worker: the memory problem, for comparison only)"),
 ]
 

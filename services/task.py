@@ -23,6 +23,13 @@ from services.partitioning import cached_partition
 from services.taskspec import INPUT_SHAPES, NUM_CLASSES, Placement, TaskSpec
 
 
+def prepare(placement: Placement) -> torch.device:
+    """Apply the placement's thread limit and pick the device for this worker."""
+    if placement.torch_threads:
+        torch.set_num_threads(placement.torch_threads)
+    return pick_device(placement.device)
+
+
 def pick_device(setting: str) -> torch.device:
     if setting == "cpu":
         return torch.device("cpu")
@@ -75,7 +82,7 @@ def train(
 ) -> dict[str, Any]:
     """Local SGD on one partition. Returns new weights, the number of EXAMPLES and metrics."""
     started = time.monotonic()
-    device = pick_device(placement.device)
+    device = prepare(placement)
     splits = data.load(spec.dataset, placement.data_dir, spec.seed, spec.synthetic_samples)
     rows = _partition(spec, placement, splits.train_labels, "train", partition_id, num_partitions)
     generator = torch.Generator().manual_seed(spec.seed * 100_003 + server_round * 1_009 + partition_id)
@@ -114,7 +121,7 @@ def evaluate(
     spec: TaskSpec, placement: Placement, weights: list[np.ndarray], partition_id: int | None = None, num_partitions: int | None = None
 ) -> dict[str, Any]:
     """Loss and accuracy on the test split, or on one client's share of it."""
-    device = pick_device(placement.device)
+    device = prepare(placement)
     splits = data.load(spec.dataset, placement.data_dir, spec.seed, spec.synthetic_samples)
     test = splits.test
     if partition_id is not None and num_partitions is not None:

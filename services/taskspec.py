@@ -73,3 +73,4 @@ class Placement:
 
     data_dir: str
     device: str
+    torch_threads: int = 0  # 0: torch's default (one thread per core)

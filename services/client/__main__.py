@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     from services.client import flower  # imported late: validation and the wait come first
 
-    client = flower.WorkerClient(identity, Placement(settings.data_dir, settings.device), settings.worker_start)
+    client = flower.WorkerClient(identity, Placement(settings.data_dir, settings.device, settings.torch_threads), settings.worker_start)
     log.info("client %s connecting to %s (workers: %s)", identity, settings.server_address, settings.worker_start)
     try:
         flower.run(settings.server_address, client, settings.connect_timeout)

@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
 
     recorder = RoundRecorder(folder)
     registry = PartitionRegistry()
-    evaluator = CentralEvaluator(spec, Placement(settings.data_dir, settings.device), settings.worker_start)
+    evaluator = CentralEvaluator(spec, Placement(settings.data_dir, settings.device, settings.torch_threads), settings.worker_start)
     started_at, started = utc_now(), time.monotonic()
     status, error = "failed", None
     try:
