@@ -14,11 +14,12 @@ import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
+import psutil
 import pytest
 
 from services.monitor import csvlog, nvml as nvml_module
 from services.monitor.containers import DockerNames, container_id_from_cgroup
-from services.monitor.processes import ProcessTable, program_of
+from services.monitor.processes import ProcessTable, ProcProbe, program_of
 from services.monitor.readings import MIB, DeviceReading, ProcessReading, Reading
 from services.monitor.rounds import Round, RoundLog, iso, label
 from services.monitor.sampler import Sampler
@@ -214,6 +215,50 @@ def test_containers_name_replicas_by_compose_service_and_keep_the_hostname_as_id
     worker = host.describe(601)
     assert (worker.role, worker.replica, worker.identity, worker.container) == ("worker", "client-3", client_id[:12], client_id[:12])
     assert (host.describe(501).role, host.describe(501).replica) == ("server-worker", "server-1")
+
+
+def test_in_compose_the_monitor_records_its_own_project_only(tmp_path):
+    """pid: host shows every process of the host; another project's (or a local run's) stay out."""
+    sock = tmp_path / "docker.sock"
+    sock.touch()
+    mine, theirs, monitor_id = "a" * 64, "b" * 64, "m" * 64
+
+    def labels(project, service):
+        return {"com.docker.compose.project": project, "com.docker.compose.service": service, "com.docker.compose.container-number": "1"}
+
+    docker = FakeDocker(
+        {
+            mine: {"Name": "/p_client_1", "Config": {"Hostname": "h1", "Labels": labels("p", "client")}},
+            theirs: {"Name": "/q_client_1", "Config": {"Hostname": "h2", "Labels": labels("q", "client")}},
+            monitor_id: {"Name": "/p_gpu-monitor_1", "Config": {"Hostname": "m", "Labels": labels("p", "gpu-monitor")}},
+        }
+    )
+    processes = {
+        1: (0, T0 - 999, ("/sbin/init",), None, None),
+        104: (1, T0 - 60, MONITOR, None, monitor_id),
+        600: (1, T0 - 60, CLIENT, None, mine),
+        601: (600, T0 - 10, SPAWN, None, mine),
+        700: (1, T0 - 60, CLIENT, None, theirs),
+        701: (700, T0 - 10, SPAWN, None, theirs),
+        800: (1, T0 - 60, CLIENT, "client-0", None),  # a local run on the host
+    }
+    host = table("host", processes, names=DockerNames(str(sock), client_factory=lambda path: docker))
+    host.refresh()
+    assert host.tracked() == [600, 601]
+
+
+def test_a_client_whose_environment_is_unreadable_is_still_a_client(monkeypatch):
+    """Without CAP_SYS_PTRACE another user's environ is denied; the command line is not."""
+
+    class Denied:
+        def cmdline(self):
+            return list(CLIENT)
+
+        def environ(self):
+            raise psutil.AccessDenied(600)
+
+    monkeypatch.setattr(psutil, "Process", lambda pid: Denied())
+    assert ProcProbe().details(600) == (CLIENT, None)
 
 
 # --- NVML reader (recorded NVML) -------------------------------------------------------------------

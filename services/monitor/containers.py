@@ -46,6 +46,7 @@ class Container:
     service: str | None = None  # com.docker.compose.service
     number: str | None = None  # com.docker.compose.container-number
     hostname: str | None = None  # what a client replica reports as its identity
+    project: str | None = None  # com.docker.compose.project
 
     @property
     def replica(self) -> str:
@@ -94,6 +95,7 @@ class DockerNames:
             service=labels.get("com.docker.compose.service"),
             number=labels.get("com.docker.compose.container-number"),
             hostname=(attrs.get("Config") or {}).get("Hostname"),
+            project=labels.get("com.docker.compose.project"),
         )
 
     def _connect(self) -> Any:

@@ -16,6 +16,7 @@ out; scope ``host`` takes every Bouquet process on the host (containers with ``p
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ from typing import Protocol
 import psutil
 
 from services.monitor.containers import Container, DockerNames, read_container_id
+
+log = logging.getLogger("bouquet.monitor")
 
 PROGRAMS = {"services.client": "client", "services.server": "server", "services.monitor": "monitor"}
 FORKSERVER = "multiprocessing.forkserver"
@@ -100,13 +103,18 @@ class ProcProbe:
         try:
             process = psutil.Process(pid)
             cmdline = tuple(process.cmdline())
-            identity = None
-            if program_of(cmdline) == "client":  # what services.client reports: FL_CLIENT_ID, else the hostname
-                environ = process.environ()
-                identity = environ.get("FL_CLIENT_ID") or environ.get("HOSTNAME")
-            return cmdline, identity or None
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             return (), None
+        identity = None
+        if program_of(cmdline) == "client":  # what services.client reports: FL_CLIENT_ID, else the hostname
+            try:
+                environ = process.environ()
+                identity = environ.get("FL_CLIENT_ID") or environ.get("HOSTNAME")
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                # Another user's environment needs CAP_SYS_PTRACE, which containers lack by
+                # default; a replica in a container is then named by its container (hostname).
+                pass
+        return cmdline, identity or None
 
     def container_id(self, pid: int) -> str | None:
         return read_container_id(pid, self.proc)
@@ -251,8 +259,24 @@ class ProcessTable:
         if self.scope == "launcher":
             chain = [pid, *self._full_ancestors(pid)]
             return self.root_pid in chain[1:] and self.self_pid not in chain
-        role, _ = self._role(pid)
-        return role in RUN_ROLES
+        role, owner = self._role(pid)
+        if role not in RUN_ROLES:
+            return False
+        project = self._own_project()
+        if project is None:
+            return True
+        container = self._container(owner if owner is not None else pid)
+        return container is not None and container.project == project
+
+    def _own_project(self) -> str | None:
+        """The compose project of the monitor's own container: in compose, the run is the
+        processes of that project, not every Bouquet process on the host."""
+        if not hasattr(self, "_project"):
+            own = self._container(self.self_pid)
+            self._project = own.project if own else None
+            if self._project:
+                log.info("recording the processes of compose project %r", self._project)
+        return self._project
 
     def _full_ancestors(self, pid: int) -> list[int]:
         chain, current = [], self._listing.get(pid, (None, None))[0]
