@@ -163,7 +163,9 @@ LOCAL = [
     Setting("data_dir", path, "data", "folder for data caches (CIFAR-10 download, prepared arrays, partition indices), shared by all clients of a host"),
     Setting("device", choice(*DEVICES), "auto", "where workers compute: auto uses CUDA when available, else CPU"),
     Setting("torch_threads", non_negative_int, 0, "CPU threads per worker for torch (0: torch's default, one per core); with many replicas on a CPU host, 1 avoids oversubscription"),
-    Setting("worker_start", choice(*WORKER_STARTS), "spawn", "how workers start: spawn (fresh interpreter), forkserver (forked from a torch-preloaded server), inprocess (no worker: the memory problem, for comparison only)"),
+    # forkserver by default: a fresh worker per round in ~0.1 s instead of seconds, with the same
+    # per-round process and CUDA context; costs ~400 MiB host memory per idle client (docs/benchmarks.md).
+    Setting("worker_start", choice(*WORKER_STARTS), "forkserver", "how workers start: forkserver (forked from a server process that preloaded torch and never touches CUDA), spawn (fresh interpreter: slower, least idle host memory), inprocess (no worker: the memory problem, for comparison only)"),
 ]
 
 SERVER = [

@@ -24,40 +24,58 @@ pytestmark = pytest.mark.integration
 CLIENTS, ROUNDS, VICTIM = 3, 3, "client-1"
 
 
-def client_process(identity: str) -> psutil.Process | None:
+def client_process(identity: str, data_dir: Path) -> psutil.Process | None:
+    """This run's client with that identity (its --data-dir is this test session's own)."""
     for process in psutil.process_iter(["cmdline"]):
+        cmdline = process.info["cmdline"] or []
         try:
-            if "services.client" in (process.info["cmdline"] or []) and process.environ().get("FL_CLIENT_ID") == identity:
+            if "services.client" in cmdline and str(data_dir) in cmdline and process.environ().get("FL_CLIENT_ID") == identity:
                 return process
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
     return None
 
 
-def kill_worker_in_round_2(run_path: Path, stop: threading.Event, killed: list[int]) -> None:
-    """Once round 1 is recorded, SIGKILL the victim's next training worker."""
+def training_worker(client: psutil.Process) -> psutil.Process | None:
+    """A worker under the client: spawned (its child) or forked by its forkserver (a grandchild)."""
+    try:
+        for process in client.children(recursive=True):
+            parent = process.parent()
+            if parent is not None and parent.pid != client.pid and "forkserver" in " ".join(parent.cmdline()):
+                return process
+            if "--multiprocessing-fork" in process.cmdline() and "forkserver" not in " ".join(process.cmdline()):
+                return process
+    except psutil.Error:
+        pass
+    return None
+
+
+def kill_worker_in_round_2(run_path: Path, data_dir: Path, stop: threading.Event, killed: list[int]) -> None:
+    """Once round 1 is recorded, SIGKILL the victim's next training worker as soon as it exists."""
     metrics = run_path / "metrics.jsonl"
+    victim = None
     while not stop.is_set():
         if metrics.exists() and metrics.read_text().count("\n") >= 1:
-            victim = client_process(VICTIM)
-            workers = [c for c in (victim.children() if victim else []) if "spawn_main" in " ".join(c.cmdline())]
-            if workers:
-                workers[0].kill()
-                killed.append(workers[0].pid)
+            victim = victim or client_process(VICTIM, data_dir)
+            worker = training_worker(victim) if victim else None
+            if worker is not None:
+                worker.kill()
+                killed.append(worker.pid)
                 return
-        time.sleep(0.05)
+        time.sleep(0.005)
 
 
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory):
     results = tmp_path_factory.mktemp("results")
     run_id = "integration"
+    data_dir = tmp_path_factory.getbasetemp() / "data"
     stop, killed = threading.Event(), []
-    killer = threading.Thread(target=kill_worker_in_round_2, args=(results / run_id, stop, killed), daemon=True)
+    killer = threading.Thread(target=kill_worker_in_round_2, args=(results / run_id, data_dir, stop, killed), daemon=True)
     killer.start()
     done = subprocess.run(
         [PYTHON, "scripts/run_local.py", "--clients", str(CLIENTS), "--rounds", str(ROUNDS), "--dataset", "digits",
-         "--results-dir", str(results), "--run-id", run_id, "--data-dir", str(tmp_path_factory.getbasetemp() / "data")],
+         "--results-dir", str(results), "--run-id", run_id, "--data-dir", str(data_dir)],
         cwd=REPO, capture_output=True, text=True, timeout=420,
     )
     stop.set()

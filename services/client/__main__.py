@@ -6,7 +6,7 @@ import logging
 import socket
 import sys
 
-from services import logs
+from services import logs, worker
 from services import settings as settings_module
 from services.client.connect import ServerUnreachable, wait_for_server
 from services.taskspec import Placement
@@ -24,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", problem)
         return 1
     from services.client import flower  # imported late: validation and the wait come first
+    worker.prestart(settings.worker_start)  # the forkserver imports torch now, not in round 1
 
     client = flower.WorkerClient(identity, Placement(settings.data_dir, settings.device, settings.torch_threads), settings.worker_start)
     log.info("client %s connecting to %s (workers: %s)", identity, settings.server_address, settings.worker_start)

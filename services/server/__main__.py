@@ -11,7 +11,7 @@ import sys
 import time
 from types import SimpleNamespace
 
-from services import logs
+from services import logs, worker
 from services import settings as settings_module
 from services.server.central import CentralEvaluator
 from services.server.registry import PartitionRegistry
@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     registry = PartitionRegistry()
     evaluator = CentralEvaluator(spec, Placement(settings.data_dir, settings.device, settings.torch_threads), settings.worker_start)
     started_at, started = utc_now(), time.monotonic()
+    worker.prestart(settings.worker_start)  # the forkserver imports torch now, not in round 1
     status, error = "failed", None
     try:
         from services.server import flower  # imported late: flwr is slow to import and validation comes first

@@ -1,0 +1,94 @@
+"""Run the federation with Bouquet itself (``scripts/run_local.py``: gRPC server + N client
+processes on 127.0.0.1) under one worker start method, and read back its metrics.jsonl."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import psutil
+
+from benchmarks import processes
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def members(launcher_pid: int) -> dict[str, int]:
+    """{"server": pid, "client-<i>": pid} among the launcher's children (they run in their own sessions)."""
+    found: dict[str, int] = {}
+    try:
+        children = psutil.Process(launcher_pid).children()
+    except psutil.NoSuchProcess:
+        return found
+    for child in children:
+        try:
+            command = child.cmdline()
+            if "services.server" in command:
+                found["server"] = child.pid
+            elif "services.client" in command:
+                found[child.environ().get("FL_CLIENT_ID", f"client-pid{child.pid}")] = child.pid
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def run(
+    work_dir: Path,
+    start_method: str,
+    clients: int,
+    rounds: int,
+    task: dict[str, Any],
+    data_dir: Path,
+    device: str,
+    on_started: Callable[[Callable[[], dict[str, int]]], None] | None = None,
+    timeout: float = 1800.0,
+) -> list[dict[str, Any]]:
+    """One run; returns its per-round records. ``on_started(members)`` gets a function that
+    lists the federation's processes (the benchmark samples their memory)."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    run_id = "run"
+    argv = [
+        sys.executable, str(REPO / "scripts" / "run_local.py"),
+        "--clients", str(clients), "--rounds", str(rounds), "--results-dir", str(work_dir), "--run-id", run_id,
+        "--worker-start", start_method, "--data-dir", str(data_dir.resolve()), "--device", device,
+        *[part for key, value in task.items() for part in ("--" + key.replace("_", "-"), str(value))],
+    ]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "FLWR_TELEMETRY_ENABLED": "0"}
+    log_path = work_dir / "run_local.log"
+    launcher = processes.start(argv, log_path, env, REPO)
+    try:
+        if on_started is not None:
+            on_started(lambda: members(launcher.pid))
+        code = launcher.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _stop(launcher)
+        raise RuntimeError(f"run_local.py ({start_method}, {clients} clients) did not finish within {timeout:g} s") from None
+    except BaseException:
+        _stop(launcher)
+        raise
+    if code != 0:
+        raise RuntimeError(f"run_local.py ({start_method}, {clients} clients) exited with code {code}:\n{processes.tail(log_path)}")
+    metrics = work_dir / run_id / "metrics.jsonl"
+    return [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+
+
+def _stop(launcher: subprocess.Popen) -> None:
+    """Ctrl-C for run_local.py (it then stops its server and clients in order), SIGKILL as a last resort."""
+    if launcher.poll() is None:
+        launcher.send_signal(signal.SIGINT)
+        try:
+            launcher.wait(timeout=45)
+            return
+        except subprocess.TimeoutExpired:
+            pass
+    for pid in members(launcher.pid).values():
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    processes.stop([launcher], grace=1)

@@ -1,0 +1,1 @@
+"""Bouquet's federation as a Flower app for the Deployment Engine (see ../pyproject.toml)."""

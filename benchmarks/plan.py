@@ -1,0 +1,38 @@
+"""Which runs a benchmark makes, in which order.
+
+Runs are interleaved: for each repeat, for each (data set, N) cell, every configuration runs
+once, and the order of configurations rotates from cell to cell, so slow drift of a shared
+machine (other jobs, thermal, caches) hits every configuration alike instead of whichever
+happens to run last.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+CONFIGS = ("inprocess", "spawn", "forkserver", "deployment")
+DATASETS = ("synthetic", "digits")
+
+
+@dataclass(frozen=True)
+class Run:
+    repeat: int
+    dataset: str
+    clients: int
+    config: str
+
+    @property
+    def name(self) -> str:
+        return f"r{self.repeat}-{self.dataset}-n{self.clients}-{self.config}"
+
+
+def interleaved(configs: list[str], datasets: list[str], clients: list[int], repeats: int) -> list[Run]:
+    runs, cell = [], 0
+    for repeat in range(repeats):
+        for dataset in datasets:
+            for count in clients:
+                shift = cell % len(configs)
+                for config in configs[shift:] + configs[:shift]:
+                    runs.append(Run(repeat, dataset, count, config))
+                cell += 1
+    return runs
