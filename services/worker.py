@@ -177,7 +177,7 @@ def run(job: str, kwargs: dict[str, Any], *, timeout: float, start_method: str =
             if receiver in ready or receiver.poll():
                 try:
                     message = receiver.recv()
-                except EOFError:
+                except (EOFError, OSError):  # a worker killed with our inputs unread resets the socket
                     process.join(timeout=5)
                     raise WorkerFailed(_describe_exit(process.exitcode), process.pid) from None
                 if message[0] == "started":

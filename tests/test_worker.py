@@ -57,24 +57,39 @@ def test_failures_name_their_cause_and_leave_no_process(job, kwargs, timeout, ca
     assert no_children_left()
 
 
+def is_worker(process: psutil.Process) -> bool:
+    """A spawned worker (spawn_main, not the forkserver itself) or a child of the forkserver."""
+    cmdline = " ".join(process.cmdline())
+    parent = process.parent()
+    forked = parent is not None and "forkserver" in " ".join(parent.cmdline())
+    return forked or ("spawn_main" in cmdline and "forkserver" not in cmdline)
+
+
 @pytest.mark.timeout(120)
-def test_worker_killed_while_receiving_large_inputs_does_not_hang_the_caller():
-    """The OOM killer can strike before a worker has read its inputs (the weights)."""
+@pytest.mark.parametrize("start_method", ["spawn", "forkserver"])
+def test_worker_killed_while_receiving_large_inputs_does_not_hang_the_caller(start_method):
+    """The OOM killer can strike before a worker has read its inputs (the weights); the
+    caller then sees EOF or a reset connection, and must report the kill either way."""
     me = psutil.Process()
+    worker.prestart(start_method)
+    before = {p.pid for p in me.children(recursive=True)}
 
     def kill_first_worker():
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            for child in me.children():
-                if "spawn_main" in " ".join(child.cmdline()):
-                    child.kill()
-                    return
+            for child in me.children(recursive=True):
+                try:
+                    if child.pid not in before and is_worker(child):
+                        child.kill()
+                        return
+                except psutil.Error:
+                    continue
             time.sleep(0.001)
 
     killer = threading.Thread(target=kill_first_worker)
     killer.start()
     with pytest.raises(worker.WorkerFailed, match="SIGKILL"):
-        worker.run("worker_jobs:report_pid", {"value": 1, "padding": b"x" * 50 * 2**20}, timeout=90)
+        worker.run("worker_jobs:report_pid", {"value": 1, "padding": b"x" * 50 * 2**20}, timeout=90, start_method=start_method)
     killer.join()
     assert no_children_left()
 
