@@ -255,24 +255,12 @@ MONITOR_SCOPES = ("host", "launcher")
 
 
 def port(raw: str) -> int:
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError("must be a TCP port, an integer in 1-65535") from None
-    if not 1 <= value <= 65535:
-        raise ValueError("must be a TCP port, an integer in 1-65535")
-    return value
+    return _number(raw, int, lambda v: 1 <= v <= 65535, "must be a TCP port, an integer in 1-65535")
 
 
 def sample_interval(raw: str) -> float:
     """Rounds of small models last seconds; a sample every minute would miss whole rounds."""
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError("must be a number of seconds in [0.01, 60]") from None
-    if not 0.01 <= value <= 60:
-        raise ValueError("must be a number of seconds in [0.01, 60]")
-    return value
+    return _number(raw, float, lambda v: 0.01 <= v <= 60, "must be a number of seconds in [0.01, 60]")
 
 
 MONITOR = [
