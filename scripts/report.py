@@ -75,7 +75,7 @@ def memory_figure(rows: list[dict[str, Any]], rounds: list[Round], memory: dict[
     series: dict[str, list[float]] = defaultdict(list)
     long_lived: dict[str, list[float]] = defaultdict(list)
     for sample in samples:
-        held = sample.by_replica()
+        held = sample.by_replica(held=True)  # like the summary: constant helpers left out
         own = defaultdict(float)
         for row in sample.processes:
             if row["role"] in ("client", "server"):
@@ -91,12 +91,15 @@ def memory_figure(rows: list[dict[str, Any]], rounds: list[Round], memory: dict[
     lower.set(xlabel="seconds since the monitor's first sample", ylabel="MiB", title=own_title)
     lower.grid(alpha=0.3)
     overall_label = "device used" if rows[0]["source"] == "nvml" else "all of the run's processes"
-    axis.plot(times, [s.overall() for s in samples], color="black", linewidth=1.6, label=overall_label)
+    axis.plot(times, [s.overall(held=True) for s in samples], color="black", linewidth=1.6, label=overall_label)
     baseline = memory.get("baseline", {}).get("overall_mib")
     if baseline is not None:
         axis.axhline(baseline, color="black", linestyle="--", linewidth=0.8, label="baseline")
     unit = "GPU memory" if rows[0]["source"] == "nvml" else "RSS"
-    axis.set(ylabel=f"{unit} (MiB)", title="Memory per replica: its processes and workers (rounds shaded)")
+    axis.set(
+        ylabel=f"{unit} (MiB)",
+        title="Memory per replica: its processes and workers (rounds shaded; forkserver and resource tracker left out)",
+    )
     axis.legend(fontsize=7, ncol=max(1, len(replicas) // 12 + 1), loc="upper left", bbox_to_anchor=(1.01, 1.0))
     axis.grid(alpha=0.3)
     return png(figure)
