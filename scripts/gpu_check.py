@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO))
 
 from services.monitor.nvml import NvmlUnavailable, open_nvml  # noqa: E402
 
-MODES = {"forkserver": "forkserver", "spawn": "spawn", "inprocess": "inprocess"}  # the first two are worker modes
+MODES = ("forkserver", "spawn", "inprocess")  # the first two are worker modes
 
 
 def client_counts(raw: str) -> list[int]:
@@ -61,7 +61,7 @@ def run(mode: str, clients: int, args: argparse.Namespace, run_id: str) -> dict[
     command = [
         sys.executable, "scripts/run_local.py", "--monitor",
         "--clients", str(clients), "--rounds", str(args.rounds), "--dataset", args.dataset, "--model", args.model,
-        "--device", "cuda", "--worker-start", MODES[mode], "--results-dir", str(args.results_dir), "--run-id", run_id, *args.extra,
+        "--device", "cuda", "--worker-start", mode, "--results-dir", str(args.results_dir), "--run-id", run_id, *args.extra,
     ]
     print(f"== {mode} mode, {clients} clients: {' '.join(command[1:])}", flush=True)
     done = subprocess.run(command, cwd=REPO, env={**os.environ, "FL_MONITOR_SOURCE": "nvml"})

@@ -4,9 +4,10 @@
     .venv/bin/python scripts/run_local.py --clients 5 --rounds 5 --dataset digits
 
 Every server and client setting is accepted too (see the README's table) and validated
-before anything starts. Locally the launcher knows N, so its defaults differ from the
-server's in three places: --min-clients N, --join-grace 0, and --torch-threads
-max(1, cores // N) (the workers share this host's cores). Clients start once the server
+before anything starts. Locally the launcher knows N, so some defaults differ from the
+server's: --min-clients N, --min-fit-clients min(2, N), --join-grace 0, --listen-address
+127.0.0.1:<a free port>, and --torch-threads max(1, cores // N) (the workers share this
+host's cores). Clients start once the server
 accepts connections (no fixed
 sleep); a progress bar follows the rounds; Ctrl-C or the end of the run stops everything.
 Exit code 0 when all rounds finished; otherwise non-zero, with the tail of the log of
@@ -69,6 +70,10 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, object]:
     from services.server.__main__ import validate
 
     values = settings_module.parse(table, rest, program="run_local.py", description=__doc__, validate=validate)
+    # The processes run from the repository; paths given relative to where the user stands must
+    # mean the same folders for them and for the launcher.
+    values.results_dir = str(Path(values.results_dir).resolve())
+    values.data_dir = str(Path(values.data_dir).resolve())
     return own, values
 
 

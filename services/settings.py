@@ -59,6 +59,13 @@ def non_negative_float(raw: str) -> float:
     return _number(raw, float, lambda v: 0 <= v < float("inf"), "must be a number >= 0")
 
 
+def at_least(minimum: int) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        return _number(raw, int, lambda v: v >= minimum, f"must be an integer >= {minimum}")
+
+    return parse
+
+
 def fraction(raw: str) -> float:
     return _number(raw, float, lambda v: 0 < v <= 1, "must be a number in (0, 1]")
 
@@ -154,7 +161,7 @@ TASK = [
     Setting("partitioning", choice(*PARTITIONINGS), "iid", "how the training split is divided among clients"),
     Setting("dirichlet_alpha", positive_float, 0.5, "Dirichlet concentration for --partitioning dirichlet (smaller = more label skew)"),
     Setting("seed", non_negative_int, 0, "seed for model initialisation, partitioning and synthetic data"),
-    Setting("synthetic_samples", positive_int, 5000, "number of samples of the synthetic data set (train + test)"),
+    Setting("synthetic_samples", at_least(10), 5000, "number of samples (3x32x32 images, 10 classes) of the synthetic data set, train + test"),
     Setting("worker_timeout", positive_float, 600.0, "seconds a training or evaluation worker may run before it is killed"),
 ]
 
@@ -165,7 +172,7 @@ LOCAL = [
     Setting("torch_threads", non_negative_int, 0, "CPU threads per worker for torch (0: torch's default, one per core); with many replicas on a CPU host, 1 avoids oversubscription"),
     # forkserver by default: a fresh worker per round in ~0.1 s instead of seconds, with the same
     # per-round process and CUDA context; costs ~400 MiB host memory per idle client (docs/benchmarks.md).
-    Setting("worker_start", choice(*WORKER_STARTS), "forkserver", "how workers start: forkserver (forked from a server process that preloaded torch and never touches CUDA), spawn (fresh interpreter: slower, least idle host memory), inprocess (no worker: the memory problem, for comparison only)"),
+    Setting("worker_start", choice(*WORKER_STARTS), "forkserver", "how workers start: forkserver (forked from this process's forkserver, spawned once with torch preloaded, never touching CUDA), spawn (a fresh interpreter per job: slower, least idle host memory), inprocess (no worker and no timeout: the memory problem, for comparison only)"),
 ]
 
 SERVER = [

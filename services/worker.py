@@ -25,7 +25,9 @@ import traceback
 from dataclasses import dataclass
 from typing import Any, Callable
 
-START_METHODS = ("spawn", "forkserver", "inprocess")
+from services.settings import WORKER_STARTS
+
+START_METHODS = WORKER_STARTS
 # Modules the forkserver imports once so forked workers start warm. None of them touches CUDA:
 # importing torch loads its CUDA libraries but neither initialises CUDA nor counts devices.
 # Anything that did (even torch.cuda.is_available()) would make every forked worker unable to

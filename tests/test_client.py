@@ -89,3 +89,12 @@ def test_client_process_never_imports_torch(data_dir):
     done = subprocess.run([PYTHON, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split()[-3:] == ["OK", "719", "False"]
+
+
+def test_unreadable_round_config_fails_the_round_not_the_client(data_dir):
+    client = WorkerClient("c", Placement(str(data_dir), "cpu"), "spawn")
+    good = fit_ins(digits_spec())
+    broken = FitIns(good.parameters, {k: v for k, v in good.config.items() if k != "dataset"})
+    res = client.fit(broken)
+    assert res.status.code != Code.OK
+    assert "unreadable round config" in json.loads(res.status.message)["cause"]

@@ -30,6 +30,7 @@ BAD_SERVER_VALUES = [
     (["--learning-rate", "nan"], "FL_LEARNING_RATE", "> 0"),
     (["--partitioning", "shards"], "FL_PARTITIONING", "iid, dirichlet"),
     (["--seed", "-1"], "FL_SEED", ">= 0"),
+    (["--synthetic-samples", "1"], "FL_SYNTHETIC_SAMPLES", "integer >= 10"),
     (["--worker-timeout", "0"], "FL_WORKER_TIMEOUT", "> 0"),
     (["--join-grace", "-1"], "FL_JOIN_GRACE", ">= 0"),
     (["--client-eval", "maybe"], "FL_CLIENT_EVAL", "true/false"),

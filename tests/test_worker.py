@@ -89,7 +89,8 @@ def test_worker_killed_while_receiving_large_inputs_does_not_hang_the_caller(sta
     killer = threading.Thread(target=kill_first_worker)
     killer.start()
     with pytest.raises(worker.WorkerFailed, match="SIGKILL"):
-        worker.run("worker_jobs:report_pid", {"value": 1, "padding": b"x" * 50 * 2**20}, timeout=90, start_method=start_method)
+        # The job never ends by itself: if the kill comes late it still ends the worker, never the test.
+        worker.run("worker_jobs:sleep_forever", {"padding": b"x" * 50 * 2**20}, timeout=90, start_method=start_method)
     killer.join()
     assert no_children_left()
 

@@ -19,7 +19,7 @@ def kill_self() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def sleep_forever() -> None:
+def sleep_forever(padding: bytes = b"") -> None:
     time.sleep(3600)
 
 

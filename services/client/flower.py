@@ -37,17 +37,12 @@ class WorkerClient(Client):
         self.identity = identity
         self.placement = placement
         self.start_method = start_method
-        self.weights: list = []  # the latest global weights, as numpy arrays
 
     def get_properties(self, ins: GetPropertiesIns) -> GetPropertiesRes:
         return GetPropertiesRes(status=Status(Code.OK, ""), properties={protocol.IDENTITY_PROPERTY: self.identity})
 
     def fit(self, ins: FitIns) -> FitRes:
-        spec, partition, num_partitions, server_round = self._read_config(ins.config)
-        self.weights = parameters_to_ndarrays(ins.parameters)
-        inputs = {"spec": spec, "placement": self.placement, "weights": self.weights,
-                  "partition_id": partition, "num_partitions": num_partitions, "server_round": server_round}
-        result = self._run("services.task:train", inputs, spec, server_round)
+        result = self._run("services.task:train", ins, with_round=True)
         if isinstance(result, str):
             return FitRes(status=Status(Code.FIT_NOT_IMPLEMENTED, result), parameters=Parameters([], ""), num_examples=0, metrics={})
         trained = result.value
@@ -58,17 +53,14 @@ class WorkerClient(Client):
             "worker_seconds": round(result.total_seconds, 4),
         }
         log.info(
-            "round %d: partition %d trained on %d examples in worker pid %d (%.2f s, start %.2f s), loss %.4f",
-            server_round, partition, trained["num_examples"], result.pid, result.total_seconds, result.start_seconds, metrics["train_loss"],
+            "round %s: partition %s trained on %d examples in worker pid %d (%.2f s, start %.2f s), loss %.4f",
+            ins.config.get(protocol.SERVER_ROUND), ins.config.get(protocol.PARTITION_ID), trained["num_examples"],
+            result.pid, result.total_seconds, result.start_seconds, metrics["train_loss"],
         )
-        self.weights = trained["weights"]
-        return FitRes(status=Status(Code.OK, ""), parameters=ndarrays_to_parameters(self.weights), num_examples=trained["num_examples"], metrics=metrics)
+        return FitRes(status=Status(Code.OK, ""), parameters=ndarrays_to_parameters(trained["weights"]), num_examples=trained["num_examples"], metrics=metrics)
 
     def evaluate(self, ins: EvaluateIns) -> EvaluateRes:
-        spec, partition, num_partitions, server_round = self._read_config(ins.config)
-        inputs = {"spec": spec, "placement": self.placement, "weights": parameters_to_ndarrays(ins.parameters),
-                  "partition_id": partition, "num_partitions": num_partitions}
-        result = self._run("services.task:evaluate", inputs, spec, server_round)
+        result = self._run("services.task:evaluate", ins, with_round=False)
         if isinstance(result, str):
             return EvaluateRes(status=Status(Code.EVALUATE_NOT_IMPLEMENTED, result), loss=0.0, num_examples=0, metrics={})
         scored = result.value
@@ -79,15 +71,26 @@ class WorkerClient(Client):
             metrics={"accuracy": float(scored["accuracy"]), **scored["metrics"], "client_pid": os.getpid()},
         )
 
-    def _run(self, job: str, inputs: dict[str, Any], spec: TaskSpec, server_round: int) -> worker.WorkerResult | str:
+    def _run(self, job: str, ins: FitIns | EvaluateIns, with_round: bool) -> worker.WorkerResult | str:
         """The worker's result, or the failure message (JSON) to send back instead of one.
 
-        Flower's legacy gRPC client crashes its process on an exception, so a failed worker
-        must become a non-OK status here: the round fails, the client stays."""
+        Flower's legacy gRPC client crashes its process on an exception, so everything that can
+        go wrong in a round (a config this client cannot read, a failed worker) must become a
+        non-OK status here: the round fails, the client stays."""
+        server_round = ins.config.get(protocol.SERVER_ROUND)
+        try:
+            spec, partition, num_partitions, server_round = self._read_config(ins.config)
+            inputs = {"spec": spec, "placement": self.placement, "weights": parameters_to_ndarrays(ins.parameters),
+                      "partition_id": partition, "num_partitions": num_partitions}
+            if with_round:
+                inputs["server_round"] = server_round
+        except (KeyError, TypeError, ValueError) as problem:
+            log.error("round %s: unreadable round config: %s: %s", server_round, type(problem).__name__, problem)
+            return protocol.encode_failure(f"unreadable round config: {type(problem).__name__}: {problem}", client_pid=os.getpid())
         try:
             return worker.run(job, inputs, timeout=spec.worker_timeout, start_method=self.start_method)
         except worker.WorkerFailed as failure:
-            log.error("round %d: %s worker (pid %s) failed: %s", server_round, job.partition(":")[2], failure.pid, failure.cause)
+            log.error("round %s: %s worker (pid %s) failed: %s", server_round, job.partition(":")[2], failure.pid, failure.cause)
             return protocol.encode_failure(failure.cause, worker_pid=failure.pid, client_pid=os.getpid())
 
     @staticmethod

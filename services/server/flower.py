@@ -30,7 +30,7 @@ from flwr.server.client_manager import ClientManager, SimpleClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg
 
-from services import protocol
+from services import protocol, worker
 from services.server.central import CentralEvaluator
 from services.server.registry import PartitionRegistry
 from services.server.results import RoundRecorder, RunFolder
@@ -52,23 +52,35 @@ class Membership:
         self._identity_by_cid: dict[str, str] = {}
 
     def settle(self, client_manager: ClientManager) -> int:
-        log.info("waiting for %d clients (FL_MIN_CLIENTS)", self.min_clients)
-        while not client_manager.wait_for(self.min_clients, timeout=60):
-            log.info("still waiting: %d of %d clients connected", client_manager.num_available(), self.min_clients)
-        count, quiet_since = client_manager.num_available(), time.monotonic()
-        while time.monotonic() - quiet_since < self.join_grace:
-            time.sleep(self.poll_s)
-            now = client_manager.num_available()
-            if now > count:
-                count, quiet_since = now, time.monotonic()
+        """Wait for FL_MIN_CLIENTS, then admit clients until none joined for FL_JOIN_GRACE seconds.
+
+        Clients are counted by identity, not by connection: a replica restarted during the
+        grace (its old stream not closed yet) is one client, and one that left is not counted."""
+        while True:
+            log.info("waiting for %d clients (FL_MIN_CLIENTS)", self.min_clients)
+            while not client_manager.wait_for(self.min_clients, timeout=60):
+                log.info("still waiting: %d of %d clients connected", client_manager.num_available(), self.min_clients)
+            count, quiet_since = self._distinct_clients(client_manager), time.monotonic()
+            while time.monotonic() - quiet_since < self.join_grace:
+                time.sleep(self.poll_s)
+                now = self._distinct_clients(client_manager)
+                if now != count:
+                    count, quiet_since = now, time.monotonic()
+            if count >= self.min_clients:
+                break
+            log.info("only %d distinct clients after the grace period; waiting again", count)
         self.registry.settle(count)
         log.info(
-            "settled on %d clients: %d required (FL_MIN_CLIENTS), then no new client for %.1f s (FL_JOIN_GRACE)",
+            "settled on %d clients: %d required (FL_MIN_CLIENTS), then no client joined or left for %.1f s (FL_JOIN_GRACE)",
             count,
             self.min_clients,
             self.join_grace,
         )
         return count
+
+    def _distinct_clients(self, client_manager: ClientManager) -> int:
+        identities = {self._identity_of(proxy) for proxy in client_manager.all().values()}
+        return len(identities - {None})
 
     def holders(self, client_manager: ClientManager) -> list[tuple[ClientProxy, str, int]]:
         """(proxy, identity, partition) of each connected client that holds a partition.
@@ -196,7 +208,12 @@ class BouquetStrategy(FedAvg):
     # -- evaluation -------------------------------------------------------------------------
 
     def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
-        loss, accuracy = self.evaluator.evaluate(parameters_to_ndarrays(parameters))
+        try:
+            loss, accuracy = self.evaluator.evaluate(parameters_to_ndarrays(parameters))
+        except worker.WorkerFailed as failure:  # the round's record says why; training goes on
+            log.error("round %d: central evaluation worker (pid %s) failed: %s", server_round, failure.pid, failure.cause)
+            self.recorder.central_failed(server_round, failure.cause)
+            return None
         if server_round == 0:
             self.recorder.initial_evaluation(loss, accuracy)
         else:

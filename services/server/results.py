@@ -141,6 +141,14 @@ class RoundRecorder:
         assert self._current is not None
         self._current.update(loss=loss, accuracy=accuracy)
 
+    def central_failed(self, server_round: int, cause: str) -> None:
+        """Server-side evaluation failed: the round is still recorded, without accuracy."""
+        if server_round == 0:
+            self.initial = {"loss": None, "accuracy": None, "error": cause}
+        else:
+            assert self._current is not None
+            self._current["evaluation_error"] = cause
+
     def federated_evaluated(self, loss: float | None, accuracy: float | None, clients: int) -> None:
         assert self._current is not None
         self._current["client_eval"] = {"loss": loss, "accuracy": accuracy, "clients": clients}
