@@ -31,6 +31,8 @@ BAD_SERVER_VALUES = [
     (["--partitioning", "shards"], "FL_PARTITIONING", "iid, dirichlet"),
     (["--seed", "-1"], "FL_SEED", ">= 0"),
     (["--synthetic-samples", "1"], "FL_SYNTHETIC_SAMPLES", "integer >= 10"),
+    (["--torch-threads", "-1"], "FL_TORCH_THREADS", "integer >= 0"),
+    (["--data-dir", " "], "FL_DATA_DIR", "non-empty path"),
     (["--worker-timeout", "0"], "FL_WORKER_TIMEOUT", "> 0"),
     (["--join-grace", "-1"], "FL_JOIN_GRACE", ">= 0"),
     (["--client-eval", "maybe"], "FL_CLIENT_EVAL", "true/false"),
