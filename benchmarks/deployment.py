@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from benchmarks import processes
+from services.client.connect import free_port, wait_until_listening
 
 APP_DIR = Path(__file__).resolve().parent / "deployment_app"
 REPO = APP_DIR.parent.parent
@@ -74,7 +75,7 @@ def run(
     work_dir = work_dir.resolve()  # flwr run works in work_dir; FLWR_HOME must not be relative to it
     work_dir.mkdir(parents=True, exist_ok=True)
     bin_dir = Path(sys.executable).parent
-    port = processes.free_port()
+    port = free_port()
     home = work_dir / "flwr-home"
     _write_cli_config(home, port)
     env = _environment(home)
@@ -98,7 +99,7 @@ def run(
             work_dir / "logs" / "superlink.log", env, REPO,
         )
         started.append(superlink)
-        processes.wait_listening(port, superlink, 120, "flower-superlink")
+        wait_until_listening(f"127.0.0.1:{port}", superlink, 120, "flower-superlink")
         nodes = []
         for index in range(clients):
             node_env = {**env, "FLWR_HOME": str(work_dir / f"node-{index}")}
@@ -106,7 +107,7 @@ def run(
                 processes.start(
                     [
                         str(bin_dir / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}",
-                        "--port", str(processes.free_port()),
+                        "--port", str(free_port()),
                         "--node-config", f"partition-id={index} num-partitions={clients}",
                     ],
                     work_dir / "logs" / f"supernode-{index}.log", node_env, REPO,

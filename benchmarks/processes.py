@@ -1,19 +1,13 @@
-"""Start, wait for and stop the benchmark's background processes, each with its own log file."""
+"""Start and stop the benchmark's background processes, each with its own log file. Ports and
+waiting for a process to listen: services.client.connect (free_port, wait_until_listening)."""
 
 from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def start(argv: list[str], log_path: Path, env: dict[str, str], cwd: Path) -> subprocess.Popen:
@@ -21,19 +15,6 @@ def start(argv: list[str], log_path: Path, env: dict[str, str], cwd: Path) -> su
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as log_file:
         return subprocess.Popen(argv, cwd=cwd, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-
-
-def wait_listening(port: int, process: subprocess.Popen, timeout: float, name: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{name} exited with code {process.returncode} before listening on port {port}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.2)
-    raise RuntimeError(f"{name} did not listen on 127.0.0.1:{port} within {timeout:g} s")
 
 
 def stop(processes: list[subprocess.Popen], grace: float = 10.0) -> None:

@@ -44,25 +44,11 @@ FULL = {"configs": list(plan.CONFIGS), "datasets": list(plan.DATASETS), "clients
 QUICK = {"configs": list(plan.CONFIGS), "datasets": ["digits"], "clients": [2], "rounds": 2, "repeats": 1}
 
 
-def _list_of(parse: Callable[[str], Any], allowed: str) -> Callable[[str], list]:
-    def parse_list(raw: str) -> list:
-        items = [item.strip() for item in raw.split(",") if item.strip()]
-        if not items:
-            raise ValueError(f"must be a comma-separated list of {allowed}")
-        try:
-            values = [parse(item) for item in items]
-        except ValueError as problem:
-            raise ValueError(f"must be a comma-separated list of {allowed} ({problem})") from None
-        return list(dict.fromkeys(values))
-
-    return parse_list
-
-
 OPTIONS = [
     # (flag, parser, help); defaults come from FULL / QUICK or the fallback below
-    ("--configs", _list_of(settings_module.choice(*plan.CONFIGS), ", ".join(plan.CONFIGS)), "configurations to run"),
-    ("--datasets", _list_of(settings_module.choice(*plan.DATASETS), ", ".join(plan.DATASETS)), "data sets"),
-    ("--clients", _list_of(settings_module.positive_int, "integers >= 1"), "client counts N"),
+    ("--configs", settings_module.comma_list(settings_module.choice(*plan.CONFIGS), ", ".join(plan.CONFIGS)), "configurations to run"),
+    ("--datasets", settings_module.comma_list(settings_module.choice(*plan.DATASETS), ", ".join(plan.DATASETS)), "data sets"),
+    ("--clients", settings_module.comma_list(settings_module.positive_int, "integers >= 1"), "client counts N"),
     ("--rounds", settings_module.positive_int, "rounds per run (round 1 is reported apart)"),
     ("--repeats", settings_module.positive_int, "how many times every run is repeated (interleaved)"),
     ("--local-epochs", settings_module.positive_int, "local epochs per round [1]"),

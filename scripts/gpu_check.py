@@ -26,6 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from services import settings  # noqa: E402
 from services.monitor.nvml import NvmlUnavailable, open_nvml  # noqa: E402
 
 MODES = ("forkserver", "spawn", "inprocess")  # the first two are worker modes
@@ -33,12 +34,9 @@ MODES = ("forkserver", "spawn", "inprocess")  # the first two are worker modes
 
 def client_counts(raw: str) -> list[int]:
     try:
-        counts = [int(part) for part in raw.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{raw!r}: must be client counts separated by commas, e.g. 2,4") from None
-    if not counts or min(counts) < 1:
-        raise argparse.ArgumentTypeError(f"{raw!r}: every client count must be >= 1")
-    return counts
+        return settings.comma_list(settings.positive_int, "client counts >= 1, e.g. 2,4")(raw)
+    except ValueError as problem:
+        raise argparse.ArgumentTypeError(f"{raw!r}: {problem}") from None
 
 
 def machine() -> dict[str, object]:

@@ -22,7 +22,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -35,18 +34,13 @@ from rich.console import Console  # noqa: E402
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: E402
 
 from services import settings as settings_module  # noqa: E402
-from services.client.connect import ServerUnreachable, wait_for_server  # noqa: E402
+from services.client.connect import free_port, wait_until_listening  # noqa: E402
 from services.server.results import new_run_id  # noqa: E402
 
 CLIENT_ONLY = [s for s in settings_module.CLIENT if s.name in ("connect_timeout",)]
 SHARED_LOCAL = {s.name for s in settings_module.LOCAL}
 console = Console(stderr=True)
 
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def parse(argv: list[str] | None) -> tuple[argparse.Namespace, object]:
@@ -130,7 +124,7 @@ class Federation:
         self.start("server", ["-m", "services.server", *flags(v, server_names)])
         host_port = v.listen_address.replace("0.0.0.0", "127.0.0.1").replace("[::]", "127.0.0.1")
         try:
-            self._wait_until_listening(host_port)
+            wait_until_listening(host_port, self.processes["server"][0], 120, "server")
         except RuntimeError as problem:
             return self._fail("server", str(problem))
         if self.own.monitor:
@@ -139,19 +133,6 @@ class Federation:
         for index in range(self.own.clients):
             self.start(f"client-{index}", ["-m", "services.client", *client_flags], {"FL_CLIENT_ID": f"client-{index}"})
         return self._follow()
-
-    def _wait_until_listening(self, address: str) -> None:
-        server, _ = self.processes["server"]
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if server.poll() is not None:
-                raise RuntimeError(f"server exited with code {server.returncode} before listening")
-            try:
-                wait_for_server(address, timeout=0.5)
-                return
-            except ServerUnreachable:
-                continue
-        raise RuntimeError(f"server did not listen on {address} within 120 s")
 
     def _follow(self) -> int:
         server, _ = self.processes["server"]

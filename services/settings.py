@@ -70,6 +70,22 @@ def fraction(raw: str) -> float:
     return _number(raw, float, lambda v: 0 < v <= 1, "must be a number in (0, 1]")
 
 
+def comma_list(parse: Callable[[str], Any], allowed: str) -> Callable[[str], list]:
+    """'2,5,10' -> [2, 5, 10], each item parsed and checked, repeats dropped (script options)."""
+
+    def parse_list(raw: str) -> list:
+        items = [item.strip() for item in raw.split(",") if item.strip()]
+        if not items:
+            raise ValueError(f"must be a comma-separated list of {allowed}")
+        try:
+            values = [parse(item) for item in items]
+        except ValueError as problem:
+            raise ValueError(f"must be a comma-separated list of {allowed} ({problem})") from None
+        return list(dict.fromkeys(values))
+
+    return parse_list
+
+
 def boolean(raw: str) -> bool:
     lowered = raw.strip().lower()
     if lowered in ("1", "true", "yes", "on"):
