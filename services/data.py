@@ -31,7 +31,7 @@ def load(name: str, data_dir: str | Path, seed: int, synthetic_samples: int) -> 
     if name == "cifar10":
         return _cifar10(Path(data_dir))
     if name == "synthetic":
-        return _synthetic(seed, synthetic_samples)
+        return _synthetic(Path(data_dir), seed, synthetic_samples)
     raise ValueError(f"unknown dataset {name!r}")
 
 
@@ -72,11 +72,21 @@ def _cifar10(data_dir: Path) -> Splits:
     return Splits(train, test, np.asarray(train.targets, dtype=np.int64), np.asarray(test.targets, dtype=np.int64))
 
 
-def _synthetic(seed: int, samples: int) -> Splits:
-    generator = torch.Generator().manual_seed(seed)
-    prototypes = torch.randn(10, 3, 32, 32, generator=generator)
-    labels = torch.randint(0, 10, (samples,), generator=generator)
-    images = torch.randn(samples, 3, 32, 32, generator=generator) + 0.5 * prototypes[labels]
+def _synthetic(data_dir: Path, seed: int, samples: int) -> Splits:
+    """Generated once per host and seed, then read back: every round's worker would otherwise
+    spend longer drawing the random images than a small model spends training on them."""
+
+    def build(scratch: Path) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        prototypes = torch.randn(10, 3, 32, 32, generator=generator)
+        labels = torch.randint(0, 10, (samples,), generator=generator)
+        images = torch.randn(samples, 3, 32, 32, generator=generator) + 0.5 * prototypes[labels]
+        with open(scratch, "wb") as out:
+            np.save(out, images.numpy())
+            np.save(out, labels.numpy())
+
+    with open(build_once(data_dir / f"synthetic-s{seed}-n{samples}.npy", build), "rb") as arrays:
+        images, labels = torch.from_numpy(np.load(arrays)), torch.from_numpy(np.load(arrays))
     cut = max(1, samples // 5)
     test, train = TensorDataset(images[:cut], labels[:cut]), TensorDataset(images[cut:], labels[cut:])
     return Splits(train, test, labels[cut:].numpy(), labels[:cut].numpy())
