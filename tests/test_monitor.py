@@ -678,8 +678,12 @@ CLIENT_RSS_DRIFT_MIB = 64
 
 @pytest.mark.integration
 def test_local_run_with_monitor_shows_workers_coming_and_going(tmp_path):
+    # Spawned workers live over a second, so sampling every 0.2 s sees each one; a forkserver
+    # worker on digits can come and go within one interval (attribution of forked workers is
+    # covered with a recorded process table above).
     done = subprocess.run(
-        [PYTHON, "scripts/run_local.py", "--clients", "3", "--rounds", "2", "--dataset", "digits", "--local-epochs", "1", "--results-dir", str(tmp_path), "--run-id", "it", "--monitor"],
+        [PYTHON, "scripts/run_local.py", "--clients", "3", "--rounds", "2", "--dataset", "digits", "--local-epochs", "1",
+         "--worker-start", "spawn", "--results-dir", str(tmp_path), "--run-id", "it", "--monitor"],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]

@@ -55,8 +55,15 @@ class Sample:
         return [r for r in self.processes if r["role"] in roles and (cutoff is None or not _newer(r, cutoff))]
 
 
+# Start times come from /proc in clock ticks (10 ms) against a boot time read from /proc/uptime,
+# so a worker of the next round started a few milliseconds after a round ended can look older
+# than the end. A worker of the round itself started long before its end: it trained, then the
+# server aggregated and evaluated. So "started after the end" allows this much slack.
+START_TIME_SLACK_S = 0.05
+
+
 def _newer(row: dict[str, Any], cutoff: float) -> bool:
-    return row["started_t"] is not None and row["started_t"] > cutoff
+    return row["started_t"] is not None and row["started_t"] > cutoff - START_TIME_SLACK_S
 
 
 def samples_of(rows: Iterable[dict[str, Any]]) -> list[Sample]:
