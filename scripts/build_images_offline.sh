@@ -176,4 +176,5 @@ done
 # --- 4. remove what this run superseded (old images of these tags, their build layers) ----------
 docker image prune --force --filter "label=$vendor_label" >/dev/null
 say "done:"
-docker image ls --format '  {{.Repository}}:{{.Tag}}  {{.ID}}  {{.Size}}' | grep '^  bouquet/' || true
+# (filter in docker, indent with sed: the CLI strips a --format's leading spaces)
+docker image ls --filter 'reference=bouquet/*' --format '{{.Repository}}:{{.Tag}}  {{.ID}}  {{.Size}}' | sed 's/^/  /'

@@ -8,8 +8,8 @@ Bouquet exists to solve), then print the memory summaries side by side and save 
 
 Expected: worker mode returns to baseline after every round; in-process mode keeps memory in
 every client process (a CUDA context and cached blocks each), so what is held grows with the
-number of clients. Each run also gets its report.html in its run folder. Needs an NVIDIA GPU
-with a working driver (NVML); exits 1 with the reason where there is none.
+number of clients. Each run's monitor also writes its report.html into its run folder. Needs an
+NVIDIA GPU with a working driver (NVML); exits 1 with the reason where there is none.
 """
 
 from __future__ import annotations
@@ -67,8 +67,6 @@ def run(mode: str, clients: int, args: argparse.Namespace, run_id: str) -> dict[
     summary_path = folder / "memory_summary.json"
     memory = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     run_summary = json.loads((folder / "summary.json").read_text()) if (folder / "summary.json").is_file() else {}
-    if (folder / "memory.csv").is_file():
-        subprocess.run([sys.executable, "scripts/report.py", str(folder)], cwd=REPO)
     return {"mode": mode, "clients": clients, "run_id": run_id, "exit_code": done.returncode, "memory": memory, "run": run_summary}
 
 

@@ -109,9 +109,31 @@ def test_compose_passes_only_settings_the_programs_know() -> None:
         "client": {s.env for s in settings.CLIENT},
         "gpu-monitor": {s.env for s in settings.MONITOR},
     }
+    known["check"] = set().union(*known.values())
     for name, service in _load(BASE)["services"].items():
         unknown = {key for key in service["environment"] if key.startswith("FL_")} - known[name]
         assert not unknown, f"{name}: {sorted(unknown)} are not settings of services.{name}"
+
+
+def test_every_setting_is_checked_before_any_long_lived_service_starts() -> None:
+    """`check` sees every FL_* value any service gets from .env / the shell, with the same value
+    source, and every other service waits for it to succeed (issue 9: bad settings half-started)."""
+    services = _load(BASE)["services"]
+    check = services["check"]
+    assert check["command"][:3] == ["python", "-m", "services.preflight"]
+    for name, service in services.items():
+        if name == "check":
+            continue
+        assert service["depends_on"]["check"] == {"condition": "service_completed_successfully"}, name
+        for key, value in service["environment"].items():
+            from_user = value is None or "${" in str(value)  # the rest are constants of this file
+            if key.startswith("FL_") and key != "FL_DEVICE" and from_user:
+                assert key in check["environment"], f"{name}: {key} is not validated by check"
+                assert check["environment"][key] == value, key
+    # FL_DEVICE differs per service: the server's is check's own, the client's comes with --set.
+    assert check["environment"]["FL_DEVICE"] == services["server"]["environment"]["FL_DEVICE"]
+    assert f"client:FL_DEVICE={services['client']['environment']['FL_DEVICE']}" in check["command"]
+    assert _load(GPU_OVERLAY)["services"]["check"]["image"] == "bouquet/server:gpu"
 
 
 def test_dotenv_gives_the_programs_own_defaults() -> None:

@@ -141,6 +141,32 @@ def test_program_of_recognises_module_and_script_forms():
     assert program_of(SPAWN) is None
 
 
+@pytest.mark.parametrize(
+    "cmdline, program",
+    [
+        (("python3.11", "-u", "-X", "dev", "-W", "error", "-m", "services.client"), "client"),  # options before -m
+        (("/usr/local/bin/python3", "-Im", "services.server"), "server"),  # -m inside a group of flags
+        (("python", "-mservices.monitor"), "monitor"),
+        (("python", "--check-hash-based-pycs", "never", "-m", "services.client"), "client"),
+        (("python", "-B", "services/client/__main__.py", "--rounds", "2"), "client"),  # the script form
+        (("python", "--", "/app/services/server/__main__.py"), "server"),
+        (("/sbin/docker-init", "--", "bouquet-entrypoint", "python", "-m", "services.client"), None),  # compose init: true
+        (("/sbin/tini", "--", "python", "-m", "services.server"), None),
+        (("/bin/sh", "/usr/local/bin/bouquet-entrypoint", "python", "-m", "services.server"), None),
+        (("sh", "-c", "python -m services.client"), None),
+        (("setpriv", "--reuid=1000", "--regid=1000", "--", "python", "-m", "services.server"), None),
+        (("sudo", "-u", "bouquet", "python", "-m", "services.client"), None),
+        (("python", "train.py", "-m", "services.client"), None),  # an argument of another script
+        (("python", "-c", "import runpy", "-m", "services.client"), None),  # an argument of -c code
+        (("python", "/app/not_services/client/__main__.py"), None),
+        (("pythonista", "-m", "services.client"), None),
+        ((), None),
+    ],
+)
+def test_only_the_interpreter_running_the_module_is_the_program(cmdline, program):
+    assert program_of(cmdline) == program
+
+
 def test_roles_and_replicas_from_a_recorded_process_table():
     processes = table("launcher", recorded_host())
     processes.refresh()
@@ -245,6 +271,138 @@ def test_in_compose_the_monitor_records_its_own_project_only(tmp_path):
     host = table("host", processes, names=DockerNames(str(sock), client_factory=lambda path: docker))
     host.refresh()
     assert host.tracked() == [600, 601]
+
+
+# The process tree of a compose deployment, as /proc shows it with pid: host. Each container
+# runs under `init: true`: PID 1 is docker-init, whose command line carries the entrypoint and
+# the command; the entrypoint execs (through setpriv for the server) into python, so the
+# program is docker-init's child. Under it: the resource tracker, the forkserver (forked
+# workers keep its command line) and spawned workers.
+VENV_PYTHON = "/opt/venv/bin/python"
+C_TRACKER = (VENV_PYTHON, "-B", "-c", "from multiprocessing.resource_tracker import main;main(5)")
+C_FORKSERVER = (VENV_PYTHON, "-B", "-c", "from multiprocessing.forkserver import main; main(9, 10, ['services.worker', 'torch'], **{'sys_path': ['/home/bouquet'], 'main_path': None})")
+C_SPAWN = (VENV_PYTHON, "-B", "-c", "from multiprocessing.spawn import spawn_main; spawn_main(tracker_fd=6, pipe_handle=8)", "--multiprocessing-fork")
+COMPOSE = {"server": "5" * 64, "client-1": "6" * 64, "client-2": "7" * 64, "gpu-monitor-1": "8" * 64}
+
+
+def compose_docker():
+    def attrs(replica):
+        service, number = replica.rsplit("-", 1) if replica != "server" else ("server", "1")
+        labels = {"com.docker.compose.project": "bouquet", "com.docker.compose.service": service, "com.docker.compose.container-number": number}
+        return {"Name": f"/bouquet-{service}-{number}", "Config": {"Hostname": COMPOSE[replica][:12], "Labels": labels}}
+
+    return FakeDocker({cid: attrs(replica) for replica, cid in COMPOSE.items()})
+
+
+def compose_tree(init: bool, workers: tuple[int, ...] = ()):
+    """pid -> (ppid, started, cmdline, identity, container id) for server, two clients (one
+    forking its workers from the forkserver, one spawning them) and the monitor; ``workers``
+    picks which round's workers are alive (1: pids 1004, 2004, 3003; 2: 1005, 2005, 3004)."""
+    server, one, two, monitor = COMPOSE["server"], COMPOSE["client-1"], COMPOSE["client-2"], COMPOSE["gpu-monitor-1"]
+    shim = ("/usr/bin/containerd-shim-runc-v2", "-namespace", "moby", "-address", "/run/containerd/containerd.sock")
+    tree = {
+        1: (0, T0 - 9999, ("/sbin/init",), None, None),
+        900: (1, T0 - 100, shim, None, None),
+        910: (1, T0 - 100, shim, None, None),
+        920: (1, T0 - 100, shim, None, None),
+        930: (1, T0 - 100, shim, None, None),
+        1001: (1000 if init else 900, T0 - 99, ("python", "-m", "services.server"), None, server),
+        1002: (1001, T0 - 98, C_TRACKER, None, server),
+        1003: (1001, T0 - 98, C_FORKSERVER, None, server),
+        2001: (2000 if init else 910, T0 - 99, ("python", "-m", "services.client"), None, one),  # environ unreadable: no identity
+        2002: (2001, T0 - 98, C_TRACKER, None, one),
+        2003: (2001, T0 - 98, C_FORKSERVER, None, one),
+        3001: (3000 if init else 920, T0 - 99, ("python", "-m", "services.client"), None, two),
+        3002: (3001, T0 - 50, C_TRACKER, None, two),
+        4000: (930, T0 - 99, ("python", "-m", "services.monitor"), None, monitor),
+        5000: (1, T0 - 500, ("python", "train.py"), None, None),  # not Bouquet
+    }
+    if init:
+        tree[1000] = (900, T0 - 100, ("/sbin/docker-init", "--", "bouquet-entrypoint", "python", "-m", "services.server"), None, server)
+        tree[2000] = (910, T0 - 100, ("/sbin/docker-init", "--", "bouquet-entrypoint", "python", "-m", "services.client"), None, one)
+        tree[3000] = (920, T0 - 100, ("/sbin/docker-init", "--", "bouquet-entrypoint", "python", "-m", "services.client"), None, two)
+    for number in workers:
+        start = T0 + (11 if number == 1 else 21.5)
+        tree[1003 + number] = (1003, start + 1, C_FORKSERVER, None, server)  # the server's evaluation, forked
+        tree[2003 + number] = (2003, start, C_FORKSERVER, None, one)  # forked: the forkserver's command line
+        tree[3002 + number] = (3001, start, C_SPAWN, None, two)
+    return tree
+
+
+COMPOSE_MEMORY_MIB = {1000: 0.7, 2000: 0.7, 3000: 0.7, 1001: 150, 2001: 120, 3001: 118, 1002: 9, 2002: 9, 3002: 9, 1003: 250, 2003: 250}
+
+
+class TreeReader:
+    """Host memory of whatever the table tracks: fixed per pid, workers 300 MiB."""
+
+    source = "host"
+
+    def __init__(self, table):
+        self.table = table
+
+    def read(self):
+        processes = [ProcessReading(pid, "host", COMPOSE_MEMORY_MIB.get(pid, 300.0)) for pid in self.table.tracked()]
+        return Reading([DeviceReading("host", "host memory", sum(p.memory_mib for p in processes), 64000.0)], processes)
+
+
+def compose_table(tmp_path, now):
+    sock = tmp_path / "docker.sock"
+    sock.touch()
+    names = DockerNames(str(sock), client_factory=lambda path: compose_docker())
+    return ProcessTable("host", names, probe=FakeProbe({}), self_pid=4000, root_pid=930, clock=lambda: now[0])
+
+
+@pytest.mark.parametrize("init", [True, False], ids=["init", "no-init"])
+def test_compose_process_tree_roles_and_replicas(tmp_path, init):
+    now = [T0 + 15]
+    live = compose_table(tmp_path, now)
+    live.probe.table = compose_tree(init, workers=(1,))
+    live.refresh()
+    seen = {pid: (live.describe(pid).role, live.describe(pid).replica) for pid in live.probe.table}
+    assert seen[1001] == ("server", "server-1")
+    assert seen[2001] == ("client", "client-1") and seen[3001] == ("client", "client-2")
+    assert seen[2004] == ("worker", "client-1")  # forked by the forkserver
+    assert seen[3003] == ("worker", "client-2")  # spawned
+    assert seen[1004] == ("server-worker", "server-1")
+    assert {seen[pid] for pid in (1002, 1003)} == {("helper", "server-1")}
+    assert {seen[pid] for pid in (2002, 2003)} == {("helper", "client-1")} and seen[3002] == ("helper", "client-2")
+    assert seen[4000][0] == "monitor" and seen[5000] == ("other", "host")
+    if init:  # docker-init is in the container but is none of the run's programs
+        assert seen[1000] == ("other", "server-1") and seen[2000] == ("other", "client-1") and seen[3000] == ("other", "client-2")
+    assert live.describe(2004).identity == COMPOSE["client-1"][:12]  # the hostname the server knows
+    assert live.tracked() == [1001, 1002, 1003, 1004, 2001, 2002, 2003, 2004, 3001, 3002, 3003]
+
+
+@pytest.mark.parametrize("init", [True, False], ids=["init", "no-init"])
+def test_compose_process_tree_memory_returns_after_every_round(tmp_path, init):
+    """Samples of the compose tree through the real sampler, CSV and summary: workers come in
+    each round and exit before it ends, so nothing is left and nothing is held."""
+    (tmp_path / "metrics.jsonl").write_text(
+        "".join(json.dumps({"round": n, "started_at": iso(T0 + a), "ended_at": iso(T0 + b)}) + "\n" for n, a, b in ((1, 10, 20), (2, 20.5, 30)))
+    )
+    rounds = RoundLog(tmp_path / "metrics.jsonl")
+    now = [T0]
+    live = compose_table(tmp_path, now)
+    out = csvlog.MemoryCsv(tmp_path / "memory.csv")
+    sampler = Sampler(TreeReader(live), live, rounds, out.write, interval=0.2, clock=lambda: now[0])
+    timeline = [(5, ()), (9, ()), (13, (1,)), (19, (1,)), (20.2, ()), (23, (2,)), (29, (2,)), (30.2, ()), (31, ())]
+    for at, workers in timeline:
+        now[0] = T0 + at
+        live.probe.table = compose_tree(init, workers)
+        sampler.sample_once()
+    out.close()
+    rows = csvlog.read_rows(tmp_path / "memory.csv")
+    assert {(r["pid"], r["role"]) for r in rows if r["pid"] in (1000, 2000, 3000, 2001, 3001)} == {(2001, "client"), (3001, "client")}
+    summary = summarize(rows, rounds.refresh(), tolerance_mib=64)
+    assert [r["workers_left"] for r in summary["rounds"]] == [0, 0]
+    assert [r["residual_mib"] for r in summary["rounds"]] == [0.0, 0.0]
+    assert [r["residual_per_replica_mib"] for r in summary["rounds"]] == [{"client-1": 0.0, "client-2": 0.0, "server-1": 0.0}] * 2
+    assert summary["baseline"]["per_replica_mib"] == {"client-1": 120.0, "client-2": 118.0, "server-1": 150.0}
+    assert sorted(summary["replicas"]) == ["client-1", "client-2", "server-1"]
+    assert {name: info["workers_seen"] for name, info in summary["replicas"].items()} == {"client-1": 2, "client-2": 2, "server-1": 2}
+    assert summary["replicas"]["client-1"]["process_max_mib"] == 120.0  # the client itself, not docker-init
+    assert summary["max_workers_alive"]["count"] == 3
+    assert summary["verdict"]["ok"] is True, summary["verdict"]["text"]
 
 
 def test_a_client_whose_environment_is_unreadable_is_still_a_client(monkeypatch):
@@ -455,6 +613,136 @@ def test_helpers_are_left_out_of_baseline_and_residual():
     assert summary["rounds"][0]["residual_mib"] == 1.0
 
 
+# --- host memory (PSS) ---------------------------------------------------------------------------
+
+
+class Tracked:
+    """Stands in for the process table: these pids are the run's, each with a start time."""
+
+    def __init__(self, pids):
+        self.pids = list(pids)
+
+    def tracked(self):
+        return list(self.pids)
+
+    def describe(self, pid):
+        return SimpleNamespace(started=T0 + pid)
+
+
+class FakeHostProcesses:
+    """psutil.Process for recorded processes: PSS and RSS in MiB; reading PSS costs READ_S on
+    the reader's clock; pids in ``denied`` refuse smaps_rollup like another user's process."""
+
+    READ_S = 0.02
+
+    def __init__(self, memory, denied=()):
+        self.memory = dict(memory)  # pid -> (pss, rss) in MiB
+        self.denied = set(denied)
+        self.now = 0.0
+        self.pss_reads: list[int] = []
+
+    def clock(self):
+        return self.now
+
+    def __call__(self, pid):
+        def full():
+            self.pss_reads.append(pid)
+            self.now += self.READ_S
+            if pid in self.denied:
+                raise psutil.AccessDenied(pid)
+            pss, rss = self.memory[pid]
+            return SimpleNamespace(pss=pss * MIB, rss=rss * MIB)
+
+        return SimpleNamespace(memory_full_info=full, memory_info=lambda: SimpleNamespace(rss=self.memory[pid][1] * MIB))
+
+
+def host_reader(pids, memory, denied=()):
+    from services.monitor.host import HostReader
+
+    processes = FakeHostProcesses(memory, denied)
+    return HostReader(Tracked(pids), interval=0.2, process=processes, clock=processes.clock), processes
+
+
+def test_host_memory_is_pss_so_pages_shared_with_a_forkserver_count_once():
+    # a forkserver (RSS 531, PSS 261) and the worker it forked (RSS 312, PSS 158), as measured
+    reader, _ = host_reader([10, 11], {10: (261.0, 531.0), 11: (158.0, 312.0)})
+    reading = reader.read()
+    assert [(p.pid, p.memory_mib) for p in reading.processes] == [(10, 261.0), (11, 158.0)]
+    assert reading.devices[0].used_mib == 419.0 and reading.devices[0].name == "host memory (PSS of the run's processes)"
+    facts = reader.facts()
+    assert facts["host_memory"]["measure"] == "pss" and facts["host_memory"]["readings"] == {"pss_read": 2, "pss_carried": 0, "rss": 0}
+    assert facts["devices"] == [{"index": "host", "name": "host memory (PSS of the run's processes)"}]
+
+
+def test_host_pss_reads_stay_within_a_budget_and_carry_rss_changes_between_reads():
+    """smaps_rollup costs milliseconds per process: new processes are always read, known ones
+    once their PSS is a second old and while a quarter of the interval lasts (oldest first);
+    the rest move with their RSS."""
+    from services.monitor.host import PSS_MAX_AGE_S
+
+    pids = [1, 2, 3, 4, 5]
+    reader, fake = host_reader(pids, {pid: (100.0, 200.0) for pid in pids})
+    reader.read()
+    assert fake.pss_reads == pids  # all new: all read, budget or not
+    fake.pss_reads.clear()
+    fake.memory[5] = (100.0, 210.0)  # 10 MiB more RSS: allocated privately since its PSS was read
+    assert {p.pid: p.memory_mib for p in reader.read().processes}[5] == 110.0
+    assert fake.pss_reads == []  # all read less than a second ago
+    fake.now += PSS_MAX_AGE_S
+    second = {p.pid: p.memory_mib for p in reader.read().processes}
+    assert fake.pss_reads == [1, 2, 3]  # 0.05 s budget at 0.02 s a read: three reads
+    assert second == {1: 100.0, 2: 100.0, 3: 100.0, 4: 100.0, 5: 110.0}  # 4 and 5 carried forward
+    fake.pss_reads.clear()
+    reader.read()
+    assert fake.pss_reads == [4, 5]  # the stalest first; 1-3 were just read
+    assert reader.facts()["host_memory"]["readings"] == {"pss_read": 10, "pss_carried": 10, "rss": 0}
+
+
+def test_host_memory_falls_back_to_rss_where_pss_is_unreadable_and_says_so():
+    reader, fake = host_reader([7, 8], {7: (50.0, 80.0), 8: (60.0, 90.0)}, denied={8})
+    first = reader.read()
+    reader.read()
+    assert {p.pid: p.memory_mib for p in first.processes} == {7: 50.0, 8: 90.0}
+    assert fake.pss_reads.count(8) == 1  # not asked again
+    assert first.devices[0].name == "host memory (PSS of the run's processes; RSS for 1 whose PSS is unreadable)"
+    facts = reader.facts()["host_memory"]
+    assert facts["measure"] == "pss+rss" and facts["readings"]["rss"] == 2
+    assert "pid 8" in facts["rss_because"] and "CAP_SYS_PTRACE" in facts["rss_because"]
+    only_rss, _ = host_reader([8], {8: (60.0, 90.0)}, denied={8})
+    only_rss.read()
+    assert only_rss.facts()["host_memory"]["measure"] == "rss"
+
+
+def _hold_until_told(ready, release):
+    ready.set()
+    release.wait(60)
+
+
+def test_host_reader_on_this_machine_sums_pss_below_rss_for_a_fork():
+    """The real thing: a forked child shares the parent's pages, so its RSS counts them again
+    and its PSS does not."""
+    import multiprocessing
+
+    from services.monitor.host import HostReader
+
+    ballast = bytearray(os.urandom(64 * MIB))  # resident in the parent, shared with the fork  # noqa: F841
+    context = multiprocessing.get_context("fork")
+    ready, release = context.Event(), context.Event()
+    child = context.Process(target=_hold_until_told, args=(ready, release), daemon=True)
+    child.start()
+    try:
+        assert ready.wait(60)
+        reader = HostReader(Tracked([os.getpid(), child.pid]), interval=0.2)
+        reading = reader.read()
+        rss = sum(psutil.Process(pid).memory_info().rss for pid in (os.getpid(), child.pid)) / MIB
+    finally:
+        release.set()
+        child.join(60)
+    assert reader.facts()["host_memory"]["measure"] == "pss"
+    assert len(reading.processes) == 2
+    assert reading.devices[0].used_mib < rss - 48  # the 64 MiB ballast counted once, not twice
+
+
 # --- csv, sampler, exporter ----------------------------------------------------------------------
 
 
@@ -569,7 +857,8 @@ def test_monitor_follows_a_new_run_folder_and_stops_when_the_run_ends(tmp_path):
     assert process.returncode == 0, output
     summary = json.loads((tmp_path / "run-a" / "memory_summary.json").read_text())
     assert summary["source"] == "host" and summary["run_status"] == "completed" and summary["samples"] >= 5
-    assert summary["monitor"]["interval_s"] == 0.05
+    assert summary["monitor"]["interval_s"] == 0.05 and "report_error" not in summary
+    assert "Bouquet run run-a" in (tmp_path / "run-a" / "report.html").read_text()
     assert "stopped (the run ended)" in output
 
 
@@ -608,8 +897,9 @@ def test_monitor_gives_up_when_the_run_folder_never_appears(tmp_path):
     assert done.returncode == 1 and "did not appear within 0.5 s" in done.stderr
 
 
-def test_report_from_recorded_samples(tmp_path):
-    run = tmp_path / "run-c"
+def recorded_run(run: Path) -> Path:
+    """A run folder as the server and a monitor leave it (no memory_summary.json yet): two
+    clients' workers coming and going over two rounds."""
     run.mkdir()
     out = csvlog.MemoryCsv(run / "memory.csv")
     rec = worker_mode_recording()
@@ -618,18 +908,72 @@ def test_report_from_recorded_samples(tmp_path):
     with open(run / "metrics.jsonl", "w") as metrics:
         for current in ROUNDS:
             metrics.write(json.dumps({**current.record, "started_at": iso(current.started), "ended_at": iso(current.ended), "clients": [{"worker_start_seconds": 1.2}]}) + "\n")
-    done = subprocess.run([PYTHON, "scripts/report.py", str(run)], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
+    return run
+
+
+def test_report_from_recorded_samples(tmp_path):
+    from services.monitor.report import write_report
+
+    run = recorded_run(tmp_path / "run-c")
+    assert write_report(run, tolerance_mib=64) == run / "report.html"
     page = (run / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 3
     assert "memory returned to within 2 MiB of baseline after every round" in page
     assert "held after round 2" in page
+    assert not list(run.glob(".*partial"))
+    strict = write_report(run, tolerance_mib=1, out=tmp_path / "strict.html")  # judged here: no memory_summary.json
+    assert "memory did not return to baseline after round 1" in strict.read_text()
 
 
-def test_report_says_what_is_missing(tmp_path):
+@pytest.mark.parametrize("command", [["scripts/report.py"], ["-m", "services.monitor.report"]], ids=["script", "module"])
+def test_report_command_line_says_what_is_missing(tmp_path, command):
     (tmp_path / "metrics.jsonl").write_text("")
-    done = subprocess.run([PYTHON, "scripts/report.py", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    done = subprocess.run([PYTHON, *command, str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and "has no memory.csv" in done.stderr
+    run = recorded_run(tmp_path / "run")
+    done = subprocess.run([PYTHON, *command, str(run), "--out", str(tmp_path / "page.html")], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == str(tmp_path / "page.html"), done.stderr
+    assert "held after round 2" in (tmp_path / "page.html").read_text()
+
+
+def end_of_run(run: Path):
+    """What finish() needs of a recording that just stopped: settings, reader, sampler, CSV."""
+    from services.monitor.host import HostReader
+
+    settings = SimpleNamespace(residual_tolerance_mib=64.0, monitor_scope="launcher", monitor_interval=0.2)
+    reader = HostReader(Tracked([]), interval=0.2)
+    sampler = SimpleNamespace(samples=9, busy_s=0.01, max_busy_s=0.002, errors=0)
+    csv_out = SimpleNamespace(path=run / "memory.csv", rows_written=20)
+    return settings, run, reader, sampler, csv_out
+
+
+def test_the_monitor_writes_report_html_at_the_end_of_the_run(tmp_path):
+    from services.monitor.__main__ import finish
+
+    run = recorded_run(tmp_path / "run-d")
+    summary = finish(*end_of_run(run))
+    page = (run / "report.html").read_text()
+    assert summary["verdict"]["text"] in page and page.count("data:image/png;base64,") == 3
+    on_disk = json.loads((run / "memory_summary.json").read_text())
+    assert "report_error" not in on_disk and on_disk["host_memory"]["measure"] in ("pss", "rss", "pss+rss")
+    assert on_disk["devices"] == [{"index": "host", "name": "host memory (PSS of the run's processes)"}]
+
+
+def test_a_report_that_cannot_be_drawn_is_recorded_and_loses_nothing(tmp_path, monkeypatch, caplog):
+    import services.monitor.report as report_module
+    from services.monitor.__main__ import finish
+
+    def broken(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(report_module, "write_report", broken)
+    run = recorded_run(tmp_path / "run-e")
+    summary = finish(*end_of_run(run))
+    on_disk = json.loads((run / "memory_summary.json").read_text())
+    assert on_disk["report_error"] == summary["report_error"] == "OSError: [Errno 28] No space left on device"
+    assert on_disk["verdict"]["ok"] is True and on_disk["rounds"]  # the numbers are all there
+    assert not (run / "report.html").exists()
+    assert any("could not write" in r.getMessage() and "report.html" in r.getMessage() for r in caplog.records)
 
 
 def load_script(name):
@@ -713,7 +1057,6 @@ def test_local_run_with_monitor_shows_workers_coming_and_going(tmp_path):
     assert [r["workers_left"] for r in summary["rounds"]] == [0, 0]
     assert summary["max_workers_alive"]["count"] >= 2
     assert summary["verdict"]["ok"] is True, summary["verdict"]
-    report = subprocess.run([PYTHON, "scripts/report.py", str(run)], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert report.returncode == 0, report.stderr
-    page = (run / "report.html").read_text()
+    assert "report_error" not in summary and summary.get("host_memory", {"measure": "pss"})["measure"] == "pss"
+    page = (run / "report.html").read_text()  # written by the monitor: no second step
     assert page.count("data:image/png;base64,") == 3 and summary["verdict"]["text"] in page

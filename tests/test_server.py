@@ -1,4 +1,4 @@
-"""The server's Flower glue without a network: settling the federation and a failed evaluation."""
+"""The server's Flower glue without a network: asking clients for identities, a failed evaluation."""
 
 from __future__ import annotations
 
@@ -8,49 +8,61 @@ from flwr.common import Code, GetPropertiesRes, Status, ndarrays_to_parameters
 import numpy as np
 
 from services import protocol, worker
-from services.server.flower import BouquetStrategy, Membership
-from services.server.registry import PartitionRegistry
+from services.server.flower import BouquetStrategy, ConnectedClients
 from services.server.results import RoundRecorder, RunFolder
 
 
 class FakeProxy:
-    def __init__(self, cid: str, identity: str) -> None:
-        self.cid, self.identity = cid, identity
+    def __init__(self, cid: str, identity: str, on_ask=None) -> None:
+        self.cid, self.identity, self.on_ask = cid, identity, on_ask
 
     def get_properties(self, ins, timeout, group_id):
+        if self.on_ask is not None:
+            self.on_ask()
+        if self.identity is None:
+            raise ConnectionError("stream closed")
         return GetPropertiesRes(Status(Code.OK, ""), {protocol.IDENTITY_PROPERTY: self.identity})
 
 
-class FakeClientManager:
+class LiveClientManager:
+    """Like Flower's SimpleClientManager: all() returns the live dictionary, which other threads change."""
+
     def __init__(self, proxies) -> None:
-        self.proxies = {p.cid: p for p in proxies}
-
-    def wait_for(self, num_clients, timeout):
-        return len(self.proxies) >= num_clients
-
-    def num_available(self):
-        return len(self.proxies)
+        self.clients = {p.cid: p for p in proxies}
 
     def all(self):
-        return dict(self.proxies)
+        return self.clients
 
 
-def test_settles_on_distinct_identities_not_connections():
-    """A restarted replica whose old stream is still open is one client, with one partition."""
-    manager = FakeClientManager([FakeProxy("a", "replica-1"), FakeProxy("b", "replica-2"), FakeProxy("c", "replica-1")])
-    registry = PartitionRegistry()
-    membership = Membership(registry, min_clients=2, join_grace=0.3, poll_s=0.05)
-    assert membership.settle(manager) == 2
-    holders = membership.holders(manager)
-    assert [(proxy.cid, identity, partition) for proxy, identity, partition in holders] == [("c", "replica-1", 0), ("b", "replica-2", 1)]
+def test_clients_connecting_and_leaving_while_identities_are_asked_are_not_fatal():
+    """Issue 9: a client connecting while the server asked another for its identity raised
+    'dictionary changed size during iteration' and killed the server before round 1."""
+    manager = LiveClientManager([])
+
+    def churn():
+        n = len(manager.clients)
+        manager.clients[f"new-{n}"] = FakeProxy(f"new-{n}", f"joiner-{n}")  # arrives meanwhile
+        manager.clients.pop("gone", None)  # leaves meanwhile
+
+    manager.clients.update({
+        "a": FakeProxy("a", "r1", on_ask=churn),
+        "gone": FakeProxy("gone", None),
+        "b": FakeProxy("b", "r2", on_ask=churn),
+    })
+    clients = ConnectedClients(manager)
+    first = clients.snapshot()
+    assert first == {"a": "r1", "b": "r2"}  # "gone" vanished while asked: skipped, not fatal
+    second = clients.snapshot()  # the joiners are seen on the next look
+    assert {"r1", "r2"} < set(second.values()) and any(v.startswith("joiner-") for v in second.values())
 
 
-def test_late_joiner_beyond_the_partitions_stays_idle():
-    manager = FakeClientManager([FakeProxy("a", "r1"), FakeProxy("b", "r2")])
-    membership = Membership(PartitionRegistry(), min_clients=2, join_grace=0.0)
-    membership.settle(manager)
-    manager.proxies["c"] = FakeProxy("c", "r3")
-    assert {identity for _, identity, _ in membership.holders(manager)} == {"r1", "r2"}
+def test_each_connection_is_asked_its_identity_once():
+    asked = []
+    manager = LiveClientManager([FakeProxy("a", "r1", on_ask=lambda: asked.append("a"))])
+    clients = ConnectedClients(manager)
+    for _ in range(3):
+        assert clients.identities() == {"r1"}
+    assert asked == ["a"]
 
 
 class FailingEvaluator:
@@ -63,7 +75,7 @@ def test_failed_central_evaluation_is_recorded_and_the_run_goes_on(tmp_path):
     recorder = RoundRecorder(folder)
     settings = SimpleNamespace(fraction_fit=1.0, min_fit_clients=1, min_clients=1, client_eval=False, seed=0)
     strategy = BouquetStrategy(
-        spec=None, settings=settings, membership=None, recorder=recorder, evaluator=FailingEvaluator()
+        spec=None, settings=settings, membership=None, clients=None, recorder=recorder, evaluator=FailingEvaluator()
     )
     recorder.round_started(1)
     assert strategy.evaluate(1, ndarrays_to_parameters([np.zeros(2)])) is None

@@ -6,7 +6,7 @@ import logging
 import socket
 import sys
 
-from services import logs, worker
+from services import logs, roster, worker
 from services import settings as settings_module
 from services.client.connect import ServerUnreachable, wait_for_server
 from services.taskspec import Placement
@@ -18,6 +18,17 @@ def main(argv: list[str] | None = None) -> int:
     settings = settings_module.parse(settings_module.CLIENT, argv, program="services.client", description=__doc__)
     logs.setup()
     identity = settings.client_id or socket.gethostname()
+    # First, before any slow import: the server settles the federation's size on the replicas
+    # that announced themselves (services.roster).
+    announcement = roster.announce(settings.data_dir, identity)
+    try:
+        return serve(settings, identity)
+    finally:
+        if announcement is not None:
+            announcement.close()
+
+
+def serve(settings, identity: str) -> int:
     try:
         wait_for_server(settings.server_address, settings.connect_timeout)
     except ServerUnreachable as problem:

@@ -1,9 +1,9 @@
 """``python -m services.monitor``: record the memory of one Bouquet run until it ends.
 
-Samples GPU memory through NVML (or, without a GPU, the RSS of the run's processes) every
+Samples GPU memory through NVML (or, without a GPU, the PSS of the run's processes) every
 --monitor-interval seconds into <run folder>/memory.csv, attributing every process to its
 replica and every sample to its round. When the server writes summary.json (the run is over),
-or on SIGTERM / Ctrl-C, it writes memory_summary.json and exits 0.
+or on SIGTERM / Ctrl-C, it writes memory_summary.json, then report.html, and exits 0.
 """
 
 from __future__ import annotations
@@ -36,18 +36,18 @@ log = logging.getLogger("bouquet.monitor")
 PROGRAM = "services.monitor"
 
 
-def choose_reader(source: str, table: ProcessTable) -> MemoryReader:
+def choose_reader(source: str, table: ProcessTable, interval: float) -> MemoryReader:
     """NVML when asked or when a GPU is visible; otherwise host memory, said once."""
     if source == "host":
-        return HostReader(table)
+        return HostReader(table, interval)
     try:
         return open_nvml()
     except NvmlUnavailable as reason:
         if source == "nvml":
             print(f"{PROGRAM}: error: --monitor-source / FL_MONITOR_SOURCE = 'nvml': {reason}; use auto or host", file=sys.stderr)
             raise SystemExit(settings_module.EXIT_BAD_SETTING) from None
-        log.warning("no GPU (%s): recording host memory (RSS of the run's processes) instead", reason)
-        return HostReader(table)
+        log.warning("no GPU (%s): recording host memory (PSS of the run's processes) instead", reason)
+        return HostReader(table, interval)
 
 
 def open_exporter(port: int | None) -> Any:
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
 
     table = ProcessTable(settings.monitor_scope, DockerNames(settings.docker_socket))
-    reader = choose_reader(settings.monitor_source, table)
+    reader = choose_reader(settings.monitor_source, table, settings.monitor_interval)
     exporter = None
     try:
         exporter = open_exporter(settings.metrics_port)
@@ -134,7 +134,6 @@ def finish(settings: Any, run_path: Path, reader: MemoryReader, sampler: Sampler
         run_id=run_path.name,
         source=reader.source,
         scope=settings.monitor_scope,
-        devices=[{"index": str(i), "name": name} for i, name in enumerate(getattr(reader, "names", []))] or [{"index": "host", "name": "host memory"}],
         run_status=_run_status(run_summary),
         monitor={
             "interval_s": settings.monitor_interval,
@@ -146,10 +145,32 @@ def finish(settings: Any, run_path: Path, reader: MemoryReader, sampler: Sampler
             "cpu_seconds": round(sum(os.times()[:2]), 2),  # the monitor's own CPU time, start-up included
         },
     )
+    summary.update(reader.facts())  # devices; on the host, which measure (PSS, RSS) the numbers are
     write_json_atomically(run_path / "memory_summary.json", summary)
     give_to_folder_owner(run_path / "memory_summary.json")
     log.info("verdict: %s", summary["verdict"]["text"])
+    error = draw_report(run_path, settings.residual_tolerance_mib)
+    if error is not None:  # the page is lost, the numbers are not: say so where they are
+        summary["report_error"] = error
+        write_json_atomically(run_path / "memory_summary.json", summary)
+        give_to_folder_owner(run_path / "memory_summary.json")
     return summary
+
+
+def draw_report(run_path: Path, tolerance_mib: float) -> str | None:
+    """Write report.html beside memory_summary.json, so a compose run has its report without
+    the host's Python environment. Drawing is the last and least essential step: a failure
+    (matplotlib missing or broken, a full disk) is logged and returned, never raised."""
+    try:
+        from services.monitor.report import write_report  # matplotlib is imported only here
+
+        page = write_report(run_path, tolerance_mib)
+        give_to_folder_owner(page)
+    except Exception as error:
+        log.exception("could not write %s", run_path / "report.html")
+        return f"{type(error).__name__}: {error}"
+    log.info("report: %s", page)
+    return None
 
 
 def give_to_folder_owner(path: Path) -> None:

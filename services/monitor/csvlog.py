@@ -29,7 +29,7 @@ COLUMNS = [
     "replica",  # client identity / compose service-number / "server" / "host"
     "identity",  # the client id the server records in metrics.jsonl
     "container",  # short container id, empty on the host
-    "memory_mib",  # device: used; process: its GPU memory (nvml) or RSS (host)
+    "memory_mib",  # device: used; process: its GPU memory (nvml) or PSS (host; RSS where unreadable)
     "total_mib",  # device rows: capacity
     "utilization_pct",  # device rows: GPU utilisation (nvml only)
     "source",  # nvml | host

@@ -46,6 +46,10 @@ class NvmlReader:
             processes += [ProcessReading(pid, str(index), used_mib) for pid, used_mib in by_pid.items()]
         return Reading(devices, processes)
 
+    def facts(self) -> dict[str, Any]:
+        """For memory_summary.json: the devices sampled."""
+        return {"devices": [{"index": str(index), "name": name} for index, name in enumerate(self.names)]}
+
     def close(self) -> None:
         try:
             self.nvml.nvmlShutdown()

@@ -1,6 +1,8 @@
 """Which processes belong to the run, and to which replica each one belongs.
 
-Roles: ``client`` and ``server`` (``python -m services.client`` / ``services.server``),
+Roles: ``client`` and ``server`` (the Python interpreter running ``-m services.client`` /
+``services.server`` itself; never a wrapper whose arguments name it, such as compose's
+``init: true`` process ``docker-init -- bouquet-entrypoint python -m services.client``),
 ``worker`` (a process under a client: its per-round training and evaluation workers),
 ``server-worker`` (the same under the server: initial weights, central evaluation),
 ``helper`` (any other process under them: multiprocessing's resource tracker and forkserver,
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass
 from typing import Protocol
@@ -29,12 +32,15 @@ from services.monitor.containers import Container, DockerNames, read_container_i
 log = logging.getLogger("bouquet.monitor")
 
 PROGRAMS = {"services.client": "client", "services.server": "server", "services.monitor": "monitor"}
-FORKSERVER = "multiprocessing.forkserver"
+FORKSERVER = "from multiprocessing.forkserver import main"  # the -c command of multiprocessing's forkserver
 SPAWNED = "--multiprocessing-fork"  # the last argument of every process multiprocessing spawns
 OWNER_ROLES = ("client", "server")
 WORKER_ROLES = ("worker", "server-worker")
 RUN_ROLES = (*OWNER_ROLES, *WORKER_ROLES, "helper")
 MAX_DEPTH = 4  # forkserver workers sit two levels below their client
+PYTHON_EXECUTABLE = re.compile(r"python(\d+(\.\d+)*)?")  # python, python3, python3.11 (any folder)
+OPTIONS_WITH_VALUE = "WX"  # python -W arg, -X opt: the next token (or the rest of this one) is theirs
+LONG_OPTIONS_WITH_VALUE = ("--check-hash-based-pycs",)
 
 
 @dataclass(frozen=True)
@@ -48,14 +54,73 @@ class Attribution:
     container: str  # short container id; "" on the host
 
 
+def python_target(cmdline: tuple[str, ...]) -> tuple[str, str] | None:
+    """What a Python interpreter was asked to run: ("module", name), ("command", code),
+    ("script", path) or ("stdin", "-"); None when argv[0] is not a Python interpreter.
+
+    Only the interpreter's own options are read, as CPython parses them: a wrapper such as
+    docker-init, tini, ``sh -c``, setpriv or sudo carries the real command line among its
+    arguments, and must not be taken for the program it starts."""
+    if not cmdline or not PYTHON_EXECUTABLE.fullmatch(os.path.basename(cmdline[0])):
+        return None
+    tokens = iter(cmdline[1:])
+    for token in tokens:
+        if token == "--" or token == "-" or not token.startswith("-"):
+            path = token if token != "--" else next(tokens, None)
+            if path is None:
+                return None
+            return ("stdin", "-") if path == "-" else ("script", path)
+        if token.startswith("--"):
+            if token in LONG_OPTIONS_WITH_VALUE:
+                next(tokens, None)
+            continue
+        for position, flag in enumerate(token[1:], start=1):
+            if flag in "cm" or flag in OPTIONS_WITH_VALUE:
+                value = token[position + 1 :] or next(tokens, None)
+                if flag in OPTIONS_WITH_VALUE:
+                    break
+                if value is None:
+                    return None
+                return ("command" if flag == "c" else "module", value)
+    return None
+
+
 def program_of(cmdline: tuple[str, ...]) -> str | None:
-    for index, token in enumerate(cmdline):
-        if token == "-m" and index + 1 < len(cmdline) and cmdline[index + 1] in PROGRAMS:
-            return PROGRAMS[cmdline[index + 1]]
+    """"client", "server" or "monitor" when the process IS the interpreter running that
+    Bouquet module (``python -m services.client``, or ``python .../services/client/__main__.py``);
+    None for anything else, wrappers whose arguments name the module included."""
+    target = python_target(cmdline)
+    if target is None:
+        return None
+    kind, value = target
+    if kind == "module":
+        return PROGRAMS.get(value)
+    if kind == "script":
         for module, program in PROGRAMS.items():
-            if token.endswith(module.replace(".", "/") + "/__main__.py"):
+            main = module.replace(".", "/") + "/__main__.py"
+            if value == main or value.endswith("/" + main):
                 return program
     return None
+
+
+def is_forkserver(cmdline: tuple[str, ...]) -> bool:
+    """multiprocessing's forkserver, or a worker it forked (which keeps its command line)."""
+    target = python_target(cmdline)
+    return target is not None and target[0] == "command" and FORKSERVER in target[1]
+
+
+def is_worker(cmdline: tuple[str, ...], parent_cmdline: tuple[str, ...], owner_program: str) -> bool:
+    """The one rule for "this process under a client or server does one job and exits":
+    forked by the forkserver (it keeps the forkserver's command line, so only its parent tells),
+    spawned by multiprocessing (``... --multiprocessing-fork``), or a fork of its owner that has
+    not exec'd yet (it still shows the owner's command line). Anything else under an owner
+    (resource tracker, the forkserver itself, other subprocesses) is a helper."""
+    if is_forkserver(parent_cmdline):
+        return True
+    target = python_target(cmdline)
+    if target is not None and target[0] == "command" and cmdline[-1] == SPAWNED:
+        return True
+    return program_of(cmdline) == owner_program
 
 
 class Probe(Protocol):
@@ -229,12 +294,10 @@ class ProcessTable:
             return program, pid
         if owner_pid is None:
             return "other", None
-        worker = "worker" if owner == "client" else "server-worker"
         parent = self._listing.get(pid, (None, None))[0]
-        if parent is not None and FORKSERVER in " ".join(self._cmdline(parent)[0]):
-            return worker, owner_pid  # forked by the forkserver: keeps the forkserver's command line
-        if SPAWNED in cmdline or program == owner:  # a spawned worker, or a fork not yet exec'd
-            return worker, owner_pid
+        parent_cmdline = self._cmdline(parent)[0] if parent is not None else ()
+        if is_worker(cmdline, parent_cmdline, owner):
+            return ("worker" if owner == "client" else "server-worker"), owner_pid
         return "helper", owner_pid  # resource tracker, forkserver, or any other subprocess
 
     def _owner(self, owner: int, owner_role: str) -> tuple[str, str, Container | None]:

@@ -7,7 +7,7 @@ recorded readings in tests, and the NVML and host-memory sources are interchange
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 MIB = 1024 * 1024
 
@@ -38,5 +38,7 @@ class MemoryReader(Protocol):
     source: str  # "nvml" or "host": written into every row and the summary
 
     def read(self) -> Reading: ...
+
+    def facts(self) -> dict[str, Any]: ...  # for memory_summary.json: "devices", and what the numbers measure
 
     def close(self) -> None: ...

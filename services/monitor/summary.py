@@ -2,7 +2,7 @@
 
 Definitions (docs/monitor.md explains them for users):
 - overall memory of a sample: the device rows' used memory (on a GPU what the card has
-  allocated; on the host the RSS of the run's processes); per replica: its processes' memory.
+  allocated; on the host the PSS of the run's processes); per replica: its processes' memory.
 - baseline: the last sample before round 1 started (before the first client worker, while no
   round is known yet), leaving out the workers alive in it (the server's evaluation of the
   initial model may just be ending): what the run holds when nothing computes.

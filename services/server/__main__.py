@@ -11,9 +11,10 @@ import sys
 import time
 from types import SimpleNamespace
 
-from services import logs, worker
+from services import logs, roster, worker
 from services import settings as settings_module
 from services.server.central import CentralEvaluator
+from services.server.membership import Membership
 from services.server.registry import PartitionRegistry
 from services.server.results import RoundRecorder, RunFolder, utc_now
 from services.taskspec import Placement, TaskSpec, check_model_fits
@@ -45,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
 
     recorder = RoundRecorder(folder)
     registry = PartitionRegistry()
+    membership = Membership(
+        registry, settings.min_clients, settings.join_grace, settings.join_timeout, announced=lambda: roster.live(settings.data_dir)
+    )
     evaluator = CentralEvaluator(spec, Placement(settings.data_dir, settings.device, settings.torch_threads), settings.worker_start)
     started_at, started = utc_now(), time.monotonic()
     worker.prestart(settings.worker_start)  # the forkserver imports torch now, not in round 1
@@ -52,8 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from services.server import flower  # imported late: flwr is slow to import and validation comes first
 
-        flower.run(settings, spec, folder, recorder, evaluator, registry)
-        status = "completed" if len(recorder.rounds) == settings.rounds else "incomplete"
+        flower.run(settings, spec, recorder, evaluator, membership)
+        status = "completed" if len(recorder.trained_rounds) == settings.rounds else "incomplete"
     except KeyboardInterrupt:
         status, error = "interrupted", "KeyboardInterrupt"
     except SystemExit as exit_request:  # Flower's SIGINT/SIGTERM handler exits this way
@@ -69,12 +73,16 @@ def main(argv: list[str] | None = None) -> int:
                 "status": status,
                 "error": error,
                 "rounds_requested": settings.rounds,
-                "rounds_completed": len(recorder.rounds),
+                "rounds_completed": len(recorder.trained_rounds),
+                "rounds_recorded": len(recorder.rounds),
+                "rounds_without_training": [r["round"] for r in recorder.rounds if not r["trained"]],
+                "rounds_trained_by_partition": recorder.rounds_trained_by_partition(registry.num_partitions),
                 "initial_accuracy": recorder.initial.get("accuracy"),
                 "initial_loss": recorder.initial.get("loss"),
                 "final_accuracy": last.get("accuracy"),
                 "final_loss": last.get("loss"),
                 "num_partitions": registry.num_partitions,
+                "settled": membership.how_settled,
                 "partitions": registry.assignments,
                 "started_at": started_at,
                 "ended_at": utc_now(),
@@ -82,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
                 "settings": settings_module.as_dict(settings),
             }
         )
-    log.info("run %s %s after %d of %d rounds; results in %s", folder.run_id, status, len(recorder.rounds), settings.rounds, folder.path)
+    log.info("run %s %s: %d of %d rounds trained; results in %s", folder.run_id, status, len(recorder.trained_rounds), settings.rounds, folder.path)
     return 0 if status == "completed" else 1
 
 

@@ -1,9 +1,10 @@
 """Every Flower call the server makes: the gRPC server, the strategy and the round hooks.
 
 FedAvg does the aggregation (weighted by each client's number of training examples). On top
-of it this module settles how many clients form the federation, gives each its partition,
-records every round, evaluates centrally through ``CentralEvaluator`` and keeps client-side
-evaluation off unless asked (a final evaluate-on-all-clients round can overflow the GPU).
+of it this module asks each connection for its identity (for ``Membership``, which settles the
+federation and hands out partitions), records every round, evaluates centrally through
+``CentralEvaluator`` and keeps client-side evaluation off unless asked (a final
+evaluate-on-all-clients round can overflow the GPU).
 """
 
 from __future__ import annotations
@@ -25,82 +26,54 @@ from flwr.common import (
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
-from flwr.server import Server, ServerConfig, start_server
+from flwr.server import History, Server, ServerConfig, start_server
 from flwr.server.client_manager import ClientManager, SimpleClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg
 
 from services import protocol, worker
 from services.server.central import CentralEvaluator
-from services.server.registry import PartitionRegistry
+from services.server.membership import Holder, Membership
 from services.server.results import RoundRecorder, RunFolder
 from services.taskspec import TaskSpec
 
 log = logging.getLogger("bouquet.server")
 
 IDENTITY_TIMEOUT_S = 30.0
+HOLDERS_POLL_S = 0.5
 
 
-class Membership:
-    """Settles the federation's size once, then maps connected clients to partitions."""
+class ConnectedClients:
+    """The connected clients and their identities, each connection asked once (get_properties).
 
-    def __init__(self, registry: PartitionRegistry, min_clients: int, join_grace: float, poll_s: float = 0.2) -> None:
-        self.registry = registry
-        self.min_clients = min_clients
-        self.join_grace = join_grace
-        self.poll_s = poll_s
+    Flower's client manager hands out its live dictionary, which gRPC threads change as clients
+    come and go; every look here works on a copy taken in one step, and a client that vanishes
+    while asked is skipped, not fatal."""
+
+    def __init__(self, client_manager: ClientManager) -> None:
+        self.client_manager = client_manager
         self._identity_by_cid: dict[str, str] = {}
+        self._proxies: dict[str, ClientProxy] = {}
 
-    def settle(self, client_manager: ClientManager) -> int:
-        """Wait for FL_MIN_CLIENTS, then admit clients until none joined for FL_JOIN_GRACE seconds.
-
-        Clients are counted by identity, not by connection: a replica restarted during the
-        grace (its old stream not closed yet) is one client, and one that left is not counted."""
-        while True:
-            log.info("waiting for %d clients (FL_MIN_CLIENTS)", self.min_clients)
-            while not client_manager.wait_for(self.min_clients, timeout=60):
-                log.info("still waiting: %d of %d clients connected", client_manager.num_available(), self.min_clients)
-            count, quiet_since = self._distinct_clients(client_manager), time.monotonic()
-            while time.monotonic() - quiet_since < self.join_grace:
-                time.sleep(self.poll_s)
-                now = self._distinct_clients(client_manager)
-                if now != count:
-                    count, quiet_since = now, time.monotonic()
-            if count >= self.min_clients:
-                break
-            log.info("only %d distinct clients after the grace period; waiting again", count)
-        self.registry.settle(count)
-        log.info(
-            "settled on %d clients: %d required (FL_MIN_CLIENTS), then no client joined or left for %.1f s (FL_JOIN_GRACE)",
-            count,
-            self.min_clients,
-            self.join_grace,
-        )
-        return count
-
-    def _distinct_clients(self, client_manager: ClientManager) -> int:
-        identities = {self._identity_of(proxy) for proxy in client_manager.all().values()}
-        return len(identities - {None})
-
-    def holders(self, client_manager: ClientManager) -> list[tuple[ClientProxy, str, int]]:
-        """(proxy, identity, partition) of each connected client that holds a partition.
-
-        Clients are visited in registration order, so partitions go out in order of first
-        contact. When an identity is connected twice (a restarted client whose old stream
-        has not closed yet), its newest connection wins.
-        """
-        connected = client_manager.all()
-        for stale in set(self._identity_by_cid) - set(connected):
-            del self._identity_by_cid[stale]
-        newest: dict[str, ClientProxy] = {}
-        for cid, proxy in connected.items():
+    def snapshot(self) -> dict[str, str]:
+        """{connection id: identity} of the clients connected now, in order of connection."""
+        proxies = list(self.client_manager.all().items())  # one C-level copy: atomic under the GIL
+        current = {cid for cid, _ in proxies}
+        for gone in set(self._identity_by_cid) - current:
+            del self._identity_by_cid[gone]
+        self._proxies = dict(proxies)
+        out = {}
+        for cid, proxy in proxies:
             identity = self._identity_of(proxy)
-            if identity is not None and self.registry.assign(identity) is not None:
-                newest[identity] = proxy
-        return sorted(
-            ((proxy, identity, self.registry.partition_of(identity)) for identity, proxy in newest.items()),
-            key=lambda holder: holder[2],
-        )
+            if identity is not None:
+                out[cid] = identity
+        return out
+
+    def identities(self) -> set[str]:
+        return set(self.snapshot().values())
+
+    def proxy(self, cid: str) -> ClientProxy:
+        return self._proxies[cid]
 
     def _identity_of(self, proxy: ClientProxy) -> str | None:
         if proxy.cid not in self._identity_by_cid:
@@ -124,6 +97,7 @@ class BouquetStrategy(FedAvg):
         spec: TaskSpec,
         settings: Any,
         membership: Membership,
+        clients: ConnectedClients,
         recorder: RoundRecorder,
         evaluator: CentralEvaluator,
     ) -> None:
@@ -138,6 +112,7 @@ class BouquetStrategy(FedAvg):
         self.spec = spec
         self.client_eval = settings.client_eval
         self.membership = membership
+        self.clients = clients
         self.recorder = recorder
         self.evaluator = evaluator
         self._rng = random.Random(settings.seed)
@@ -159,16 +134,37 @@ class BouquetStrategy(FedAvg):
     def configure_fit(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, FitIns]]:
-        self.recorder.round_started(server_round)
         if self.membership.registry.num_partitions is None:
-            self.membership.settle(client_manager)
-        holders = self.membership.holders(client_manager)
+            self.membership.settle(self.clients.identities)
+        holders = self._wait_for_holders(server_round)
+        missing = self.membership.missing(holders)
+        self.recorder.partitions_missing(missing)
+        for gap in missing:
+            log.warning("round %d: partition %d will not train: %s%s", server_round, gap["partition"], gap["reason"], f" (client {gap['id']})" if gap["id"] else "")
         wanted = min(len(holders), max(int(len(holders) * self.fraction_fit), self.min_fit_clients))
-        chosen = sorted(self._rng.sample(holders, wanted), key=lambda holder: holder[2])
-        self._sampled = {proxy.cid: (identity, partition) for proxy, identity, partition in chosen}
+        chosen = sorted(self._rng.sample(holders, wanted), key=lambda holder: holder.partition)
+        self._sampled = {holder.cid: (holder.identity, holder.partition) for holder in chosen}
         base = self._base_config(server_round)
         log.info("round %d: training on %d of %d partition holders", server_round, len(chosen), len(holders))
-        return [(proxy, FitIns(parameters, {**base, protocol.PARTITION_ID: partition})) for proxy, _, partition in chosen]
+        return [(self.clients.proxy(h.cid), FitIns(parameters, {**base, protocol.PARTITION_ID: h.partition})) for h in chosen]
+
+    def _wait_for_holders(self, server_round: int) -> list[Holder]:
+        """The partition holders connected now, after waiting (up to FL_JOIN_TIMEOUT) until at
+        least FL_MIN_FIT_CLIENTS of them are: a replica restarting, or all of them stopping
+        before the server does (`docker compose down`), must not burn rounds with nobody in them."""
+        needed = min(self.min_fit_clients, self.membership.registry.num_partitions or 0)
+        holders = self.membership.holders(self.clients.snapshot())
+        if len(holders) >= needed:
+            return holders
+        log.warning(
+            "round %d: only %d partition holder(s) connected; waiting up to %g s (FL_JOIN_TIMEOUT) for %d (FL_MIN_FIT_CLIENTS)",
+            server_round, len(holders), self.membership.join_timeout, needed,
+        )
+        deadline = time.monotonic() + self.membership.join_timeout
+        while len(holders) < needed and time.monotonic() < deadline:
+            time.sleep(HOLDERS_POLL_S)
+            holders = self.membership.holders(self.clients.snapshot())
+        return holders
 
     def aggregate_fit(
         self,
@@ -227,8 +223,8 @@ class BouquetStrategy(FedAvg):
         if not self.client_eval:
             return []
         base = self._base_config(server_round)
-        holders = self.membership.holders(client_manager)
-        return [(proxy, EvaluateIns(parameters, {**base, protocol.PARTITION_ID: partition})) for proxy, _, partition in holders]
+        holders = self.membership.holders(self.clients.snapshot())
+        return [(self.clients.proxy(h.cid), EvaluateIns(parameters, {**base, protocol.PARTITION_ID: h.partition})) for h in holders]
 
     def aggregate_evaluate(
         self,
@@ -246,41 +242,66 @@ class BouquetStrategy(FedAvg):
 
 
 class RecordingServer(Server):
-    """Flower's server loop, closing each round's record once its evaluations are done."""
+    """Flower's server loop with each round's record around it: opened when the round's training
+    is configured, closed (checkpoint, metrics line) once its evaluations are done.
 
-    def __init__(self, *, strategy: BouquetStrategy, folder: RunFolder) -> None:
-        super().__init__(client_manager=SimpleClientManager(), strategy=strategy)
+    A fatal error anywhere in the loop ends the run for everyone: the connected clients are told
+    the run is over (so no replica waits on a dead server), Flower then stops its gRPC server,
+    and ``run`` raises the error, so the process exits non-zero instead of idling "healthy"."""
+
+    def __init__(self, *, client_manager: ClientManager, strategy: BouquetStrategy, folder: RunFolder) -> None:
+        super().__init__(client_manager=client_manager, strategy=strategy)
         self.folder = folder
         self.recorder = strategy.recorder
+        self.error: BaseException | None = None
+
+    def fit(self, num_rounds: int, timeout: float | None) -> tuple[History, float]:  # type: ignore[override]
+        try:
+            return super().fit(num_rounds, timeout)
+        except Exception as error:
+            self.error = error
+            log.error("the run cannot go on (%s: %s); telling the clients it is over", type(error).__name__, error)
+            return History(), 0.0
+
+    def fit_round(self, server_round: int, timeout: float | None):  # type: ignore[override]
+        self.recorder.round_started(server_round)
+        return super().fit_round(server_round, timeout)
 
     def evaluate_round(self, server_round: int, timeout: float | None):  # type: ignore[override]
         outcome = super().evaluate_round(server_round, timeout)
-        self.folder.save_checkpoint(server_round, parameters_to_ndarrays(self.parameters))
         record = self.recorder.round_ended()
+        if record["trained"]:
+            self.folder.save_checkpoint(server_round, parameters_to_ndarrays(self.parameters))
         log.info(
-            "round %d done in %.2f s: accuracy %s, %d ok, %d failed",
+            "round %d done in %.2f s: accuracy %s, %d ok, %d failed, %d partition(s) missing%s",
             server_round,
             record["round_seconds"],
             "n/a" if record["accuracy"] is None else f"{record['accuracy']:.4f}",
             record["clients_ok"],
             record["clients_failed"],
+            len(record["missing"]),
+            "" if record["trained"] else "; no client trained, the global model is unchanged and no checkpoint is written",
         )
         return outcome
 
 
-def run(settings: Any, spec: TaskSpec, folder: RunFolder, recorder: RoundRecorder, evaluator: CentralEvaluator, registry: PartitionRegistry) -> None:
-    """Serve all rounds; returns when the last one is recorded."""
-    membership = Membership(registry, settings.min_clients, settings.join_grace)
+def run(settings: Any, spec: TaskSpec, recorder: RoundRecorder, evaluator: CentralEvaluator, membership: Membership) -> None:
+    """Serve all rounds; returns when the last one is recorded, raises what ended the run early."""
+    client_manager = SimpleClientManager()
     strategy = BouquetStrategy(
         spec=spec,
         settings=settings,
         membership=membership,
+        clients=ConnectedClients(client_manager),
         recorder=recorder,
         evaluator=evaluator,
     )
+    server = RecordingServer(client_manager=client_manager, strategy=strategy, folder=recorder.folder)
     start_server(
         server_address=settings.listen_address,
-        server=RecordingServer(strategy=strategy, folder=folder),
+        server=server,
         # A client always answers within its worker timeout; the margin covers start-up and transfer.
         config=ServerConfig(num_rounds=settings.rounds, round_timeout=settings.worker_timeout + 120),
     )
+    if server.error is not None:
+        raise server.error

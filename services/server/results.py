@@ -94,11 +94,6 @@ def load_checkpoint(path: str | Path) -> list[np.ndarray]:
         return [arrays[f"arr_{i}"] for i in range(len(arrays.files))]
 
 
-def read_rounds(run_path: str | Path) -> list[dict[str, Any]]:
-    with open(Path(run_path) / "metrics.jsonl") as lines:
-        return [json.loads(line) for line in lines if line.strip()]
-
-
 class RoundRecorder:
     """Collects what happens in a round and appends it to metrics.jsonl when the round ends."""
 
@@ -121,7 +116,13 @@ class RoundRecorder:
             "failures": [],
             "accuracy": None,
             "loss": None,
+            "missing": [],
         }
+
+    def partitions_missing(self, missing: list[dict[str, Any]]) -> None:
+        """Partitions whose holder was not connected when the round was sampled."""
+        assert self._current is not None
+        self._current["missing"] = missing
 
     def fit_finished(self, clients: list[dict[str, Any]], failures: list[dict[str, Any]], num_partitions: int) -> None:
         assert self._current is not None
@@ -160,7 +161,21 @@ class RoundRecorder:
         record["round_seconds"] = round(time.monotonic() - self._started, 3)
         record.setdefault("clients_ok", 0)
         record.setdefault("clients_failed", 0)
+        record["trained"] = record["clients_ok"] > 0
         self.folder.append_round(record)
         self.rounds.append(record)
         self._current = None
         return record
+
+    @property
+    def trained_rounds(self) -> list[int]:
+        return [record["round"] for record in self.rounds if record["trained"]]
+
+    def rounds_trained_by_partition(self, num_partitions: int | None) -> dict[str, int]:
+        """How many rounds each partition trained in (0 for one that never did)."""
+        counts = {str(partition): 0 for partition in range(num_partitions or 0)}
+        for record in self.rounds:
+            for client in record["clients"]:
+                if client.get("partition") is not None:
+                    counts[str(client["partition"])] = counts.get(str(client["partition"]), 0) + 1
+        return counts

@@ -1,0 +1,126 @@
+"""Fresh `docker compose up --scale client=N` runs in a row, the way a user types it, and what
+each one settled on: the evidence behind "every replica gets its own partition, every time".
+
+    .venv/bin/python -m benchmarks.compose_trials --runs 10 --replicas 20 --out docs/measurements/<machine>/compose-trials.md
+
+Each run: `up --detach --no-build --scale client=N` with the CPU switch (COMPOSE_FILE=docker-compose.yml),
+the repository's .env otherwise unchanged, a results folder of its own; waits for the server to
+exit; records settling, rounds, memory verdict and peak `docker stats` memory; then `down --volumes`.
+Needs the images from scripts/build_images_offline.sh.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+UNITS_MIB = {"B": 1 / 2**20, "KiB": 1 / 1024, "kB": 1e3 / 2**20, "MiB": 1, "MB": 1e6 / 2**20, "GiB": 1024, "GB": 1e9 / 2**20}
+
+
+def docker_stats_mib(project: str) -> dict[str, float]:
+    """Memory per container of the project now, as `docker stats` shows it (MiB)."""
+    names = subprocess.run(["docker", "ps", "-q", "--filter", f"label=com.docker.compose.project={project}"], capture_output=True, text=True).stdout.split()
+    if not names:
+        return {}
+    out = subprocess.run(["docker", "stats", "--no-stream", "--format", "{{.Name}} {{.MemUsage}}", *names], capture_output=True, text=True).stdout
+    usage = {}
+    for line in out.splitlines():
+        name, used = line.split()[0], line.split()[1]
+        number, unit = re.fullmatch(r"([\d.]+)([A-Za-z]+)", used).groups()
+        usage[name] = float(number) * UNITS_MIB[unit]
+    return usage
+
+
+def one_run(compose: list[str], replicas: int, index: int, work: Path) -> dict:
+    project = f"bouquet-trial{index}"
+    results = work / f"run{index}"
+    results.mkdir(parents=True)
+    env = {"COMPOSE_FILE": "docker-compose.yml", "COMPOSE_PROJECT_NAME": project, "BOUQUET_RESULTS_DIR": str(results), "FL_RUN_ID": "trial"}
+    run = lambda *args, **kw: subprocess.run([*compose, *args], cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True, **kw)  # noqa: E731
+    started = time.monotonic()
+    peak_total, stop = [0.0, {}], threading.Event()
+
+    def watch_stats() -> None:
+        while not stop.is_set():
+            usage = docker_stats_mib(project)
+            if sum(usage.values()) > peak_total[0]:
+                peak_total[0], peak_total[1] = sum(usage.values()), usage
+    watcher = threading.Thread(target=watch_stats, daemon=True)
+    try:
+        up = run("up", "--detach", "--no-build", "--scale", f"client={replicas}")
+        if up.returncode != 0:
+            return {"run": index, "error": f"up exited {up.returncode}: {up.stderr[-500:]}"}
+        watcher.start()
+        server = run("ps", "-q", "server").stdout.strip()
+        while subprocess.run(["docker", "inspect", "-f", "{{.State.Status}}", server], capture_output=True, text=True).stdout.strip() not in ("exited", "dead"):
+            time.sleep(2)
+        exit_code = subprocess.run(["docker", "inspect", "-f", "{{.State.ExitCode}}", server], capture_output=True, text=True).stdout.strip()
+        folder = results / "trial"
+        deadline = time.monotonic() + 120
+        while not (folder / "memory_summary.json").exists() and time.monotonic() < deadline:
+            time.sleep(1)
+        stop.set()
+        ps = run("ps", "--all", "--format", "{{.Service}} {{.State}} {{.ExitCode}}").stdout.splitlines()
+        summary = json.loads((folder / "summary.json").read_text())
+        memory = json.loads((folder / "memory_summary.json").read_text()) if (folder / "memory_summary.json").exists() else {}
+        rounds = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        return {
+            "run": index,
+            "seconds": round(time.monotonic() - started, 1),
+            "server_exit": exit_code,
+            "status": summary["status"],
+            "num_partitions": summary["num_partitions"],
+            "settled": summary.get("settled"),
+            "clients_ok": [r["clients_ok"] for r in rounds],
+            "final_accuracy": summary.get("final_accuracy"),
+            "verdict": memory.get("verdict", {}).get("text"),
+            "peak_mib": memory.get("peak", {}).get("overall_mib"),
+            "docker_stats_peak_mib": round(peak_total[0], 1),
+            "report": (folder / "report.html").exists(),
+            "ps": sorted(set(ps)),
+        }
+    finally:
+        stop.set()
+        run("down", "--volumes", "--remove-orphans", "--timeout", "10")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--replicas", type=int, default=20)
+    parser.add_argument("--compose", default="docker compose", help="the compose command (default: Compose v2)")
+    parser.add_argument("--out", type=Path, help="write the table here (Markdown) as well")
+    options = parser.parse_args()
+    compose = shlex.split(options.compose)
+    version = subprocess.run([*compose, "version"], capture_output=True, text=True).stdout.strip()
+    lines = [f"{options.runs} fresh `{options.compose} up --scale client={options.replicas}` runs ({version}), CPU images, .env defaults", "",
+             "| run | s | server exit | status | partitions | clients ok per round | final acc | memory verdict | monitor peak MiB | docker stats peak MiB | report.html |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    print("\n".join(lines), flush=True)
+    with tempfile.TemporaryDirectory(prefix="bouquet-trials-") as work:
+        for index in range(1, options.runs + 1):
+            r = one_run(compose, options.replicas, index, Path(work))
+            if "error" in r:
+                line = f"| {index} | | | error: {r['error']} | | | | | | | |"
+            else:
+                line = (f"| {index} | {r['seconds']} | {r['server_exit']} | {r['status']} | {r['num_partitions']} | {r['clients_ok']} | "
+                        f"{r['final_accuracy']:.3f} | {r['verdict']} | {r['peak_mib']} | {r['docker_stats_peak_mib']} | {r['report']} |")
+            lines.append(line)
+            print(line, flush=True)
+            print(f"    settled: {r.get('settled')}; ps: {r.get('ps')}", flush=True)
+    if options.out:
+        options.out.parent.mkdir(parents=True, exist_ok=True)
+        options.out.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""Stress test of settling over real gRPC: stable replicas that connect further apart than the
+join grace (but announced themselves at start), while crowds of other clients connect, get
+asked for their identity and are SIGKILLed during settling. Before issue 9's fix this crashed
+the server ("dictionary changed size during iteration") or settled on too few clients.
+
+The server is the real ``python -m services.server``; the clients are light Flower clients in
+tests/swarm.py (they answer fit with the weights they got: settling is what is under test).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import PYTHON, REPO
+from services.client.connect import free_port, wait_until_listening
+
+pytestmark = pytest.mark.integration
+
+STABLE = 8
+CHURN_GROUPS, CHURN_SIZE = 3, 5
+
+
+def test_settles_on_every_started_replica_while_others_come_and_go(tmp_path):
+    address = f"127.0.0.1:{free_port()}"
+    data_dir, results = tmp_path / "data", tmp_path / "results"
+    server = subprocess.Popen(
+        [PYTHON, "-m", "services.server", "--listen-address", address, "--rounds", "2", "--min-clients", "2",
+         "--join-grace", "1.5", "--join-timeout", "60", "--min-fit-clients", "2", "--dataset", "digits",
+         "--worker-start", "spawn", "--data-dir", str(data_dir), "--results-dir", str(results), "--run-id", "settle"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    swarms: list[subprocess.Popen] = []
+
+    def swarm(mode: str, *members: str) -> subprocess.Popen:
+        process = subprocess.Popen([sys.executable, "tests/swarm.py", address, str(data_dir), mode, *members],
+                                   cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        swarms.append(process)
+        return process
+
+    try:
+        wait_until_listening(address, server, timeout=120, name="server")
+        # Stable replicas announce at once and connect 0.6 s apart: 4.2 s from first to last,
+        # nearly three times the 1.5 s grace.
+        stable = swarm("stable", *(f"replica-{i}:{0.6 * i:.1f}" for i in range(STABLE)))
+        assert stable.stdout.readline().strip() == "announced"
+        for group in range(CHURN_GROUPS):
+            crowd = swarm("churn", *(f"churn-{group}-{i}" for i in range(CHURN_SIZE)))
+            assert crowd.stdout.readline().strip() == "asked"  # the server has seen every one of them
+            crowd.kill()  # all its connections drop at once, mid-settling
+        output, _ = server.communicate(timeout=300)
+        assert server.returncode == 0, output[-4000:]
+        stable.wait(timeout=60)
+    finally:
+        for process in (server, *swarms):
+            process.kill()
+            process.wait()
+
+    summary = json.loads((results / "settle" / "summary.json").read_text())
+    rounds = [json.loads(line) for line in (results / "settle" / "metrics.jsonl").read_text().splitlines()]
+    assert summary["status"] == "completed", output[-4000:]
+    assert summary["num_partitions"] == STABLE, summary["settled"]
+    assert sorted(summary["partitions"]) == sorted(f"replica-{i}" for i in range(STABLE))
+    assert f"all {STABLE} replicas that started have connected" in summary["settled"]
+    assert f"settled on {STABLE} clients" in output
+    for record in rounds:
+        assert record["clients_ok"] == STABLE and record["missing"] == [] and record["trained"]
+    assert summary["rounds_trained_by_partition"] == {str(p): 2 for p in range(STABLE)}
+
+
+
+def test_a_fatal_error_with_clients_connected_ends_the_run_for_everyone(tmp_path):
+    """Issue 9: the server died before round 1 but stayed "healthy", its replicas connected and
+    idle. Here the run folder breaks under a running server (metrics.jsonl becomes a folder, as
+    a full or vanished disk would break it): the server must tell the clients the run is over,
+    exit non-zero with summary.json saying why, and not hang on their open streams."""
+    address = f"127.0.0.1:{free_port()}"
+    data_dir, results = tmp_path / "data", tmp_path / "results"
+    server = subprocess.Popen(
+        [PYTHON, "-m", "services.server", "--listen-address", address, "--rounds", "3", "--min-clients", "2",
+         "--join-grace", "0.5", "--worker-start", "spawn", "--data-dir", str(data_dir), "--results-dir", str(results),
+         "--run-id", "doomed"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    clients = subprocess.Popen([sys.executable, "tests/swarm.py", address, str(data_dir), "stable", "a:0", "b:0"],
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    seen = []
+    try:
+        for line in server.stdout:  # until the federation is settled: round 1 is about to start
+            seen.append(line)
+            if "settled on 2 clients" in line:
+                break
+        metrics = results / "doomed" / "metrics.jsonl"
+        metrics.unlink()
+        metrics.mkdir()
+        output, _ = server.communicate(timeout=120)
+        clients.wait(timeout=60)
+    finally:
+        for process in (server, clients):
+            process.kill()
+            process.wait()
+    output = "".join(seen) + output
+    assert server.returncode == 1, output[-3000:]
+    assert clients.returncode == 0, "the clients were not told that the run is over"
+    summary = json.loads((results / "doomed" / "summary.json").read_text())
+    assert summary["status"] == "failed" and "IsADirectoryError" in summary["error"], summary
+    assert summary["num_partitions"] == 2 and summary["rounds_completed"] == 0
+
+
+def test_a_fatal_error_ends_the_server_with_its_summary_instead_of_a_hang(tmp_path):
+    """The initial model cannot be built (its worker times out): the run cannot go on, so the
+    server must exit non-zero with summary.json saying why, and free its port, not idle."""
+    address = f"127.0.0.1:{free_port()}"
+    results = tmp_path / "results"
+    server = subprocess.Popen(
+        [PYTHON, "-m", "services.server", "--listen-address", address, "--rounds", "2", "--worker-timeout", "0.01",
+         "--worker-start", "spawn", "--data-dir", str(tmp_path / "data"), "--results-dir", str(results), "--run-id", "doomed"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        output, _ = server.communicate(timeout=120)
+    finally:
+        server.kill()
+    assert server.returncode == 1, output[-3000:]
+    summary = json.loads((results / "doomed" / "summary.json").read_text())
+    assert summary["status"] == "failed" and "WorkerFailed" in summary["error"] and "timeout" in summary["error"].lower()
+    assert summary["rounds_completed"] == 0
