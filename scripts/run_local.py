@@ -75,7 +75,7 @@ def flags(values: object, names: list[str]) -> list[str]:
     out = []
     for setting in settings_module.SERVER + CLIENT_ONLY:
         if setting.name in names and getattr(values, setting.name) is not None:
-            out += [setting.flag, str(getattr(values, setting.name))]
+            out += [setting.flag, settings_module.as_text(getattr(values, setting.name))]
     return out
 
 

@@ -11,6 +11,7 @@ IDENTITY_PROPERTY = "client-id"
 SERVER_ROUND = "server_round"
 PARTITION_ID = "partition_id"
 NUM_PARTITIONS = "num_partitions"
+PROXIMAL_MU = "proximal_mu"  # what Flower's FedProx puts in each round's fit config
 
 
 def encode_failure(cause: str, **details: Any) -> str:
@@ -23,3 +24,9 @@ def decode_failure(message: str) -> dict[str, Any]:
     except (TypeError, ValueError):
         return {"cause": message or "client reported failure without a reason"}
     return decoded if isinstance(decoded, dict) and "cause" in decoded else {"cause": message}
+
+
+def scalars(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Flower metrics carry only scalars: a task's list or dict metric (per-class accuracy...)
+    travels as its JSON text."""
+    return {key: value if isinstance(value, (bool, int, float, str, bytes)) else json.dumps(value) for key, value in metrics.items()}

@@ -167,17 +167,41 @@ class Setting:
         return "FL_" + self.name.upper()
 
 
+def task_reference(raw: str) -> str:
+    """builtin, a path to a .py file, or an importable module name (checked in a worker at start)."""
+    if raw == "builtin" or raw.endswith(".py") or re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", raw):
+        return raw
+    raise ValueError("must be builtin, a path to a .py file, or an importable module name (e.g. mypackage.task)")
+
+
+STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedmedian", "fedtrimmedavg", "krum")
+
+
+def key_values(raw: str) -> dict[str, str]:
+    """'a=1,b=0.5' -> {'a': '1', 'b': '0.5'}; the values are checked against the strategy later."""
+    out: dict[str, str] = {}
+    for item in (part.strip() for part in raw.split(",")):
+        if not item:
+            continue
+        key, equals, value = item.partition("=")
+        if not equals or not re.fullmatch(r"[a-z_][a-z0-9_]*", key.strip()) or not value.strip():
+            raise ValueError(f"must be key=value pairs separated by commas (e.g. proximal_mu=0.1), not {item!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
 # Training settings the server sends to every client in each round's config.
 TASK = [
-    Setting("dataset", choice(*DATASETS), "digits", "data set: digits (offline, 8x8), cifar10 (downloaded once into the data dir), synthetic (random tensors)"),
-    Setting("model", choice(*MODELS), "auto", "model: auto picks digits-cnn for digits and cifar-cnn otherwise; resnet18 (untrained) for heavier GPU work"),
+    Setting("task", task_reference, "builtin", "what to train: builtin (--dataset / --model), a path to a Flower-style task.py (Net, load_data, train, test, optionally load_centralized_dataset), or an importable module name; imported only in workers"),
+    Setting("dataset", choice(*DATASETS), "digits", "(builtin task) data set: digits (offline, 8x8), cifar10 (downloaded once into the data dir), synthetic (random tensors)"),
+    Setting("model", choice(*MODELS), "auto", "(builtin task) model: auto picks digits-cnn for digits and cifar-cnn otherwise; resnet18 (untrained) for heavier GPU work"),
     Setting("local_epochs", positive_int, 2, "local epochs per round"),
     Setting("batch_size", positive_int, 16, "training batch size"),
     Setting("learning_rate", positive_float, 0.05, "SGD learning rate (momentum 0.9)"),
-    Setting("partitioning", choice(*PARTITIONINGS), "iid", "how the training split is divided among clients"),
-    Setting("dirichlet_alpha", positive_float, 0.5, "Dirichlet concentration for --partitioning dirichlet (smaller = more label skew)"),
+    Setting("partitioning", choice(*PARTITIONINGS), "iid", "(builtin task) how the training split is divided among clients"),
+    Setting("dirichlet_alpha", positive_float, 0.5, "(builtin task) Dirichlet concentration for --partitioning dirichlet (smaller = more label skew)"),
     Setting("seed", non_negative_int, 0, "seed for model initialisation, partitioning and synthetic data"),
-    Setting("synthetic_samples", at_least(10), 5000, "number of samples (3x32x32 images, 10 classes) of the synthetic data set, train + test"),
+    Setting("synthetic_samples", at_least(10), 5000, "(builtin task) number of samples (3x32x32 images, 10 classes) of the synthetic data set, train + test"),
     Setting("worker_timeout", positive_float, 600.0, "seconds a training or evaluation worker may run before it is killed"),
 ]
 
@@ -199,7 +223,9 @@ SERVER = [
     Setting("join_timeout", positive_float, 180.0, "seconds to wait for a replica that started but has not connected yet (while settling), and for --min-fit-clients partition holders to be connected before a round (e.g. while replicas restart)"),
     Setting("fraction_fit", fraction, 1.0, "fraction of partition-holding clients sampled for training each round"),
     Setting("min_fit_clients", positive_int, 2, "minimum clients sampled for training each round"),
-    Setting("client_eval", boolean, False, "also evaluate on the clients after each round (off: server-side evaluation only)"),
+    Setting("client_eval", boolean, False, "also evaluate on the clients after each round (off: server-side evaluation only; on by itself for a task without load_centralized_dataset)"),
+    Setting("strategy", choice(*STRATEGIES), "fedavg", "Flower aggregation strategy"),
+    Setting("strategy_args", key_values, {}, "the strategy's own hyper-parameters as key=value,... (e.g. proximal_mu=0.1 for fedprox), checked against its constructor"),
     Setting("results_dir", path, "results", "folder under which each run gets its own <run-id>/ folder"),
     Setting("run_id", optional(identifier), None, "name of this run's results folder (default: UTC timestamp + random suffix); an existing folder is never reused"),
     *TASK,
@@ -266,6 +292,15 @@ def parse(
         except SettingError as problem:
             _report_and_exit(program, str(problem))
     return namespace
+
+
+def as_text(value: Any) -> str:
+    """A parsed value back as the text its parser accepts (to pass settings on as flags)."""
+    if isinstance(value, dict):
+        return ",".join(f"{key}={item}" for key, item in value.items())
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
 
 
 def as_dict(values: SimpleNamespace) -> dict[str, Any]:

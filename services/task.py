@@ -1,33 +1,161 @@
-"""The work a worker process does: build the model, load its data, train or evaluate.
+"""The work a worker process does, for any task module: build ``Net``, load the partition's
+data, ``train`` or ``test``, and hand back plain values (numpy weights, counts, metrics).
 
-Every function here is a worker job: it takes plain values, returns plain values (numpy
-weights, counts, metrics) and is run by ``services.worker`` in a fresh process, so the
-CUDA context it creates dies with that process. Client and server processes never import
-this module (it imports torch).
+A task module is shaped like Flower's quickstart-pytorch ``task.py`` (README: "Bring your own
+task"): ``Net``, ``load_data(partition_id, num_partitions, batch_size)``, ``train(net,
+trainloader, epochs, lr, device)``, ``test(net, testloader, device)`` and optionally
+``load_centralized_dataset()`` and ``configure(**knobs)``. Bouquet's built-in task is one such
+module (``services.builtin_task``), so every task takes this one path.
+
+Every function here is a worker job, run by ``services.worker`` in a fresh process: the task
+module is imported there afresh each round and its CUDA context dies with the process. Client
+and server processes never import this module (it imports torch); only FL_WORKER_START=inprocess
+runs it in the caller, which is the memory problem kept for comparison.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib
+import importlib.util
+import inspect as introspect
 import math
+import numbers
 import os
+import sys
 import time
+import traceback
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Subset
 
-from services import data, models
-from services.partitioning import cached_partition
-from services.taskspec import INPUT_SHAPES, NUM_CLASSES, Placement, TaskSpec
+from services.taskspec import Placement, TaskSpec
+
+BUILTIN = "services.builtin_task"
+REQUIRED = {  # function -> the positional arguments Bouquet calls it with
+    "load_data": ("partition_id", "num_partitions", "batch_size"),
+    "train": ("net", "trainloader", "epochs", "lr", "device"),
+    "test": ("net", "testloader", "device"),
+}
 
 
-def prepare(placement: Placement) -> torch.device:
-    """Apply the placement's thread limit and pick the device for this worker."""
+class TaskError(RuntimeError):
+    """The task module is not usable as given (FL_TASK), or one of its functions failed."""
+
+
+# --- loading and checking a task module ---------------------------------------------------------
+
+
+def load(reference: str) -> ModuleType:
+    """Import the task: builtin, a .py file, or a module (a task file that imports modules beside
+    it: put its folder on PYTHONPATH and name it as a module)."""
+    if reference == "builtin":
+        return importlib.import_module(BUILTIN)
+    if reference.endswith(".py"):
+        path = Path(reference).resolve()
+        if not path.is_file():
+            raise TaskError(f"no such file {path}")
+        name = f"bouquet_task_{hashlib.sha256(str(path).encode()).hexdigest()[:12]}"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        try:
+            spec.loader.exec_module(module)
+        except Exception as error:
+            raise TaskError(f"fails to import: {_located(error, str(path))}") from error
+        return module
+    try:
+        return importlib.import_module(reference)
+    except ModuleNotFoundError as error:
+        if error.name and reference.startswith(error.name):
+            raise TaskError(f"no module named {error.name!r} (not a builtin, not a .py path)") from error
+        raise TaskError(f"fails to import: {_located(error, None)}") from error
+    except Exception as error:
+        raise TaskError(f"fails to import: {_located(error, None)}") from error
+
+
+def source_path(module: ModuleType) -> str | None:
+    return getattr(module, "__file__", None)
+
+
+def sha256_of(module: ModuleType) -> str:
+    path = source_path(module)
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest() if path else ""
+
+
+def inspect(task: str) -> dict[str, Any]:
+    """Worker job run once by the server at start: everything that can be wrong with FL_TASK,
+    found before any client trains. Returns what the server records and needs to know."""
+    module = load(task)
+    for name, positional in REQUIRED.items():
+        function = getattr(module, name, None)
+        if not callable(function):
+            raise TaskError(f"defines no function {name}({', '.join(positional)})")
+        try:
+            introspect.signature(function).bind(*positional)
+        except TypeError as error:
+            raise TaskError(f"{name}{introspect.signature(function)} cannot be called as {name}({', '.join(positional)}): {error}") from None
+        except ValueError:  # a builtin without a signature: trust it
+            pass
+    if not callable(getattr(module, "Net", None)):
+        raise TaskError("defines no Net (the torch.nn.Module class, built with no arguments)")
+    central = getattr(module, "load_centralized_dataset", None)
+    return {
+        "task": task,
+        "path": source_path(module),
+        "sha256": sha256_of(module),
+        "central_evaluation": callable(central),
+        "train_takes_proximal_mu": _accepts(module.train, "proximal_mu"),
+        "has_configure": callable(getattr(module, "configure", None)),
+    }
+
+
+def _accepts(function: Any, keyword: str) -> bool:
+    parameters = introspect.signature(function).parameters.values()
+    return any(p.name == keyword or p.kind is p.VAR_KEYWORD for p in parameters)
+
+
+def _located(error: BaseException, path: str | None) -> str:
+    """'Type: message (file:line in function)', the frame being the task's own when known."""
+    frames = traceback.extract_tb(error.__traceback__)
+    own = [f for f in frames if path and os.path.samefile(f.filename, path)] if path and os.path.exists(path) else []
+    frame = (own or frames or [None])[-1]
+    message = str(error).splitlines()[0] if str(error) else ""
+    where = f" ({frame.filename}:{frame.lineno} in {frame.name})" if frame else ""
+    return f"{type(error).__name__}{': ' + message if message else ''}{where}"
+
+
+def _ready(spec: TaskSpec, placement: Placement) -> tuple[ModuleType, torch.device]:
+    """The task module as the server inspected it, configured, and the device to compute on."""
     if placement.torch_threads:
         torch.set_num_threads(placement.torch_threads)
-    return pick_device(placement.device)
+    module = load(spec.task)
+    if spec.task_sha256 and sha256_of(module) != spec.task_sha256:
+        raise TaskError(f"{source_path(module)} changed since the server started the run (FL_TASK = {spec.task!r}); every round must train the same task")
+    configure = getattr(module, "configure", None)
+    if callable(configure):
+        wanted = introspect.signature(configure).parameters
+        knobs = spec.knobs(placement.data_dir)
+        takes_all = any(p.kind is p.VAR_KEYWORD for p in wanted.values())
+        configure(**{k: v for k, v in knobs.items() if takes_all or k in wanted})
+    return module, pick_device(placement.device)
+
+
+def _call(module: ModuleType, name: str, *args: Any, **kwargs: Any) -> Any:
+    """Call a task function; its failure names itself and the task's line that raised."""
+    try:
+        return getattr(module, name)(*args, **kwargs)
+    except Exception as error:
+        if "out of memory" in str(error).lower():
+            raise
+        raise TaskError(f"{name} raised {_located(error, source_path(module))}") from error
+
+
+# --- the jobs -------------------------------------------------------------------------------------
 
 
 def pick_device(setting: str) -> torch.device:
@@ -38,10 +166,6 @@ def pick_device(setting: str) -> torch.device:
     if setting == "cuda":
         raise RuntimeError("FL_DEVICE=cuda but torch sees no CUDA device")
     return torch.device("cpu")
-
-
-def build_model(spec: TaskSpec) -> nn.Module:
-    return models.build(spec.model, in_channels=INPUT_SHAPES[spec.dataset][0], num_classes=NUM_CLASSES)
 
 
 def get_weights(model: nn.Module) -> list[np.ndarray]:
@@ -58,17 +182,20 @@ def set_weights(model: nn.Module, weights: list[np.ndarray]) -> None:
     model.load_state_dict({name: torch.as_tensor(array) for name, array in zip(state, weights)}, strict=True)
 
 
-def initial_weights(spec: TaskSpec) -> list[np.ndarray]:
+def _net(module: ModuleType, weights: list[np.ndarray] | None = None) -> nn.Module:
+    net = _call(module, "Net")
+    if not isinstance(net, nn.Module):
+        raise TaskError(f"Net() returned {type(net).__name__}, not a torch.nn.Module")
+    if weights is not None:
+        set_weights(net, weights)
+    return net
+
+
+def initial_weights(spec: TaskSpec, placement: Placement | None = None) -> list[np.ndarray]:
     """The seeded starting point of the global model."""
+    module, _ = _ready(spec, placement or Placement(data_dir="data", device="cpu"))
     torch.manual_seed(spec.seed)
-    return get_weights(build_model(spec))
-
-
-def _partition(spec: TaskSpec, placement: Placement, labels: np.ndarray, split: str, partition_id: int, num_partitions: int) -> np.ndarray:
-    key = f"{spec.dataset}-{split}" + (f"-{spec.synthetic_samples}" if spec.dataset == "synthetic" else "")
-    return cached_partition(
-        placement.data_dir, key, labels, num_partitions, partition_id, spec.partitioning, spec.dirichlet_alpha, spec.seed
-    )
+    return get_weights(_net(module))
 
 
 def _memory_metrics(device: torch.device) -> dict[str, float]:
@@ -78,37 +205,23 @@ def _memory_metrics(device: torch.device) -> dict[str, float]:
 
 
 def train(
-    spec: TaskSpec, placement: Placement, weights: list[np.ndarray], partition_id: int, num_partitions: int, server_round: int
+    spec: TaskSpec, placement: Placement, weights: list[np.ndarray], partition_id: int, num_partitions: int,
+    server_round: int, proximal_mu: float | None = None,
 ) -> dict[str, Any]:
-    """Local SGD on one partition. Returns new weights, the number of EXAMPLES and metrics."""
+    """Local training on one partition. Returns new weights, the number of training EXAMPLES
+    (``len(trainloader.dataset)``) and metrics."""
     started = time.monotonic()
-    device = prepare(placement)
-    splits = data.load(spec.dataset, placement.data_dir, spec.seed, spec.synthetic_samples)
-    rows = _partition(spec, placement, splits.train_labels, "train", partition_id, num_partitions)
-    generator = torch.Generator().manual_seed(spec.seed * 100_003 + server_round * 1_009 + partition_id)
-    loader = DataLoader(Subset(splits.train, rows.tolist()), batch_size=spec.batch_size, shuffle=True, generator=generator)
-
-    model = build_model(spec)
-    set_weights(model, weights)
-    model.to(device).train()
-    optimiser = torch.optim.SGD(model.parameters(), lr=spec.learning_rate, momentum=0.9)
-    criterion = nn.CrossEntropyLoss()
-    loss_sum, seen = 0.0, 0
-    for _ in range(spec.local_epochs):
-        for images, labels in loader:
-            images, labels = images.to(device), labels.to(device)
-            optimiser.zero_grad()
-            loss = criterion(model(images), labels)
-            loss.backward()
-            optimiser.step()
-            loss_sum += loss.item() * len(labels)
-            seen += len(labels)
-    train_loss = loss_sum / seen if seen else math.nan
+    module, device = _ready(spec, placement)
+    torch.manual_seed(spec.seed * 100_003 + server_round * 1_009 + partition_id)  # the loaders' shuffles
+    trainloader, _ = _call(module, "load_data", partition_id, num_partitions, spec.batch_size)
+    net = _net(module, weights)
+    extra = {"proximal_mu": proximal_mu} if proximal_mu is not None else {}
+    loss = _call(module, "train", net, trainloader, spec.local_epochs, spec.learning_rate, device, **extra)
     return {
-        "weights": get_weights(model),
-        "num_examples": len(rows),
+        "weights": get_weights(net),
+        "num_examples": len(trainloader.dataset),
         "metrics": {
-            "train_loss": train_loss,
+            "train_loss": float(loss) if isinstance(loss, numbers.Real) else math.nan,
             "worker_pid": os.getpid(),
             "device": device.type,
             "train_seconds": time.monotonic() - started,
@@ -120,28 +233,49 @@ def train(
 def evaluate(
     spec: TaskSpec, placement: Placement, weights: list[np.ndarray], partition_id: int | None = None, num_partitions: int | None = None
 ) -> dict[str, Any]:
-    """Loss and accuracy on the test split, or on one client's share of it."""
-    device = prepare(placement)
-    splits = data.load(spec.dataset, placement.data_dir, spec.seed, spec.synthetic_samples)
-    test = splits.test
-    if partition_id is not None and num_partitions is not None:
-        rows = _partition(spec, placement, splits.test_labels, "test", partition_id, num_partitions)
-        test = Subset(test, rows.tolist())
-    model = build_model(spec)
-    set_weights(model, weights)
-    model.to(device).eval()
-    criterion = nn.CrossEntropyLoss(reduction="sum")
-    loss_sum, correct, seen = 0.0, 0, 0
-    with torch.no_grad():
-        for images, labels in DataLoader(test, batch_size=256):
-            images, labels = images.to(device), labels.to(device)
-            outputs = model(images)
-            loss_sum += criterion(outputs, labels).item()
-            correct += (outputs.argmax(1) == labels).sum().item()
-            seen += len(labels)
+    """``test`` on the task's held-out data (the server's ``load_centralized_dataset``), or on a
+    client's validation loader. Accepts ``(loss, accuracy)`` and ``(loss, metrics)``."""
+    module, device = _ready(spec, placement)
+    if partition_id is None:
+        loader = _call(module, "load_centralized_dataset")
+    else:
+        torch.manual_seed(spec.seed * 100_003 + partition_id)
+        _, loader = _call(module, "load_data", partition_id, num_partitions, spec.batch_size)
+    net = _net(module, weights)
+    loss, metrics = normalise_test_result(_call(module, "test", net, loader, device))
     return {
-        "loss": loss_sum / seen if seen else math.nan,
-        "accuracy": correct / seen if seen else math.nan,
-        "num_examples": seen,
-        "metrics": {"worker_pid": os.getpid(), "device": device.type, **_memory_metrics(device)},
+        "loss": loss,
+        "accuracy": metrics["accuracy"],
+        "num_examples": len(loader.dataset),
+        "metrics": metrics,
+        "job": {"worker_pid": os.getpid(), "device": device.type, **_memory_metrics(device)},
     }
+
+
+def normalise_test_result(result: Any) -> tuple[float, dict[str, Any]]:
+    """(loss, accuracy) or (loss, {"accuracy": ..., ...}) -> (loss, metrics as plain values)."""
+    if not (isinstance(result, tuple) and len(result) == 2):
+        raise TaskError(f"test returned {type(result).__name__}; it must return (loss, accuracy) or (loss, metrics dict)")
+    loss, second = result
+    if isinstance(second, dict):
+        if "accuracy" not in second:
+            raise TaskError(f"test's metrics have no 'accuracy' (keys: {', '.join(map(str, second)) or 'none'})")
+        metrics = {str(key): _plain(value) for key, value in second.items()}
+    else:
+        metrics = {"accuracy": _plain(second)}
+    return float(loss), metrics
+
+
+def _plain(value: Any) -> Any:
+    """numpy and torch numbers and arrays as JSON-ready Python values."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().numpy()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return value

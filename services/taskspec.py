@@ -48,12 +48,26 @@ class TaskSpec:
     seed: int
     synthetic_samples: int
     worker_timeout: float
+    task: str = "builtin"  # FL_TASK: builtin, a .py path or a module name
+    task_sha256: str = ""  # of the task's file, as the server inspected it: every round must train the same code
 
     @classmethod
     def from_settings(cls, settings: Any) -> "TaskSpec":
-        values = {f.name: getattr(settings, f.name) for f in fields(cls)}
+        values = {f.name: getattr(settings, f.name) for f in fields(cls) if f.name != "task_sha256"}
         values["model"] = resolve_model(values["dataset"], values["model"])
         return cls(**values)
+
+    def knobs(self, data_dir: str) -> dict[str, Any]:
+        """What a task module's optional ``configure`` hook may ask for (the builtin task needs all)."""
+        return {
+            "data_dir": data_dir,
+            "seed": self.seed,
+            "dataset": self.dataset,
+            "model": self.model,
+            "partitioning": self.partitioning,
+            "dirichlet_alpha": self.dirichlet_alpha,
+            "synthetic_samples": self.synthetic_samples,
+        }
 
     def to_config(self) -> dict[str, Any]:
         """Flower config values (str/int/float/bool only)."""

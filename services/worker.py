@@ -33,7 +33,7 @@ START_METHODS = WORKER_STARTS
 # Anything that did (even torch.cuda.is_available()) would make every forked worker unable to
 # use the GPU; _refuse_poisoned_fork turns that into a clear failure, tests/test_forkserver.py
 # checks it never happens.
-FORKSERVER_PRELOAD = ["torch", "torch._dynamo", "services.task"]
+FORKSERVER_PRELOAD = ["torch", "torch._dynamo", "services.task", "services.builtin_task"]
 
 
 class WorkerFailed(RuntimeError):

@@ -73,7 +73,7 @@ class FailingEvaluator:
 def test_failed_central_evaluation_is_recorded_and_the_run_goes_on(tmp_path):
     folder = RunFolder(tmp_path, "run")
     recorder = RoundRecorder(folder)
-    settings = SimpleNamespace(fraction_fit=1.0, min_fit_clients=1, min_clients=1, client_eval=False, seed=0)
+    settings = SimpleNamespace(fraction_fit=1.0, min_fit_clients=1, min_clients=1, client_eval=False, seed=0, strategy="fedavg", strategy_args={})
     strategy = BouquetStrategy(
         spec=None, settings=settings, membership=None, clients=None, recorder=recorder, evaluator=FailingEvaluator()
     )

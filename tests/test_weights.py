@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from services import task
+from services import builtin_task, task
 from services.server.results import RunFolder, load_checkpoint
 from services.taskspec import TaskSpec
 
@@ -15,12 +15,18 @@ def spec(model: str, dataset: str = "digits") -> TaskSpec:
     return TaskSpec(dataset, model, 1, 16, 0.05, "iid", 0.5, 0, 100, 60.0)
 
 
+def build_model(spec: TaskSpec) -> torch.nn.Module:
+    """The built-in task's Net, as a worker builds it."""
+    builtin_task.configure(**spec.knobs("data"))
+    return builtin_task.Net()
+
+
 @pytest.mark.parametrize("model, dataset", [("digits-cnn", "digits"), ("cifar-cnn", "synthetic"), ("resnet18", "digits")])
 def test_model_weights_round_trip(model, dataset):
-    source = task.build_model(spec(model, dataset))
+    source = build_model(spec(model, dataset))
     arrays = task.get_weights(source)
     assert all(isinstance(a, np.ndarray) for a in arrays)
-    target = task.build_model(spec(model, dataset))
+    target = build_model(spec(model, dataset))
     task.set_weights(target, arrays)
     for (name, a), b in zip(source.state_dict().items(), target.state_dict().values()):
         assert torch.equal(a, b), name
@@ -34,7 +40,7 @@ def test_initial_weights_are_seeded():
 
 
 def test_wrong_shapes_are_refused_by_name():
-    model = task.build_model(spec("digits-cnn"))
+    model = build_model(spec("digits-cnn"))
     arrays = task.get_weights(model)
     arrays[0] = np.zeros((1, 2, 3), dtype=np.float32)
     with pytest.raises(ValueError, match=r"features\.0\.weight have shape \(1, 2, 3\)"):
@@ -45,7 +51,7 @@ def test_wrong_shapes_are_refused_by_name():
 
 def test_checkpoint_round_trip(tmp_path):
     folder = RunFolder(tmp_path, "run-1")
-    arrays = task.get_weights(task.build_model(spec("resnet18")))
+    arrays = task.get_weights(build_model(spec("resnet18")))
     path = folder.save_checkpoint(3, arrays)
     assert path.name == "round-0003.npz"
     loaded = load_checkpoint(path)

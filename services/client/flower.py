@@ -68,7 +68,7 @@ class WorkerClient(Client):
             status=Status(Code.OK, ""),
             loss=float(scored["loss"]),
             num_examples=scored["num_examples"],
-            metrics={"accuracy": float(scored["accuracy"]), **scored["metrics"], "client_pid": os.getpid()},
+            metrics={**protocol.scalars(scored["metrics"]), **scored["job"], "client_pid": os.getpid()},
         )
 
     def _run(self, job: str, ins: FitIns | EvaluateIns, with_round: bool) -> worker.WorkerResult | str:
@@ -84,6 +84,8 @@ class WorkerClient(Client):
                       "partition_id": partition, "num_partitions": num_partitions}
             if with_round:
                 inputs["server_round"] = server_round
+                if protocol.PROXIMAL_MU in ins.config:  # FedProx's term, for the task's train()
+                    inputs["proximal_mu"] = float(ins.config[protocol.PROXIMAL_MU])
         except (KeyError, TypeError, ValueError) as problem:
             log.error("round %s: unreadable round config: %s: %s", server_round, type(problem).__name__, problem)
             return protocol.encode_failure(f"unreadable round config: {type(problem).__name__}: {problem}", client_pid=os.getpid())

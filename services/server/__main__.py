@@ -6,6 +6,7 @@ written with what was completed; metrics.jsonl and the checkpoints are already o
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 import time
@@ -23,12 +24,35 @@ log = logging.getLogger("bouquet.server")
 
 
 def validate(values: SimpleNamespace) -> None:
-    check_model_fits(values.dataset, values.model)
+    """Checks across settings, before anything starts (the task module itself is checked in a
+    worker by ``check_task``). Leaves FL_STRATEGY_ARGS converted to the strategy's types."""
+    from services.server import strategies  # imports flwr: only once the single values are fine
+
+    if values.task == "builtin":
+        check_model_fits(values.dataset, values.model)
+    values.strategy_args = strategies.parse_args(values.strategy, values.strategy_args)
     if values.min_fit_clients > values.min_clients:
         raise settings_module.SettingError(
             f"--min-fit-clients / FL_MIN_FIT_CLIENTS = {values.min_fit_clients}: must not exceed "
             f"--min-clients / FL_MIN_CLIENTS = {values.min_clients}, or no round could ever start"
         )
+
+
+def check_task(settings: SimpleNamespace, evaluator: CentralEvaluator) -> dict:
+    """FL_TASK imported and checked once, in a worker (torch never enters this process). A task
+    that cannot run, or FedProx with a train() that cannot take its proximal term, is a bad
+    setting: exit 2 with the line naming it."""
+    try:
+        info = evaluator.inspect()
+    except worker.WorkerFailed as failure:
+        reason = failure.cause.removeprefix("TaskError: ")
+        raise settings_module.SettingError(f"--task / FL_TASK = {settings.task!r}: {reason}") from None
+    if settings.strategy == "fedprox" and not info["train_takes_proximal_mu"]:
+        raise settings_module.SettingError(
+            f"--strategy / FL_STRATEGY = 'fedprox': the task's train() (FL_TASK = {settings.task!r}) takes no proximal_mu "
+            "argument, so FedProx's proximal term could not reach training; add `proximal_mu: float = 0.0` to it"
+        )
+    return info
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,6 +61,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     logs.setup()
     spec = TaskSpec.from_settings(settings)
+    placement = Placement(settings.data_dir, settings.device, settings.torch_threads)
+    worker.prestart(settings.worker_start)  # the forkserver imports torch now, not in round 1
+    try:
+        task = check_task(settings, CentralEvaluator(spec, placement, settings.worker_start))
+    except settings_module.SettingError as problem:
+        print(f"services.server: error: {problem}", file=sys.stderr)
+        return settings_module.EXIT_BAD_SETTING
+    spec = dataclasses.replace(spec, task_sha256=task["sha256"])
+    if not task["central_evaluation"]:
+        log.info("the task has no load_centralized_dataset(): no server-side evaluation; the clients evaluate on their validation data after every round")
     try:
         folder = RunFolder(settings.results_dir, settings.run_id)
     except (FileExistsError, OSError) as problem:
@@ -49,14 +83,13 @@ def main(argv: list[str] | None = None) -> int:
     membership = Membership(
         registry, settings.min_clients, settings.join_grace, settings.join_timeout, announced=lambda: roster.live(settings.data_dir)
     )
-    evaluator = CentralEvaluator(spec, Placement(settings.data_dir, settings.device, settings.torch_threads), settings.worker_start)
+    evaluator = CentralEvaluator(spec, placement, settings.worker_start)
     started_at, started = utc_now(), time.monotonic()
-    worker.prestart(settings.worker_start)  # the forkserver imports torch now, not in round 1
     status, error = "failed", None
     try:
         from services.server import flower  # imported late: flwr is slow to import and validation comes first
 
-        flower.run(settings, spec, recorder, evaluator, membership)
+        flower.run(settings, spec, recorder, evaluator, membership, central_evaluation=task["central_evaluation"])
         status = "completed" if len(recorder.trained_rounds) == settings.rounds else "incomplete"
     except KeyboardInterrupt:
         status, error = "interrupted", "KeyboardInterrupt"
@@ -83,6 +116,10 @@ def main(argv: list[str] | None = None) -> int:
                 "final_loss": last.get("loss"),
                 "num_partitions": registry.num_partitions,
                 "settled": membership.how_settled,
+                "task": {"reference": settings.task, "path": task["path"], "sha256": task["sha256"]},
+                "strategy": {"name": settings.strategy, "args": settings.strategy_args},
+                "central_evaluation": task["central_evaluation"],
+                "client_eval": settings.client_eval or not task["central_evaluation"],
                 "partitions": registry.assignments,
                 "started_at": started_at,
                 "ended_at": utc_now(),

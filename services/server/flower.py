@@ -1,7 +1,7 @@
 """Every Flower call the server makes: the gRPC server, the strategy and the round hooks.
 
-FedAvg does the aggregation (weighted by each client's number of training examples). On top
-of it this module asks each connection for its identity (for ``Membership``, which settles the
+A Flower strategy does the aggregation (FL_STRATEGY, built by ``strategies``; FedAvg weighs
+by each client's number of training examples). Around it this module asks each connection for its identity (for ``Membership``, which settles the
 federation and hands out partitions), records every round, evaluates centrally through
 ``CentralEvaluator`` and keeps client-side evaluation off unless asked (a final
 evaluate-on-all-clients round can overflow the GPU).
@@ -29,10 +29,11 @@ from flwr.common import (
 from flwr.server import History, Server, ServerConfig, start_server
 from flwr.server.client_manager import ClientManager, SimpleClientManager
 from flwr.server.client_proxy import ClientProxy
-from flwr.server.strategy import FedAvg
+from flwr.server.strategy import Strategy
 
 from services import protocol, worker
 from services.server.central import CentralEvaluator
+from services.server import strategies
 from services.server.membership import Holder, Membership
 from services.server.results import RoundRecorder, RunFolder
 from services.taskspec import TaskSpec
@@ -90,7 +91,39 @@ class ConnectedClients:
         return self._identity_by_cid[proxy.cid]
 
 
-class BouquetStrategy(FedAvg):
+class ChosenClients(ClientManager):
+    """What a wrapped Flower strategy sees as the client manager in configure_fit: exactly the
+    clients Bouquet chose. The strategy then adds its own per-round config (e.g. FedProx's
+    proximal_mu) without choosing anyone itself."""
+
+    def __init__(self, proxies: list[ClientProxy]) -> None:
+        self.proxies = proxies
+
+    def num_available(self) -> int:
+        return len(self.proxies)
+
+    def register(self, client: ClientProxy) -> bool:
+        raise NotImplementedError("a fixed selection")
+
+    def unregister(self, client: ClientProxy) -> None:
+        raise NotImplementedError("a fixed selection")
+
+    def all(self) -> dict[str, ClientProxy]:
+        return {proxy.cid: proxy for proxy in self.proxies}
+
+    def wait_for(self, num_clients: int, timeout: int) -> bool:
+        return len(self.proxies) >= num_clients
+
+    def sample(self, num_clients: int, min_num_clients: int | None = None, criterion: Any = None) -> list[ClientProxy]:
+        return list(self.proxies)
+
+
+class BouquetStrategy(Strategy):
+    """Bouquet's duties around whichever Flower strategy aggregates (FL_STRATEGY): who trains and
+    on which partition, the round records, the central evaluation in workers, the client-eval
+    switch. The Flower strategy is built once the initial model exists (the adaptive ones keep
+    it), and asked only to configure and aggregate."""
+
     def __init__(
         self,
         *,
@@ -100,27 +133,27 @@ class BouquetStrategy(FedAvg):
         clients: ConnectedClients,
         recorder: RoundRecorder,
         evaluator: CentralEvaluator,
+        central_evaluation: bool = True,
     ) -> None:
-        super().__init__(
-            fraction_fit=settings.fraction_fit,
-            fraction_evaluate=1.0,
-            min_fit_clients=settings.min_fit_clients,
-            min_evaluate_clients=1,
-            min_available_clients=settings.min_clients,
-            accept_failures=True,
-        )
         self.spec = spec
-        self.client_eval = settings.client_eval
+        self.strategy_name, self.strategy_args = settings.strategy, settings.strategy_args
+        self.fraction_fit, self.min_fit_clients = settings.fraction_fit, settings.min_fit_clients
+        self.central_evaluation = central_evaluation
+        self.client_eval = settings.client_eval or not central_evaluation
         self.membership = membership
         self.clients = clients
         self.recorder = recorder
         self.evaluator = evaluator
+        self.inner: Strategy | None = None
         self._rng = random.Random(settings.seed)
         self._sampled: dict[str, tuple[str, int]] = {}
 
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
-        """The seeded initial model, built in a worker once the port is already open."""
-        return ndarrays_to_parameters(self.evaluator.initial_weights())
+        """The seeded initial model, built in a worker once the port is already open; the Flower
+        strategy starts from it."""
+        initial = ndarrays_to_parameters(self.evaluator.initial_weights())
+        self.inner = strategies.build(self.strategy_name, self.strategy_args, initial)
+        return initial
 
     # -- training -------------------------------------------------------------------------
 
@@ -146,7 +179,12 @@ class BouquetStrategy(FedAvg):
         self._sampled = {holder.cid: (holder.identity, holder.partition) for holder in chosen}
         base = self._base_config(server_round)
         log.info("round %d: training on %d of %d partition holders", server_round, len(chosen), len(holders))
-        return [(self.clients.proxy(h.cid), FitIns(parameters, {**base, protocol.PARTITION_ID: h.partition})) for h in chosen]
+        proxies = {h.cid: self.clients.proxy(h.cid) for h in chosen}
+        own_config = {proxy.cid: ins.config for proxy, ins in self.inner.configure_fit(server_round, parameters, ChosenClients(list(proxies.values())))}
+        return [
+            (proxies[h.cid], FitIns(parameters, {**own_config.get(h.cid, {}), **base, protocol.PARTITION_ID: h.partition}))
+            for h in chosen
+        ]
 
     def _wait_for_holders(self, server_round: int) -> list[Holder]:
         """The partition holders connected now, after waiting (up to FL_JOIN_TIMEOUT) until at
@@ -197,25 +235,27 @@ class BouquetStrategy(FedAvg):
             log.warning("round %d: no client returned weights; the global model stays as it was", server_round)
             return None, {}
         started = time.perf_counter()
-        aggregated = super().aggregate_fit(server_round, results, failures)
+        aggregated = self.inner.aggregate_fit(server_round, results, failures)
         self.recorder.aggregated(time.perf_counter() - started)
         return aggregated
 
     # -- evaluation -------------------------------------------------------------------------
 
     def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
+        if not self.central_evaluation:  # the task has no held-out data: the clients evaluate
+            return None
         try:
-            loss, accuracy = self.evaluator.evaluate(parameters_to_ndarrays(parameters))
+            loss, metrics = self.evaluator.evaluate(parameters_to_ndarrays(parameters))
         except worker.WorkerFailed as failure:  # the round's record says why; training goes on
             log.error("round %d: central evaluation worker (pid %s) failed: %s", server_round, failure.pid, failure.cause)
             self.recorder.central_failed(server_round, failure.cause)
             return None
         if server_round == 0:
-            self.recorder.initial_evaluation(loss, accuracy)
+            self.recorder.initial_evaluation(loss, metrics)
         else:
-            self.recorder.central_evaluated(loss, accuracy)
-        log.info("round %d: server-side accuracy %.4f, loss %.4f", server_round, accuracy, loss)
-        return loss, {"accuracy": accuracy}
+            self.recorder.central_evaluated(loss, metrics)
+        log.info("round %d: server-side accuracy %.4f, loss %.4f", server_round, metrics["accuracy"], loss)
+        return loss, {"accuracy": metrics["accuracy"]}
 
     def configure_evaluate(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
@@ -232,12 +272,12 @@ class BouquetStrategy(FedAvg):
         results: list[tuple[ClientProxy, EvaluateRes]],
         failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
     ) -> tuple[float | None, dict[str, Scalar]]:
-        loss, _ = super().aggregate_evaluate(server_round, results, failures)
+        loss, _ = self.inner.aggregate_evaluate(server_round, results, failures)
         examples = sum(res.num_examples for _, res in results)
         accuracy = (
             sum(float(res.metrics.get("accuracy", 0.0)) * res.num_examples for _, res in results) / examples if examples else None
         )
-        self.recorder.federated_evaluated(loss, accuracy, len(results))
+        self.recorder.federated_evaluated(loss, accuracy, len(results), len(failures), as_round_accuracy=not self.central_evaluation)
         return loss, ({"accuracy": accuracy} if accuracy is not None else {})
 
 
@@ -285,7 +325,7 @@ class RecordingServer(Server):
         return outcome
 
 
-def run(settings: Any, spec: TaskSpec, recorder: RoundRecorder, evaluator: CentralEvaluator, membership: Membership) -> None:
+def run(settings: Any, spec: TaskSpec, recorder: RoundRecorder, evaluator: CentralEvaluator, membership: Membership, central_evaluation: bool) -> None:
     """Serve all rounds; returns when the last one is recorded, raises what ended the run early."""
     client_manager = SimpleClientManager()
     strategy = BouquetStrategy(
@@ -295,6 +335,7 @@ def run(settings: Any, spec: TaskSpec, recorder: RoundRecorder, evaluator: Centr
         clients=ConnectedClients(client_manager),
         recorder=recorder,
         evaluator=evaluator,
+        central_evaluation=central_evaluation,
     )
     server = RecordingServer(client_manager=client_manager, strategy=strategy, folder=recorder.folder)
     start_server(

@@ -104,8 +104,8 @@ class RoundRecorder:
         self._current: dict[str, Any] | None = None
         self._started = 0.0
 
-    def initial_evaluation(self, loss: float, accuracy: float) -> None:
-        self.initial = {"loss": loss, "accuracy": accuracy}
+    def initial_evaluation(self, loss: float, metrics: dict[str, Any]) -> None:
+        self.initial = {"loss": loss, "accuracy": metrics["accuracy"], "metrics": metrics}
 
     def round_started(self, server_round: int) -> None:
         self._started = time.monotonic()
@@ -116,6 +116,7 @@ class RoundRecorder:
             "failures": [],
             "accuracy": None,
             "loss": None,
+            "accuracy_source": "server",
             "missing": [],
         }
 
@@ -138,9 +139,10 @@ class RoundRecorder:
         assert self._current is not None
         self._current["aggregate_seconds"] = round(seconds, 6)
 
-    def central_evaluated(self, loss: float, accuracy: float) -> None:
+    def central_evaluated(self, loss: float, metrics: dict[str, Any]) -> None:
+        """The server-side evaluation of the round's global model: every metric the task returned."""
         assert self._current is not None
-        self._current.update(loss=loss, accuracy=accuracy)
+        self._current.update(loss=loss, accuracy=metrics["accuracy"], metrics=metrics)
 
     def central_failed(self, server_round: int, cause: str) -> None:
         """Server-side evaluation failed: the round is still recorded, without accuracy."""
@@ -150,9 +152,13 @@ class RoundRecorder:
             assert self._current is not None
             self._current["evaluation_error"] = cause
 
-    def federated_evaluated(self, loss: float | None, accuracy: float | None, clients: int) -> None:
+    def federated_evaluated(self, loss: float | None, accuracy: float | None, clients: int, failed: int, as_round_accuracy: bool) -> None:
+        """Client-side evaluation (weighted by examples); the round's accuracy when the task has no
+        held-out data for the server (``accuracy_source`` says which)."""
         assert self._current is not None
-        self._current["client_eval"] = {"loss": loss, "accuracy": accuracy, "clients": clients}
+        self._current["client_eval"] = {"loss": loss, "accuracy": accuracy, "clients": clients, "failed": failed}
+        if as_round_accuracy:
+            self._current.update(loss=loss, accuracy=accuracy, accuracy_source="clients")
 
     def round_ended(self) -> dict[str, Any]:
         assert self._current is not None
