@@ -4,7 +4,7 @@ Compose runs this once, as the ``check`` service that the server, the client rep
 memory sidecar wait for (``service_completed_successfully``): a bad value stops ``up`` with the
 line naming the setting, instead of an "unhealthy" server, a sidecar left running or replicas
 restarting in a loop. Each program's own parser does the checking, so the rules are declared
-once (``services.settings``); a program whose compose variable differs from the shared
+once (``services.settings``), and the task module is checked the way the server checks it; a program whose compose variable differs from the shared
 environment (the client's FL_DEVICE comes from BOUQUET_CLIENT_DEVICE) gets it with ``--set``.
 """
 
@@ -15,7 +15,9 @@ import os
 import sys
 
 from services import settings as settings_module
-from services.server.__main__ import validate as validate_server
+from services.server.__main__ import check_task, validate as validate_server
+from services.server.central import CentralEvaluator
+from services.taskspec import Placement, TaskSpec
 
 PROGRAMS = {
     "server": (settings_module.SERVER, validate_server),
@@ -36,6 +38,18 @@ def overrides(pairs: list[str]) -> dict[str, dict[str, str]]:
     return out
 
 
+def task_usable(values) -> bool:
+    """FL_TASK imported and checked in a worker, as the server does at start (torch stays out of
+    this process too); a bad task is named before any replica starts."""
+    evaluator = CentralEvaluator(TaskSpec.from_settings(values), Placement(values.data_dir, "cpu"), "spawn")
+    try:
+        check_task(values, evaluator)
+    except settings_module.SettingError as problem:
+        print(f"services.server: error: {problem}", file=sys.stderr)
+        return False
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="services.preflight", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--set", action="append", default=[], metavar="PROGRAM:FL_NAME=VALUE", help="a value one program sees instead of the environment's")
@@ -46,10 +60,13 @@ def main(argv: list[str] | None = None) -> int:
     for program in options.programs.split(","):
         declared, validate = PROGRAMS[program]
         try:
-            settings_module.parse(declared, [], environ={**os.environ, **extra[program]}, program=f"services.{program}", validate=validate)
+            values = settings_module.parse(declared, [], environ={**os.environ, **extra[program]}, program=f"services.{program}", validate=validate)
         except SystemExit as bad:  # parse printed the line naming the setting
             if bad.code != 0:
                 failed.append(program)
+            continue
+        if program == "server" and not task_usable(values):
+            failed.append(program)
     if failed:
         print(f"services.preflight: bad settings for {', '.join(failed)}; nothing was started. Fix them in .env or your shell.", file=sys.stderr)
         return settings_module.EXIT_BAD_SETTING

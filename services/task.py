@@ -122,7 +122,7 @@ def _accepts(function: Any, keyword: str) -> bool:
 def _located(error: BaseException, path: str | None) -> str:
     """'Type: message (file:line in function)', the frame being the task's own when known."""
     frames = traceback.extract_tb(error.__traceback__)
-    own = [f for f in frames if path and os.path.samefile(f.filename, path)] if path and os.path.exists(path) else []
+    own = [f for f in frames if path and os.path.realpath(f.filename) == os.path.realpath(path)]
     frame = (own or frames or [None])[-1]
     message = str(error).splitlines()[0] if str(error) else ""
     where = f" ({frame.filename}:{frame.lineno} in {frame.name})" if frame else ""
@@ -225,6 +225,7 @@ def train(
             "worker_pid": os.getpid(),
             "device": device.type,
             "train_seconds": time.monotonic() - started,
+            **extra,  # FedProx's mu, as train() received it
             **_memory_metrics(device),
         },
     }
