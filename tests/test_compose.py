@@ -268,16 +268,32 @@ class Stack:
 
 
 REPLICAS = 8
+EXAMPLE = REPO / "examples" / "quickstart-digits"
+
+
+def user_task_folder(tmp_path: Path) -> Path:
+    """The example task and its parquet data in a folder of its own, as a user's ./task would be
+    (readable by the containers' user)."""
+    folder = tmp_path / "task"
+    folder.mkdir()
+    shutil.copy(EXAMPLE / "task.py", folder / "task.py")
+    subprocess.run([sys.executable, str(EXAMPLE / "prepare_data.py"), "--out", str(folder / "data")], check=True, capture_output=True)
+    for path in (folder, *folder.rglob("*")):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    return folder
 
 
 @pytest.mark.docker
-@pytest.mark.timeout(900)
-@pytest.mark.parametrize("implementation", list(COMPOSE_IMPLEMENTATIONS))
-def test_compose_up_scale_8_cpu_trains_every_replica_and_proves_memory_returned(tmp_path: Path, implementation: str) -> None:
+@pytest.mark.timeout(1200)
+@pytest.mark.parametrize("implementation, task", [("v2", "user"), ("v1", "builtin")])
+def test_compose_up_scale_8_cpu_trains_every_replica_and_proves_memory_returned(tmp_path: Path, implementation: str, task: str) -> None:
+    """With Compose v2 the replicas train the user's task from the mounted task folder (the
+    quickstart-shaped example, Hugging Face datasets offline); with 1.29 the built-in task."""
     compose = _docker_ready(implementation)
     results = tmp_path / "results"
     results.mkdir()
-    stack = Stack(compose, results, f"smoke{implementation}", FL_DATASET="digits", FL_ROUNDS="2", FL_RUN_ID="smoke")
+    own_task = {"BOUQUET_TASK_DIR": str(user_task_folder(tmp_path)), "FL_TASK": "/task/task.py"} if task == "user" else {}
+    stack = Stack(compose, results, f"smoke{implementation}", FL_DATASET="digits", FL_ROUNDS="2", FL_RUN_ID="smoke", **own_task)
     logs = stack.logs
     try:
         stack.run("up", "--detach", "--no-build", "--scale", f"client={REPLICAS}")
@@ -302,6 +318,7 @@ def test_compose_up_scale_8_cpu_trains_every_replica_and_proves_memory_returned(
         context = f"\nrounds: {json.dumps(rounds, indent=1)}\n{logs()}"
         assert [r["round"] for r in rounds] == [1, 2], context
         assert summary["rounds_completed"] == 2 and summary["status"] == "completed", context
+        assert summary["task"]["path"] == ("/task/task.py" if task == "user" else summary["task"]["path"]), summary["task"]
         assert summary["num_partitions"] == REPLICAS, summary["settled"]
         assert summary["rounds_trained_by_partition"] == {str(p): 2 for p in range(REPLICAS)}, context
         for record in rounds:
