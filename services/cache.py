@@ -9,10 +9,10 @@ so a half-written entry is never read.
 from __future__ import annotations
 
 import fcntl
-import os
-import shutil
 from pathlib import Path
 from typing import Callable
+
+from services.files import replaced_atomically
 
 
 def build_once(target: Path, build: Callable[[Path], None]) -> Path:
@@ -27,20 +27,9 @@ def build_once(target: Path, build: Callable[[Path], None]) -> Path:
         try:
             if target.exists():
                 return target
-            scratch = target.with_name(f".{target.name}.{os.getpid()}.partial")
-            _remove(scratch)
-            try:
+            with replaced_atomically(target, unique=True) as scratch:
                 build(scratch)
-                os.replace(scratch, target)
-            finally:
-                _remove(scratch)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     return target
 
-
-def _remove(entry: Path) -> None:
-    if entry.is_dir() and not entry.is_symlink():
-        shutil.rmtree(entry)
-    elif entry.exists() or entry.is_symlink():
-        entry.unlink()

@@ -1,0 +1,90 @@
+"""Small file mechanisms every part of Bouquet shares (server, monitor, launcher, benchmark).
+
+- ``replaced_atomically``: build a file or folder under a scratch name beside its target and
+  rename it into place, so a reader sees the old entry or the whole new one, never half of it.
+- ``atomic_write``: the same for a file written through a file object, fsynced before the rename.
+- ``write_json_atomically``: a JSON document that way (NaN and infinity become null).
+- ``tail``: the last lines of a log file, for error messages.
+
+Standard library only (the monitor image imports this module too).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any, Iterator
+
+
+def scratch_path(target: Path, unique: bool = False) -> Path:
+    """The hidden name beside ``target`` that a new version is built under (``.<name>.partial``;
+    with ``unique``, one per process, for targets that several processes may build at once)."""
+    target = Path(target)
+    middle = f".{os.getpid()}" if unique else ""
+    return target.with_name(f".{target.name}{middle}.partial")
+
+
+@contextmanager
+def replaced_atomically(target: Path, unique: bool = False) -> Iterator[Path]:
+    """Yield a scratch path; when the block ends normally, rename what was built there onto
+    ``target`` (a file or a folder) in one step. Whatever is left at the scratch path, from this
+    attempt or a crashed one, is removed."""
+    scratch = scratch_path(target, unique)
+    _remove(scratch)
+    try:
+        yield scratch
+        os.replace(scratch, target)
+    finally:
+        _remove(scratch)
+
+
+@contextmanager
+def atomic_write(target: Path, mode: str = "w", **open_args: Any) -> Iterator[IO[Any]]:
+    """``open(target, mode)`` that replaces ``target`` only once everything is written and fsynced:
+    a crash mid-write leaves the previous version (or nothing), never a half-written file."""
+    if not mode.startswith("w"):
+        raise ValueError(f"atomic_write writes a whole new file; mode {mode!r} is not a write mode")
+    with replaced_atomically(Path(target)) as scratch:
+        with open(scratch, mode, **open_args) as out:
+            yield out
+            out.flush()
+            os.fsync(out.fileno())
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with NaN and infinity as None (JSON has neither) and numpy scalars as Python's."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    if type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0:  # a numpy scalar (numpy not imported here)
+        return json_safe(value.item())
+    return value
+
+
+def write_json_atomically(target: Path, payload: Any) -> None:
+    """``payload`` as indented, key-sorted JSON, atomically (see ``atomic_write``)."""
+    with atomic_write(target) as out:
+        json.dump(json_safe(payload), out, indent=2, sort_keys=True)
+        out.write("\n")
+
+
+def tail(path: Path, lines: int = 40) -> str:
+    """The last ``lines`` lines of a (log) file, or "(no log)" when it cannot be read."""
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _remove(entry: Path) -> None:
+    if entry.is_dir() and not entry.is_symlink():
+        shutil.rmtree(entry)
+    elif entry.exists() or entry.is_symlink():
+        entry.unlink()
