@@ -1,5 +1,6 @@
-"""Run the federation with Bouquet itself (``scripts/run_local.py``: gRPC server + N client
-processes on 127.0.0.1) under one worker start method, and read back its metrics.jsonl."""
+"""Run the federation with Bouquet itself (the local launcher, ``python -m services.launcher``,
+which ``scripts/run_local.py`` runs: gRPC server + N client processes on 127.0.0.1) under one
+worker start method, and read back its metrics.jsonl."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Any, Callable
 import psutil
 
 from benchmarks import processes
+from services.files import tail
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -53,7 +55,7 @@ def run(
     work_dir.mkdir(parents=True, exist_ok=True)
     run_id = "run"
     argv = [
-        sys.executable, str(REPO / "scripts" / "run_local.py"),
+        sys.executable, "-m", "services.launcher",
         "--clients", str(clients), "--rounds", str(rounds), "--results-dir", str(work_dir), "--run-id", run_id,
         "--worker-start", start_method, "--data-dir", str(data_dir.resolve()), "--device", device,
         *[part for key, value in task.items() for part in ("--" + key.replace("_", "-"), str(value))],
@@ -67,18 +69,18 @@ def run(
         code = launcher.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         _stop(launcher)
-        raise RuntimeError(f"run_local.py ({start_method}, {clients} clients) did not finish within {timeout:g} s") from None
+        raise RuntimeError(f"launcher ({start_method}, {clients} clients) did not finish within {timeout:g} s") from None
     except BaseException:
         _stop(launcher)
         raise
     if code != 0:
-        raise RuntimeError(f"run_local.py ({start_method}, {clients} clients) exited with code {code}:\n{processes.tail(log_path)}")
+        raise RuntimeError(f"launcher ({start_method}, {clients} clients) exited with code {code}:\n{tail(log_path)}")
     metrics = work_dir / run_id / "metrics.jsonl"
     return [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
 
 
 def _stop(launcher: subprocess.Popen) -> None:
-    """Ctrl-C for run_local.py (it then stops its server and clients in order), SIGKILL as a last resort."""
+    """Ctrl-C for the launcher (it then stops its server and clients in order), SIGKILL as a last resort."""
     if launcher.poll() is None:
         launcher.send_signal(signal.SIGINT)
         try:

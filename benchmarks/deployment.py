@@ -13,12 +13,13 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from benchmarks import processes
 from services.client.connect import free_port, wait_until_listening
+from services.files import tail
 
 APP_DIR = Path(__file__).resolve().parent / "deployment_app"
 REPO = APP_DIR.parent.parent
@@ -26,11 +27,9 @@ REPO = APP_DIR.parent.parent
 
 @dataclass
 class DeploymentRun:
-    """Outcome of one run: per-round records (Bouquet's metrics.jsonl fields) and process ids."""
+    """Outcome of one run: per-round records (Bouquet's metrics.jsonl fields)."""
 
     rounds: list[dict[str, Any]]
-    server_pids: list[int] = field(default_factory=list)
-    client_pids: list[int] = field(default_factory=list)
 
 
 def _environment(flwr_home: Path) -> dict[str, str]:
@@ -124,7 +123,7 @@ def run(
         _follow(cli, rounds_file, rounds, started, work_dir, timeout)
     finally:
         processes.stop(started)
-    return DeploymentRun(_read_rounds(rounds_file), [started[0].pid] if started else [], [p.pid for p in started[1 : 1 + clients]])
+    return DeploymentRun(_read_rounds(rounds_file))
 
 
 def _follow(cli: subprocess.Popen, rounds_file: Path, rounds: int, started: list[subprocess.Popen], work_dir: Path, timeout: float) -> None:
@@ -134,11 +133,11 @@ def _follow(cli: subprocess.Popen, rounds_file: Path, rounds: int, started: list
         for index, process in enumerate(started[:-1]):
             if process.poll() is not None:
                 name = "superlink" if index == 0 else f"supernode-{index - 1}"
-                raise RuntimeError(f"{name} exited with code {process.returncode}:\n{processes.tail(work_dir / 'logs' / f'{name}.log')}")
+                raise RuntimeError(f"{name} exited with code {process.returncode}:\n{tail(work_dir / 'logs' / f'{name}.log')}")
         if cli.poll() is not None and len(_read_rounds(rounds_file)) < rounds:
             raise RuntimeError(
                 f"flwr run ended (code {cli.returncode}) after {len(_read_rounds(rounds_file))} of {rounds} rounds:\n"
-                f"{processes.tail(work_dir / 'logs' / 'flwr-run.log')}"
+                f"{tail(work_dir / 'logs' / 'flwr-run.log')}"
             )
         if time.monotonic() > deadline:
             raise RuntimeError(f"Deployment Engine run did not finish {rounds} rounds within {timeout:g} s")

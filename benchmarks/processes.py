@@ -1,5 +1,6 @@
 """Start and stop the benchmark's background processes, each with its own log file. Ports and
-waiting for a process to listen: services.client.connect (free_port, wait_until_listening)."""
+waiting for a process to listen: services.client.connect (free_port, wait_until_listening);
+the end of a log: services.files.tail."""
 
 from __future__ import annotations
 
@@ -39,9 +40,3 @@ def _signal_group(process: subprocess.Popen, sig: int) -> None:
     except (ProcessLookupError, PermissionError):
         pass
 
-
-def tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"

@@ -3,12 +3,7 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from services import settings  # noqa: E402
+from services import settings
 
 GROUPS = [
     ("server (`python -m services.server`)", settings.SERVER),
