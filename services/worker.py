@@ -6,9 +6,11 @@ evaluation job runs in its own process: ``spawn`` starts a fresh interpreter;
 (each child still creates and frees its own CUDA context); ``inprocess`` runs the job in
 the caller, which is the memory problem Bouquet exists to avoid (kept for comparison).
 
-The result travels back over a one-way pipe (no Manager process). Whatever happens, the
-worker is reaped before this returns: a job that raises, dies from a signal (the kernel's
-OOM killer sends SIGKILL) or outlives its timeout becomes a ``WorkerFailed`` naming why.
+Parent and worker share one duplex pipe (no Manager process): the parent sends the job and
+its inputs (the weights) down it from a helper thread, the worker answers on it with
+"started" and then its result or its exception. Whatever happens, the worker is reaped
+before ``run`` returns: a job that raises, dies from a signal (the kernel's OOM killer sends
+SIGKILL) or outlives its timeout becomes a ``WorkerFailed`` naming why.
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ from typing import Any, Callable
 
 from services.settings import WORKER_STARTS
 
-START_METHODS = WORKER_STARTS
 # Modules the forkserver imports once so forked workers start warm. None of them touches CUDA:
 # importing torch loads its CUDA libraries but neither initialises CUDA nor counts devices.
 # Anything that did (even torch.cuda.is_available()) would make every forked worker unable to
@@ -79,26 +80,6 @@ def forkserver_pid() -> int | None:
     from multiprocessing import forkserver
 
     return getattr(forkserver._forkserver, "_forkserver_pid", None)
-
-
-def inherited_cuda_state() -> dict[str, Any]:
-    """A worker job reporting the CUDA state the worker inherited from its parent at fork time.
-
-    Run it as the first thing in a forkserver child: the child is a memory copy of the
-    forkserver, so ``torch.cuda._initialized`` is the forkserver's flag, and torch's at-fork
-    hook marks the child as a "bad fork" when the forkserver initialised CUDA or counted
-    devices (``torch.cuda.is_available()``). Both must be false."""
-    torch_preloaded = "torch" in sys.modules
-    import torch
-
-    return {
-        "pid": os.getpid(),
-        "parent_pid": os.getppid(),
-        "torch_preloaded": torch_preloaded,
-        "parent_cuda_initialized": bool(torch.cuda._initialized),
-        "bad_fork": bool(torch.cuda._is_in_bad_fork()),
-        "cuda_initialized": torch.cuda.is_initialized(),
-    }
 
 
 def _refuse_poisoned_fork() -> None:
@@ -153,8 +134,8 @@ def _describe_exit(exitcode: int | None) -> str:
 
 def run(job: str, kwargs: dict[str, Any], *, timeout: float, start_method: str = "spawn") -> WorkerResult:
     """Run the job ('module:function') with ``kwargs`` in a new process; return its value or raise WorkerFailed."""
-    if start_method not in START_METHODS:
-        raise ValueError(f"start_method must be one of {START_METHODS}, got {start_method!r}")
+    if start_method not in WORKER_STARTS:
+        raise ValueError(f"start_method must be one of {WORKER_STARTS}, got {start_method!r}")
     if start_method == "inprocess":
         return _run_inprocess(job, kwargs)
 

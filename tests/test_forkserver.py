@@ -22,7 +22,10 @@ import pytest
 from services import worker
 from services.taskspec import Placement, TaskSpec
 
-PROBE = "services.worker:inherited_cuda_state"
+pytestmark = pytest.mark.integration  # real forkservers (torch preloaded) and workers
+
+PROBE = "tests.worker_jobs:inherited_cuda_state"
+REPO = Path(__file__).resolve().parent.parent
 
 
 def digits_spec() -> TaskSpec:
@@ -81,9 +84,10 @@ def test_probe_detects_a_parent_that_touched_cuda() -> None:
         """
         import json, multiprocessing, torch
         from services import worker
+        from tests.worker_jobs import inherited_cuda_state
 
         def child(queue):
-            state = worker.inherited_cuda_state()
+            state = inherited_cuda_state()
             try:
                 worker._refuse_poisoned_fork()
                 state["guard"] = "passed"
@@ -101,7 +105,7 @@ def test_probe_detects_a_parent_that_touched_cuda() -> None:
             process.join()
         """
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     state = json.loads(done.stdout.strip().splitlines()[-1])
     assert state["bad_fork"] is True

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 
 
@@ -29,3 +30,24 @@ def exit_quietly() -> None:
 
 def large_result(megabytes: int) -> bytes:
     return b"x" * (megabytes * 2**20)
+
+
+def inherited_cuda_state() -> dict:
+    """The CUDA state a worker inherited from its parent at fork time (tests/test_forkserver.py).
+
+    Run it as the first thing in a forkserver child: the child is a memory copy of the
+    forkserver, so ``torch.cuda._initialized`` is the forkserver's flag, and torch's at-fork
+    hook marks the child as a "bad fork" when the forkserver initialised CUDA or counted
+    devices (``torch.cuda.is_available()``). Both must be false. This module must not import
+    torch at its top: ``torch_preloaded`` tells whether the forkserver had."""
+    torch_preloaded = "torch" in sys.modules
+    import torch
+
+    return {
+        "pid": os.getpid(),
+        "parent_pid": os.getppid(),
+        "torch_preloaded": torch_preloaded,
+        "parent_cuda_initialized": bool(torch.cuda._initialized),
+        "bad_fork": bool(torch.cuda._is_in_bad_fork()),
+        "cuda_initialized": torch.cuda.is_initialized(),
+    }
