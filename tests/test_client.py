@@ -1,12 +1,13 @@
-"""The client turns every worker failure into a failed round for the server, and stays up."""
+"""The client turns every worker failure into a failed round for the server, and stays up.
+
+The tests that start real workers (each imports torch in a fresh process) or a client process
+are marked ``integration``: they are left out of the fast subset."""
 
 from __future__ import annotations
 
 import json
 import os
 import subprocess
-import sys
-import time
 
 import pytest
 from flwr.common import Code, FitIns, GetPropertiesIns, ndarrays_to_parameters, parameters_to_ndarrays
@@ -15,6 +16,8 @@ from conftest import PYTHON, REPO
 from services import protocol, task
 from services.client.flower import WorkerClient
 from services.taskspec import Placement, TaskSpec
+
+HANGS_IN_TRAIN = REPO / "tests" / "tasks" / "hangs_in_train.py"  # its train never returns
 
 
 def fit_ins(spec: TaskSpec, partition: int = 0, num_partitions: int = 3) -> FitIns:
@@ -34,6 +37,7 @@ def test_client_reports_its_identity(data_dir):
     assert client.get_properties(GetPropertiesIns({})).properties == {protocol.IDENTITY_PROPERTY: "replica-7"}
 
 
+@pytest.mark.integration
 def test_fit_trains_in_a_worker_and_counts_examples(data_dir):
     client = WorkerClient("c", Placement(str(data_dir), "cpu"), "spawn")
     res = client.fit(fit_ins(digits_spec()))
@@ -43,11 +47,12 @@ def test_fit_trains_in_a_worker_and_counts_examples(data_dir):
     assert [a.shape for a in parameters_to_ndarrays(res.parameters)] == [a.shape for a in task.initial_weights(digits_spec())]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     "spec, partition, cause",
     [
         (digits_spec(), 5, "ValueError: partition_id 5 outside 0..2"),  # the worker raises
-        (digits_spec(worker_timeout=0.2), 0, "timed out after 0.2 s"),  # the worker outlives its timeout
+        (digits_spec(task=str(HANGS_IN_TRAIN), worker_timeout=0.2), 0, "timed out after 0.2 s"),  # only the timeout ends it
     ],
 )
 def test_failed_worker_fails_the_round_not_the_client(data_dir, spec, partition, cause):
@@ -60,17 +65,17 @@ def test_failed_worker_fails_the_round_not_the_client(data_dir, spec, partition,
     assert client.fit(fit_ins(digits_spec())).status.code == Code.OK
 
 
+@pytest.mark.integration
 def test_client_gives_up_clearly_when_no_server_answers():
-    started = time.monotonic()
     done = subprocess.run(
         [PYTHON, "-m", "services.client", "--server-address", "127.0.0.1:9", "--connect-timeout", "1.5"],
         cwd=REPO, capture_output=True, text=True, timeout=60,
     )
     assert done.returncode == 1
     assert "not reachable within 1.5 s (FL_CONNECT_TIMEOUT)" in done.stderr
-    assert time.monotonic() - started < 30
 
 
+@pytest.mark.integration
 def test_client_process_never_imports_torch(data_dir):
     """A whole fit, through the real client class, leaves torch out of the client's process."""
     script = (

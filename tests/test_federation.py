@@ -1,20 +1,19 @@
 """A real federation: server and 3 clients as processes, gRPC over loopback, digits.
 
-While it runs, the test SIGKILLs one client's worker in round 2 (what the kernel's OOM
-killer does). Asserted from the run folder, as a user would read it: accuracy rises,
-every fit ran in a fresh worker (not the client, not last round's worker), the killed
-round is recorded as failed for that client only, and the client trains again in round 3.
+One client's worker SIGKILLs itself in round 2 (what the kernel's OOM killer does): the run
+trains the built-in task through tests/tasks/killed_in_round_2.py, which does that in the
+victim's second training, so the kill happens at a known moment, however fast or slow this
+machine is. Asserted from the run folder, as a user would read it: accuracy rises, every fit
+ran in a fresh worker (not the client, not last round's worker), the killed round is recorded
+as failed for that client only, and the client trains again in round 3.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
-import threading
-import time
-from pathlib import Path
 
-import psutil
 import pytest
 
 from conftest import PYTHON, REPO
@@ -22,67 +21,25 @@ from conftest import PYTHON, REPO
 pytestmark = pytest.mark.integration
 
 CLIENTS, ROUNDS, VICTIM = 3, 3, "client-1"
-
-
-def client_process(identity: str, data_dir: Path) -> psutil.Process | None:
-    """This run's client with that identity (its --data-dir is this test session's own)."""
-    for process in psutil.process_iter(["cmdline"]):
-        cmdline = process.info["cmdline"] or []
-        try:
-            if "services.client" in cmdline and str(data_dir) in cmdline and process.environ().get("FL_CLIENT_ID") == identity:
-                return process
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return None
-
-
-def training_worker(client: psutil.Process) -> psutil.Process | None:
-    """A worker under the client: spawned (its child) or forked by its forkserver (a grandchild)."""
-    try:
-        for process in client.children(recursive=True):
-            parent = process.parent()
-            if parent is not None and parent.pid != client.pid and "forkserver" in " ".join(parent.cmdline()):
-                return process
-            if "--multiprocessing-fork" in process.cmdline() and "forkserver" not in " ".join(process.cmdline()):
-                return process
-    except psutil.Error:
-        pass
-    return None
-
-
-def kill_worker_in_round_2(run_path: Path, data_dir: Path, stop: threading.Event, killed: list[int]) -> None:
-    """Once round 1 is recorded, SIGKILL the victim's next training worker as soon as it exists."""
-    metrics = run_path / "metrics.jsonl"
-    victim = None
-    while not stop.is_set():
-        if metrics.exists() and metrics.read_text().count("\n") >= 1:
-            victim = victim or client_process(VICTIM, data_dir)
-            worker = training_worker(victim) if victim else None
-            if worker is not None:
-                worker.kill()
-                killed.append(worker.pid)
-                return
-        time.sleep(0.005)
+TASK = REPO / "tests" / "tasks" / "killed_in_round_2.py"
 
 
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory):
     results = tmp_path_factory.mktemp("results")
+    records = tmp_path_factory.mktemp("victim")
     run_id = "integration"
     data_dir = tmp_path_factory.getbasetemp() / "data"
-    stop, killed = threading.Event(), []
-    killer = threading.Thread(target=kill_worker_in_round_2, args=(results / run_id, data_dir, stop, killed), daemon=True)
-    killer.start()
     done = subprocess.run(
-        [PYTHON, "scripts/run_local.py", "--clients", str(CLIENTS), "--rounds", str(ROUNDS), "--dataset", "digits",
+        [PYTHON, "scripts/run_local.py", "--clients", str(CLIENTS), "--rounds", str(ROUNDS), "--task", str(TASK), "--dataset", "digits",
          "--results-dir", str(results), "--run-id", run_id, "--data-dir", str(data_dir)],
         cwd=REPO, capture_output=True, text=True, timeout=420,
+        env={**os.environ, "BOUQUET_TEST_VICTIM": VICTIM, "BOUQUET_TEST_RECORDS": str(records)},
     )
-    stop.set()
-    killer.join()
     run_path = results / run_id
     assert done.returncode == 0, done.stderr[-3000:]
     rounds = [json.loads(line) for line in (run_path / "metrics.jsonl").read_text().splitlines()]
+    killed = [int((records / "killed.pid").read_text())] if (records / "killed.pid").exists() else []
     return run_path, rounds, json.loads((run_path / "summary.json").read_text()), killed, done
 
 
@@ -116,10 +73,11 @@ def test_every_fit_ran_in_a_fresh_worker(federation):
 
 def test_killed_worker_fails_its_round_and_the_client_stays_up(federation):
     _, rounds, _, killed, _ = federation
-    assert killed, "the test never found the victim's worker to kill"
+    assert killed, "the victim's worker never reached its second training"
     round_2 = rounds[1]
     assert (round_2["clients_ok"], round_2["clients_failed"]) == (CLIENTS - 1, 1)
     [failure] = round_2["failures"]
     assert failure["id"] == VICTIM and failure["worker_pid"] == killed[0] and "SIGKILL" in failure["cause"]
-    assert VICTIM in {c["id"] for c in rounds[2]["clients"]}  # same client process, next round
+    victim_pids = [{c["id"]: c["client_pid"] for c in record["clients"]}.get(VICTIM) for record in (rounds[0], rounds[2])]
+    assert victim_pids[0] is not None and victim_pids[0] == victim_pids[1]  # same client process, next round
     assert rounds[2]["clients_ok"] == CLIENTS
