@@ -472,6 +472,7 @@ def test_nvml_reader_turns_a_recorded_nvml_into_readings():
         ProcessReading(4244, "1", 128.0),  # one pid on two slices of a device: summed
         ProcessReading(4245, "1", None),
     ]
+    assert reader.facts() == {"devices": [{"index": "0", "name": "NVIDIA H100 80GB HBM3"}, {"index": "1", "name": "NVIDIA H100 80GB HBM3 MIG 1g.10gb"}]}
     reader.close()
     assert recorded.shut
 
@@ -951,9 +952,14 @@ def test_the_monitor_writes_report_html_at_the_end_of_the_run(tmp_path):
     from services.monitor.__main__ import finish
 
     run = recorded_run(tmp_path / "run-d")
+    as_root = os.geteuid() == 0  # as in compose: then the run folder's owner gets the files
+    if as_root:
+        os.chown(run, 65534, 65534)
     summary = finish(*end_of_run(run))
     page = (run / "report.html").read_text()
     assert summary["verdict"]["text"] in page and page.count("data:image/png;base64,") == 3
+    if as_root:
+        assert {(run / name).stat().st_uid for name in ("report.html", "memory_summary.json", "memory.csv")} == {65534}
     on_disk = json.loads((run / "memory_summary.json").read_text())
     assert "report_error" not in on_disk and on_disk["host_memory"]["measure"] in ("pss", "rss", "pss+rss")
     assert on_disk["devices"] == [{"index": "host", "name": "host memory (PSS of the run's processes)"}]

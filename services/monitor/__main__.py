@@ -128,7 +128,8 @@ def finish(settings: Any, run_path: Path, reader: MemoryReader, sampler: Sampler
     rounds = RoundLog(run_path / "metrics.jsonl").refresh()
     relabel(csv_out.path, rounds)
     give_to_folder_owner(csv_out.path)  # the relabelled file is a new file
-    summary = summarize(read_rows(csv_out.path), rounds, settings.residual_tolerance_mib)
+    rows = read_rows(csv_out.path)
+    summary = summarize(rows, rounds, settings.residual_tolerance_mib)
     run_summary = run_path / "summary.json"
     summary.update(
         run_id=run_path.name,
@@ -149,7 +150,7 @@ def finish(settings: Any, run_path: Path, reader: MemoryReader, sampler: Sampler
     write_json_atomically(run_path / "memory_summary.json", summary)
     give_to_folder_owner(run_path / "memory_summary.json")
     log.info("verdict: %s", summary["verdict"]["text"])
-    error = draw_report(run_path, settings.residual_tolerance_mib)
+    error = draw_report(run_path, settings.residual_tolerance_mib, rows)
     if error is not None:  # the page is lost, the numbers are not: say so where they are
         summary["report_error"] = error
         write_json_atomically(run_path / "memory_summary.json", summary)
@@ -157,14 +158,14 @@ def finish(settings: Any, run_path: Path, reader: MemoryReader, sampler: Sampler
     return summary
 
 
-def draw_report(run_path: Path, tolerance_mib: float) -> str | None:
+def draw_report(run_path: Path, tolerance_mib: float, rows: list[dict[str, Any]]) -> str | None:
     """Write report.html beside memory_summary.json, so a compose run has its report without
     the host's Python environment. Drawing is the last and least essential step: a failure
     (matplotlib missing or broken, a full disk) is logged and returned, never raised."""
     try:
         from services.monitor.report import write_report  # matplotlib is imported only here
 
-        page = write_report(run_path, tolerance_mib)
+        page = write_report(run_path, tolerance_mib, rows=rows)
         give_to_folder_owner(page)
     except Exception as error:
         log.exception("could not write %s", run_path / "report.html")

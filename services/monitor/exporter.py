@@ -9,6 +9,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
+from services.monitor.processes import WORKER_ROLES
+
 
 class Exporter:
     def __init__(self, port: int, address: str = "0.0.0.0") -> None:
@@ -37,7 +39,7 @@ class Exporter:
                     self.utilization.labels(*key).set(row["utilization_pct"])
             else:
                 held[(row["source"], row["replica"], row["role"])] += row["memory_mib"] or 0.0
-                workers += row["role"] in ("worker", "server-worker")
+                workers += row["role"] in WORKER_ROLES
         for key in self._series - set(held):  # a replica whose workers are gone holds nothing now
             self.replica.labels(*key).set(0)
         for key, value in held.items():

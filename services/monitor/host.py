@@ -64,16 +64,15 @@ class HostReader:
         self._unreadable: set[tuple[int, float | None]] = set()
         self.counts = {"pss_read": 0, "pss_carried": 0, "rss": 0}
         self.rss_because: str | None = None
-        self.name = _device_name(pss=0, rss=0)
+        self.name = _device_name(by_pss=0, by_rss=0)
 
     def read(self) -> Reading:
         keys = {pid: (pid, self.table.describe(pid).started) for pid in self.table.tracked()}
         self._forget(set(keys.values()))
-        spent, processes = 0.0, []
-        pss = rss = 0
+        spent, processes, by_rss = 0.0, [], 0
         for pid in self._priority(keys):
             key = keys[pid]
-            refresh = key not in self._unreadable and (key not in self._known or (spent < self.budget_s and self._due(key)))
+            refresh = self._refresh(key, spent)
             began = self._clock()
             try:
                 memory, measure = self._measure(pid, key, refresh)
@@ -83,17 +82,16 @@ class HostReader:
                 if refresh:
                     spent += self._clock() - began
             self.counts[measure] += 1
-            pss, rss = (pss, rss + 1) if measure == "rss" else (pss + 1, rss)
+            by_rss += measure == "rss"
             processes.append(ProcessReading(pid, "host", memory / MIB))
         used = sum(p.memory_mib for p in processes if p.memory_mib is not None)
-        self.name = _device_name(pss, rss)
+        self.name = _device_name(by_pss=len(processes) - by_rss, by_rss=by_rss)
         return Reading([DeviceReading("host", self.name, used, self.total_mib)], sorted(processes, key=lambda p: p.pid))
 
     def facts(self) -> dict[str, Any]:
         """For memory_summary.json: which measure the host numbers are."""
-        readings = sum(self.counts.values())
-        uses_pss = self.counts["pss_read"] + self.counts["pss_carried"]
-        measure = "rss" if readings and not uses_pss else "pss" if not self.counts["rss"] else "pss+rss"
+        by_pss, by_rss = self.counts["pss_read"] + self.counts["pss_carried"], self.counts["rss"]
+        measure = "pss+rss" if by_pss and by_rss else "rss" if by_rss else "pss"
         return {
             "devices": [{"index": "host", "name": self.name}],
             "host_memory": {
@@ -113,10 +111,16 @@ class HostReader:
     def _priority(self, keys: dict[int, tuple[int, float | None]]) -> list[int]:
         """Processes never read first (their RSS would count shared pages again), then the
         ones whose PSS is oldest."""
-        return sorted(keys, key=lambda pid: (keys[pid] in self._known, self._known[keys[pid]].read_at if keys[pid] in self._known else 0.0))
+        return sorted(keys, key=lambda pid: self._known[keys[pid]].read_at if keys[pid] in self._known else float("-inf"))
 
-    def _due(self, key: tuple[int, float | None]) -> bool:
-        return self._clock() - self._known[key].read_at >= PSS_MAX_AGE_S
+    def _refresh(self, key: tuple[int, float | None], spent: float) -> bool:
+        """Read this process's PSS now? Always when never read; when read before, once it is
+        PSS_MAX_AGE_S old and while this sample's budget lasts; never when it was refused."""
+        if key in self._unreadable:
+            return False
+        if key not in self._known:
+            return True
+        return spent < self.budget_s and self._clock() - self._known[key].read_at >= PSS_MAX_AGE_S
 
     def _measure(self, pid: int, key: tuple[int, float | None], refresh: bool) -> tuple[int, str]:
         """(bytes, "pss_read" | "pss_carried" | "rss") for one process."""
@@ -139,7 +143,10 @@ class HostReader:
         """Counted by RSS from now on; said once per run, since its cause is the same for all."""
         self._unreadable.add(key)
         if self.rss_because is None:
-            self.rss_because = f"PSS of pid {pid} unreadable ({type(error).__name__}): /proc/<pid>/smaps_rollup of another user's process needs CAP_SYS_PTRACE"
+            self.rss_because = (
+                f"PSS of pid {pid} unreadable ({type(error).__name__}): /proc/<pid>/smaps_rollup of another user's "
+                "process needs CAP_SYS_PTRACE (in compose: cap_add: [SYS_PTRACE] on gpu-monitor)"
+            )
             log.warning("%s; counting such processes by their RSS", self.rss_because)
 
     def _forget(self, alive: set[tuple[int, float | None]]) -> None:
@@ -148,9 +155,10 @@ class HostReader:
         self._unreadable &= alive
 
 
-def _device_name(pss: int, rss: int) -> str:
-    if rss and not pss:
+def _device_name(by_pss: int, by_rss: int) -> str:
+    """The device row's name says what its sum is of."""
+    if by_rss and not by_pss:
         return "host memory (RSS of the run's processes)"
-    if rss:
-        return f"host memory (PSS of the run's processes; RSS for {rss} whose PSS is unreadable)"
+    if by_rss:
+        return f"host memory (PSS of the run's processes; RSS for {by_rss} whose PSS is unreadable)"
     return "host memory (PSS of the run's processes)"

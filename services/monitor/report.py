@@ -43,13 +43,13 @@ class ReportError(RuntimeError):
     """The folder lacks what a report needs; the message says what."""
 
 
-def load(run_path: Path, tolerance_mib: float = DEFAULT_TOLERANCE_MIB) -> tuple[list[Round], list[dict[str, Any]], dict[str, Any], dict[str, Any]]:
+def load(run_path: Path, tolerance_mib: float = DEFAULT_TOLERANCE_MIB, rows: list[dict[str, Any]] | None = None) -> tuple[list[Round], list[dict[str, Any]], dict[str, Any], dict[str, Any]]:
     if not (run_path / "metrics.jsonl").is_file():
         raise ReportError(f"{run_path} has no metrics.jsonl: is it a Bouquet run folder?")
     if not (run_path / "memory.csv").is_file():
         raise ReportError(f"{run_path} has no memory.csv: run with --monitor (or python -m services.monitor) to record memory")
     rounds = RoundLog(run_path / "metrics.jsonl").refresh()
-    rows = read_rows(run_path / "memory.csv")
+    rows = read_rows(run_path / "memory.csv") if rows is None else rows
     summary_path = run_path / "memory_summary.json"
     memory = json.loads(summary_path.read_text()) if summary_path.is_file() else summarize(rows, rounds, tolerance_mib)
     run = json.loads((run_path / "summary.json").read_text()) if (run_path / "summary.json").is_file() else {}
@@ -191,8 +191,8 @@ def table(memory: dict[str, Any], tolerance: float) -> str:
     return "<table>" + "\n".join(lines) + "</table>"
 
 
-def render(run_path: Path, tolerance_mib: float = DEFAULT_TOLERANCE_MIB) -> str:
-    rounds, rows, memory, run = load(run_path, tolerance_mib)
+def render(run_path: Path, tolerance_mib: float = DEFAULT_TOLERANCE_MIB, rows: list[dict[str, Any]] | None = None) -> str:
+    rounds, rows, memory, run = load(run_path, tolerance_mib, rows)
     if not rows:
         raise ReportError(f"{run_path / 'memory.csv'} holds no samples")
     verdict = memory.get("verdict", {})
@@ -234,11 +234,13 @@ minus the baseline (the last sample before round 1 began, without its workers); 
 """
 
 
-def write_report(run_path: Path, tolerance_mib: float = DEFAULT_TOLERANCE_MIB, out: Path | None = None) -> Path:
+def write_report(run_path: Path, tolerance_mib: float = DEFAULT_TOLERANCE_MIB, out: Path | None = None, rows: list[dict[str, Any]] | None = None) -> Path:
     """Draw the report of one run folder and write it atomically (default <run folder>/report.html);
-    ``tolerance_mib`` judges the rounds when there is no memory_summary.json to take it from."""
+    ``tolerance_mib`` judges the rounds when there is no memory_summary.json to take it from;
+    ``rows``, memory.csv as read_rows returns it, spares a caller that holds them (the monitor,
+    at the end of a long run: millions of rows) parsing the file again."""
     run_path = Path(run_path)
-    page = render(run_path, tolerance_mib)
+    page = render(run_path, tolerance_mib, rows)
     out = Path(out) if out is not None else run_path / "report.html"
     scratch = out.with_name(f".{out.name}.partial")
     try:

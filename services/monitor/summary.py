@@ -20,9 +20,8 @@ from collections import defaultdict
 from itertools import groupby
 from typing import Any, Iterable
 
+from services.monitor.processes import WORKER_ROLES as WORKERS  # the roles processes.is_worker gives
 from services.monitor.rounds import Round, iso, label
-
-WORKERS = ("worker", "server-worker")
 
 
 class Sample:
