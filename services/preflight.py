@@ -44,7 +44,7 @@ def task_usable(values) -> bool:
     evaluator = CentralEvaluator(TaskSpec.from_settings(values), Placement(values.data_dir, "cpu"), "spawn")
     try:
         check_task(values, evaluator)
-    except settings_module.SettingError as problem:
+    except (settings_module.SettingError, RuntimeError) as problem:
         print(f"services.server: error: {problem}", file=sys.stderr)
         return False
     return True

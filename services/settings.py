@@ -227,7 +227,8 @@ SERVER = [
     Setting("strategy", choice(*STRATEGIES), "fedavg", "Flower aggregation strategy"),
     Setting("strategy_args", key_values, {}, "the strategy's own hyper-parameters as key=value,... (e.g. proximal_mu=0.1 for fedprox), checked against its constructor"),
     Setting("results_dir", path, "results", "folder under which each run gets its own <run-id>/ folder"),
-    Setting("run_id", optional(identifier), None, "name of this run's results folder (default: UTC timestamp + random suffix); an existing folder is never reused"),
+    Setting("run_id", optional(identifier), None, "name of this run's results folder (default: UTC timestamp + random suffix); with --resume auto an unfinished run of that name is continued, a completed one is never touched"),
+    Setting("resume", choice("auto", "never"), "auto", "auto: continue an unfinished run (the one named by --run-id, else the newest in --results-dir with the same task settings) from its last checkpoint; never: always start a new run"),
     *TASK,
     *LOCAL,
 ]

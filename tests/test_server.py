@@ -80,5 +80,6 @@ def test_failed_central_evaluation_is_recorded_and_the_run_goes_on(tmp_path):
     recorder.round_started(1)
     assert strategy.evaluate(1, ndarrays_to_parameters([np.zeros(2)])) is None
     record = recorder.round_ended()
+    recorder.commit(record)
     assert record["accuracy"] is None and "out of GPU memory" in record["evaluation_error"]
     assert folder.metrics_path.read_text().count("\n") == 1

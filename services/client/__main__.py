@@ -29,25 +29,32 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def serve(settings, identity: str) -> int:
-    try:
-        wait_for_server(settings.server_address, settings.connect_timeout)
-    except ServerUnreachable as problem:
-        log.error("%s", problem)
-        return 1
-    from services.client import flower  # imported late: validation and the wait come first
-    worker.prestart(settings.worker_start)  # the forkserver imports torch now, not in round 1
+    """Serve rounds until the server says the run is over. A lost server is waited for again
+    (FL_CONNECT_TIMEOUT, with backoff): a restarted server resumes the run, and this client
+    rejoins under the same identity, so with the same partition."""
+    from services.client import flower  # imported late: validation comes first
 
     client = flower.WorkerClient(identity, Placement(settings.data_dir, settings.device, settings.torch_threads), settings.worker_start)
-    log.info("client %s connecting to %s (workers: %s)", identity, settings.server_address, settings.worker_start)
-    try:
-        flower.run(settings.server_address, client, settings.connect_timeout)
-    except KeyboardInterrupt:
-        return 130
-    except Exception as problem:  # gRPC gave up reconnecting, or the server broke the protocol
-        log.error("client %s stopped: %s: %s", identity, type(problem).__name__, problem)
-        return 1
-    log.info("client %s: server ended the run", identity)
-    return 0
+    prestarted = False
+    while True:
+        try:
+            wait_for_server(settings.server_address, settings.connect_timeout)
+        except ServerUnreachable as problem:
+            log.error("%s", problem)
+            return 1
+        if not prestarted:
+            worker.prestart(settings.worker_start)  # the forkserver imports torch now, not in round 1
+            prestarted = True
+        log.info("client %s connecting to %s (workers: %s)", identity, settings.server_address, settings.worker_start)
+        try:
+            flower.run(settings.server_address, client, settings.connect_timeout)
+        except KeyboardInterrupt:
+            return 130
+        except Exception as problem:  # the connection broke: the server died or restarts
+            log.warning("client %s lost the server (%s); waiting for it to come back", identity, flower.describe_loss(problem))
+            continue
+        log.info("client %s: server ended the run", identity)
+        return 0
 
 
 if __name__ == "__main__":

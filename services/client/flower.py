@@ -108,3 +108,12 @@ class WorkerClient(Client):
 def run(server_address: str, client: WorkerClient, reconnect_timeout: float) -> None:
     """Serve the server's rounds until it says the run is over."""
     start_client(server_address=server_address, client=client, insecure=True, max_wait_time=reconnect_timeout)
+
+
+def describe_loss(problem: Exception) -> str:
+    """One line for a broken connection (gRPC's exceptions print whole debug strings)."""
+    code = getattr(problem, "code", None)
+    details = getattr(problem, "details", None)
+    if callable(code) and callable(details):
+        return f"gRPC {code().name}: {details()}"
+    return f"{type(problem).__name__}: {str(problem).splitlines()[0] if str(problem) else ''}"

@@ -10,14 +10,16 @@ import dataclasses
 import logging
 import sys
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 from services import logs, roster, worker
 from services import settings as settings_module
+from services.server import resume
 from services.server.central import CentralEvaluator
 from services.server.membership import Membership
 from services.server.registry import PartitionRegistry
-from services.server.results import RoundRecorder, RunFolder, utc_now
+from services.server.results import RoundRecorder, RunFolder, RunState, load_checkpoint, utc_now
 from services.taskspec import Placement, TaskSpec, check_model_fits
 
 log = logging.getLogger("bouquet.server")
@@ -45,14 +47,39 @@ def check_task(settings: SimpleNamespace, evaluator: CentralEvaluator) -> dict:
     try:
         info = evaluator.inspect()
     except worker.WorkerFailed as failure:
-        reason = failure.cause.removeprefix("TaskError: ")
-        raise settings_module.SettingError(f"--task / FL_TASK = {settings.task!r}: {reason}") from None
+        if not failure.cause.startswith("TaskError: "):  # the worker itself failed (timeout, killed): not the task's fault
+            raise RuntimeError(f"could not check the task (FL_TASK = {settings.task!r}) in a worker: {failure.cause}") from None
+        raise settings_module.SettingError(f"--task / FL_TASK = {settings.task!r}: {failure.cause.removeprefix('TaskError: ')}") from None
     if settings.strategy == "fedprox" and not info["train_takes_proximal_mu"]:
         raise settings_module.SettingError(
             f"--strategy / FL_STRATEGY = 'fedprox': the task's train() (FL_TASK = {settings.task!r}) takes no proximal_mu "
             "argument, so FedProx's proximal term could not reach training; add `proximal_mu: float = 0.0` to it"
         )
     return info
+
+
+def fingerprint(settings: SimpleNamespace, spec: TaskSpec) -> dict:
+    """What must be equal for a run to be continued: the task (its settings and its file's hash)
+    and the strategy. FL_ROUNDS is not part of it: it may be raised to train further."""
+    task = {key: value for key, value in spec.to_config().items() if key != "worker_timeout"}
+    return {**task, "strategy": settings.strategy, "strategy_args": settings.strategy_args}
+
+
+def open_run(settings: SimpleNamespace, spec: TaskSpec) -> tuple[RunState, resume.Progress | None]:
+    """The run folder: an unfinished run to continue (FL_RESUME=auto), or a new one."""
+    wanted = fingerprint(settings, spec)
+    resumed = resume.choose(Path(settings.results_dir), settings.run_id, wanted, settings.rounds) if settings.resume == "auto" else None
+    if resumed is None:
+        folder = RunFolder(settings.results_dir, settings.run_id)
+        return RunState(folder, {"run_id": folder.run_id, "created_at": utc_now(), "fingerprint": wanted, "restarts": []}), None
+    folder = RunFolder.reopen(resumed.path)
+    state = RunState(folder, resumed.state)
+    state.update(restarts=[*state.data.get("restarts", []), {"at": utc_now(), "from_round": resumed.last_round + 1}])
+    log.info(
+        "resuming run %s (FL_RESUME=auto): %d round(s) recorded, continuing at round %d from %s",
+        folder.run_id, resumed.last_round, resumed.last_round + 1, resumed.checkpoint.name if resumed.checkpoint else "the seeded initial model",
+    )
+    return state, resumed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,28 +95,35 @@ def main(argv: list[str] | None = None) -> int:
     except settings_module.SettingError as problem:
         print(f"services.server: error: {problem}", file=sys.stderr)
         return settings_module.EXIT_BAD_SETTING
+    except RuntimeError as problem:
+        print(f"services.server: error: {problem}", file=sys.stderr)
+        return 1
     spec = dataclasses.replace(spec, task_sha256=task["sha256"])
     if not task["central_evaluation"]:
         log.info("the task has no load_centralized_dataset(): no server-side evaluation; the clients evaluate on their validation data after every round")
     try:
-        folder = RunFolder(settings.results_dir, settings.run_id)
-    except (FileExistsError, OSError) as problem:
+        state, resumed = open_run(settings, spec)
+    except (FileExistsError, OSError, resume.NotResumable) as problem:
         print(f"services.server: error: {problem}", file=sys.stderr)
         return settings_module.EXIT_BAD_SETTING
+    folder = state.folder
     log.info("run %s: results in %s", folder.run_id, folder.path)
 
-    recorder = RoundRecorder(folder)
+    recorder = RoundRecorder(folder, rounds=resumed.rounds if resumed else None, initial=state.data.get("initial"))
     registry = PartitionRegistry()
+    saved = (state.data["num_partitions"], state.data["partitions"]) if state.data.get("num_partitions") else None
     membership = Membership(
-        registry, settings.min_clients, settings.join_grace, settings.join_timeout, announced=lambda: roster.live(settings.data_dir)
+        registry, settings.min_clients, settings.join_grace, settings.join_timeout,
+        announced=lambda: roster.live(settings.data_dir), saved=saved,
     )
     evaluator = CentralEvaluator(spec, placement, settings.worker_start)
+    resume_from = load_checkpoint(resumed.checkpoint) if resumed and resumed.checkpoint else None
     started_at, started = utc_now(), time.monotonic()
     status, error = "failed", None
     try:
         from services.server import flower  # imported late: flwr is slow to import and validation comes first
 
-        flower.run(settings, spec, recorder, evaluator, membership, central_evaluation=task["central_evaluation"])
+        flower.run(settings, spec, state, recorder, evaluator, membership, central_evaluation=task["central_evaluation"], resume_from=resume_from)
         status = "completed" if len(recorder.trained_rounds) == settings.rounds else "incomplete"
     except KeyboardInterrupt:
         status, error = "interrupted", "KeyboardInterrupt"
@@ -121,7 +155,9 @@ def main(argv: list[str] | None = None) -> int:
                 "central_evaluation": task["central_evaluation"],
                 "client_eval": settings.client_eval or not task["central_evaluation"],
                 "partitions": registry.assignments,
-                "started_at": started_at,
+                "restarts": state.data["restarts"],
+                "started_at": state.data["created_at"],
+                "this_start_at": started_at,
                 "ended_at": utc_now(),
                 "duration_seconds": round(time.monotonic() - started, 3),
                 "settings": settings_module.as_dict(settings),

@@ -14,6 +14,8 @@ import random
 import time
 from typing import Any
 
+import numpy as np
+
 from flwr.common import (
     Code,
     EvaluateIns,
@@ -35,7 +37,7 @@ from services import protocol, worker
 from services.server.central import CentralEvaluator
 from services.server import strategies
 from services.server.membership import Holder, Membership
-from services.server.results import RoundRecorder, RunFolder
+from services.server.results import RoundRecorder, RunState
 from services.taskspec import TaskSpec
 
 log = logging.getLogger("bouquet.server")
@@ -134,8 +136,10 @@ class BouquetStrategy(Strategy):
         recorder: RoundRecorder,
         evaluator: CentralEvaluator,
         central_evaluation: bool = True,
+        resume_from: list[np.ndarray] | None = None,
     ) -> None:
         self.spec = spec
+        self.resume_from = resume_from
         self.strategy_name, self.strategy_args = settings.strategy, settings.strategy_args
         self.fraction_fit, self.min_fit_clients = settings.fraction_fit, settings.min_fit_clients
         self.central_evaluation = central_evaluation
@@ -149,9 +153,10 @@ class BouquetStrategy(Strategy):
         self._sampled: dict[str, tuple[str, int]] = {}
 
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
-        """The seeded initial model, built in a worker once the port is already open; the Flower
-        strategy starts from it."""
-        initial = ndarrays_to_parameters(self.evaluator.initial_weights())
+        """The seeded initial model, built in a worker once the port is already open (or a resumed
+        run's last checkpoint); the Flower strategy starts from it."""
+        weights = self.resume_from if self.resume_from is not None else self.evaluator.initial_weights()
+        initial = ndarrays_to_parameters(weights)
         self.inner = strategies.build(self.strategy_name, self.strategy_args, initial)
         return initial
 
@@ -282,36 +287,57 @@ class BouquetStrategy(Strategy):
 
 
 class RecordingServer(Server):
-    """Flower's server loop with each round's record around it: opened when the round's training
-    is configured, closed (checkpoint, metrics line) once its evaluations are done.
+    """The run's rounds, each with its record around it: the round's life in one place (``fit``).
+
+    A fresh run evaluates the seeded initial model first; a resumed one starts from its last
+    checkpoint at the round after its last recorded one. Each round: configure and train
+    (opens the record), central evaluation, client evaluation if on, then the checkpoint and
+    only then the metrics line, so a recorded round always has its model on disk.
 
     A fatal error anywhere in the loop ends the run for everyone: the connected clients are told
     the run is over (so no replica waits on a dead server), Flower then stops its gRPC server,
     and ``run`` raises the error, so the process exits non-zero instead of idling "healthy"."""
 
-    def __init__(self, *, client_manager: ClientManager, strategy: BouquetStrategy, folder: RunFolder) -> None:
+    def __init__(self, *, client_manager: ClientManager, strategy: BouquetStrategy, state: RunState, first_round: int) -> None:
         super().__init__(client_manager=client_manager, strategy=strategy)
-        self.folder = folder
+        self.folder = state.folder
+        self.state = state
+        self.first_round = first_round
         self.recorder = strategy.recorder
+        self.membership = strategy.membership
         self.error: BaseException | None = None
 
     def fit(self, num_rounds: int, timeout: float | None) -> tuple[History, float]:  # type: ignore[override]
+        started = time.monotonic()
         try:
-            return super().fit(num_rounds, timeout)
+            self._rounds(num_rounds, timeout)
         except Exception as error:
             self.error = error
             log.error("the run cannot go on (%s: %s); telling the clients it is over", type(error).__name__, error)
-            return History(), 0.0
+        return History(), time.monotonic() - started
 
-    def fit_round(self, server_round: int, timeout: float | None):  # type: ignore[override]
-        self.recorder.round_started(server_round)
-        return super().fit_round(server_round, timeout)
+    def _rounds(self, num_rounds: int, timeout: float | None) -> None:
+        self.parameters = self.strategy.initialize_parameters(self._client_manager)
+        if self.first_round == 1:
+            self.strategy.evaluate(0, self.parameters)
+            self.state.update(initial=self.recorder.initial)
+        else:
+            log.info("resuming at round %d of %d from the last checkpoint", self.first_round, num_rounds)
+        for server_round in range(self.first_round, num_rounds + 1):
+            self.recorder.round_started(server_round)
+            trained = self.fit_round(server_round, timeout)
+            self.state.update(num_partitions=self.membership.registry.num_partitions, partitions=self.membership.registry.assignments)
+            if trained is not None and trained[0] is not None:
+                self.parameters = trained[0]
+            self.strategy.evaluate(server_round, self.parameters)
+            self.evaluate_round(server_round, timeout)
+            self._close(server_round)
 
-    def evaluate_round(self, server_round: int, timeout: float | None):  # type: ignore[override]
-        outcome = super().evaluate_round(server_round, timeout)
+    def _close(self, server_round: int) -> None:
         record = self.recorder.round_ended()
         if record["trained"]:
             self.folder.save_checkpoint(server_round, parameters_to_ndarrays(self.parameters))
+        self.recorder.commit(record)
         log.info(
             "round %d done in %.2f s: accuracy %s, %d ok, %d failed, %d partition(s) missing%s",
             server_round,
@@ -322,11 +348,14 @@ class RecordingServer(Server):
             len(record["missing"]),
             "" if record["trained"] else "; no client trained, the global model is unchanged and no checkpoint is written",
         )
-        return outcome
 
 
-def run(settings: Any, spec: TaskSpec, recorder: RoundRecorder, evaluator: CentralEvaluator, membership: Membership, central_evaluation: bool) -> None:
-    """Serve all rounds; returns when the last one is recorded, raises what ended the run early."""
+def run(
+    settings: Any, spec: TaskSpec, state: RunState, recorder: RoundRecorder, evaluator: CentralEvaluator, membership: Membership,
+    central_evaluation: bool, resume_from: list[np.ndarray] | None = None,
+) -> None:
+    """Serve the rounds after the last recorded one; returns when the last is recorded, raises
+    what ended the run early."""
     client_manager = SimpleClientManager()
     strategy = BouquetStrategy(
         spec=spec,
@@ -336,8 +365,10 @@ def run(settings: Any, spec: TaskSpec, recorder: RoundRecorder, evaluator: Centr
         recorder=recorder,
         evaluator=evaluator,
         central_evaluation=central_evaluation,
+        resume_from=resume_from,
     )
-    server = RecordingServer(client_manager=client_manager, strategy=strategy, folder=recorder.folder)
+    first_round = recorder.rounds[-1]["round"] + 1 if recorder.rounds else 1
+    server = RecordingServer(client_manager=client_manager, strategy=strategy, state=state, first_round=first_round)
     start_server(
         server_address=settings.listen_address,
         server=server,

@@ -42,6 +42,7 @@ class Membership:
         poll_s: float = 0.2,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
+        saved: tuple[int, dict[str, int]] | None = None,
     ) -> None:
         self.registry = registry
         self.min_clients = min_clients
@@ -51,6 +52,7 @@ class Membership:
         self.poll_s = poll_s
         self.clock = clock
         self.sleep = sleep
+        self.saved = saved  # a resumed run's (size, identity -> partition): restored, not settled anew
         self.how_settled: str | None = None
 
     def settle(self, connected: Callable[[], set[str]]) -> int:
@@ -82,6 +84,16 @@ class Membership:
                     len(identities), self.min_clients, len(pending), f": {', '.join(pending[:5])}{' ...' if len(pending) > 5 else ''}" if pending else "",
                 )
             self.sleep(self.poll_s)
+        if self.saved is not None:
+            size, assignments = self.saved
+            handed = self.registry.restore(size, assignments, set(identities))
+            back = len(set(assignments) & identities)
+            self.how_settled = (
+                f"resumed with its {size} partitions: {back} holder(s) came back, {len(handed)} partition(s) handed to new "
+                f"replicas; waited as when settling ({self.how_settled})"
+            )
+            log.info("%s", self.how_settled)
+            return size
         self.registry.settle(len(identities))
         log.info("settled on %d clients: %s", len(identities), self.how_settled)
         return len(identities)

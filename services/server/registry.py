@@ -28,14 +28,35 @@ class PartitionRegistry:
             raise ValueError("need at least one partition")
         self.num_partitions = num_partitions
 
+    def restore(self, num_partitions: int, assignments: dict[str, int], present: set[str]) -> list[tuple[str, str, int]]:
+        """A resumed run's federation: its size and map as saved. A saved holder that is back keeps
+        its partition; a partition whose holder did not come back (after `down` / `up` every
+        replica has a new hostname) goes to a newcomer, in order. Returns (old, new, partition)
+        for each partition handed over."""
+        if self.num_partitions is not None:
+            raise RuntimeError("the number of partitions is settled once per run")
+        self.num_partitions = num_partitions
+        self._partition_of = dict(assignments)
+        gone = sorted((partition, identity) for identity, partition in assignments.items() if identity not in present)
+        newcomers = sorted(identity for identity in present if identity not in assignments)
+        handed = []
+        for (partition, old), new in zip(gone, newcomers):
+            del self._partition_of[old]
+            self._partition_of[new] = partition
+            handed.append((old, new, partition))
+            log.info("client %s -> partition %d of %d (its holder %s did not come back)", new, partition, num_partitions, old)
+        return handed
+
     def assign(self, identity: str) -> int | None:
         """The identity's partition, handing out the next free one on first contact."""
         if self.num_partitions is None:
             raise RuntimeError("settle() the number of partitions before assigning them")
         if identity in self._partition_of:
             return self._partition_of[identity]
-        if len(self._partition_of) < self.num_partitions:
-            self._partition_of[identity] = len(self._partition_of)
+        taken = set(self._partition_of.values())
+        free = [partition for partition in range(self.num_partitions) if partition not in taken]
+        if free:
+            self._partition_of[identity] = free[0]
             log.info("client %s -> partition %d of %d", identity, self._partition_of[identity], self.num_partitions)
             return self._partition_of[identity]
         if identity not in self._turned_away:

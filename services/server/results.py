@@ -68,6 +68,26 @@ class RunFolder:
         self.metrics_path = self.path / "metrics.jsonl"
         self.metrics_path.touch()
 
+    @classmethod
+    def reopen(cls, path: Path) -> "RunFolder":
+        """An unfinished run's folder, to continue it: a metrics line cut by a crash is dropped
+        (it was never a recorded round), so the next round's line starts on a line of its own."""
+        folder = cls.__new__(cls)
+        folder.path, folder.run_id = Path(path), Path(path).name
+        folder.metrics_path = folder.path / "metrics.jsonl"
+        (folder.path / "checkpoints").mkdir(exist_ok=True)
+        text = folder.metrics_path.read_bytes() if folder.metrics_path.exists() else b""
+        complete = text[: text.rfind(b"\n") + 1]
+        if complete != text:
+            with open(folder.metrics_path, "r+b") as out:
+                out.truncate(len(complete))
+                out.flush()
+                os.fsync(out.fileno())
+        return folder
+
+    def write_state(self, state: dict[str, Any]) -> None:
+        write_json_atomically(self.path / "state.json", state)
+
     def append_round(self, record: dict[str, Any]) -> None:
         line = json.dumps(_json_safe(record), sort_keys=True)
         with open(self.metrics_path, "a") as out:
@@ -94,13 +114,28 @@ def load_checkpoint(path: str | Path) -> list[np.ndarray]:
         return [arrays[f"arr_{i}"] for i in range(len(arrays.files))]
 
 
-class RoundRecorder:
-    """Collects what happens in a round and appends it to metrics.jsonl when the round ends."""
+class RunState:
+    """state.json: what a restarted server needs to continue the run (services.server.resume),
+    rewritten whole on every change."""
 
-    def __init__(self, folder: RunFolder) -> None:
+    def __init__(self, folder: RunFolder, data: dict[str, Any]) -> None:
         self.folder = folder
-        self.rounds: list[dict[str, Any]] = []
-        self.initial: dict[str, Any] = {}
+        self.data = data
+        folder.write_state(data)
+
+    def update(self, **values: Any) -> None:
+        self.data.update(values)
+        self.folder.write_state(self.data)
+
+
+class RoundRecorder:
+    """Collects what happens in a round and appends it to metrics.jsonl when the round ends.
+    A resumed run starts with the rounds (and initial evaluation) already recorded."""
+
+    def __init__(self, folder: RunFolder, rounds: list[dict[str, Any]] | None = None, initial: dict[str, Any] | None = None) -> None:
+        self.folder = folder
+        self.rounds: list[dict[str, Any]] = list(rounds or [])
+        self.initial: dict[str, Any] = dict(initial or {})
         self._current: dict[str, Any] | None = None
         self._started = 0.0
 
@@ -161,6 +196,7 @@ class RoundRecorder:
             self._current.update(loss=loss, accuracy=accuracy, accuracy_source="clients")
 
     def round_ended(self) -> dict[str, Any]:
+        """The round's finished record; ``commit`` it once its checkpoint is on disk."""
         assert self._current is not None
         record = self._current
         record["ended_at"] = utc_now()
@@ -168,10 +204,13 @@ class RoundRecorder:
         record.setdefault("clients_ok", 0)
         record.setdefault("clients_failed", 0)
         record["trained"] = record["clients_ok"] > 0
+        return record
+
+    def commit(self, record: dict[str, Any]) -> None:
+        """Append the round to metrics.jsonl: from now on it is a recorded round (resume skips it)."""
         self.folder.append_round(record)
         self.rounds.append(record)
         self._current = None
-        return record
 
     @property
     def trained_rounds(self) -> list[int]:

@@ -1,0 +1,135 @@
+"""Resume (issue 12): a server killed mid-run and started again continues the same run from its
+last checkpoint; the clients ride out the restart and keep their partitions.
+
+Real processes over gRPC on loopback: a server and 3 clients; the test kills the server (SIGKILL,
+or SIGTERM) once round 2 is recorded and starts it again with the same command."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import PYTHON, REPO
+from services.client.connect import free_port, wait_until_listening
+from services.server import resume
+
+ROUNDS, CLIENTS = 4, 3
+
+
+def rounds_recorded(run: Path) -> int:
+    try:
+        return len(resume.read_rounds(run))
+    except FileNotFoundError:
+        return 0
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_a_killed_server_started_again_completes_the_same_run(tmp_path, how):
+    address = f"127.0.0.1:{free_port()}"
+    results, data = tmp_path / "results", tmp_path / "data"
+    command = [PYTHON, "-m", "services.server", "--listen-address", address, "--rounds", str(ROUNDS), "--min-clients", str(CLIENTS),
+               "--join-grace", "0", "--min-fit-clients", str(CLIENTS), "--dataset", "digits", "--torch-threads", "1",
+               "--results-dir", str(results), "--data-dir", str(data)]
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    server = subprocess.Popen(command, cwd=REPO, stdout=open(logs / "server-1.log", "w"), stderr=subprocess.STDOUT)
+    clients = []
+    try:
+        wait_until_listening(address, server, timeout=120, name="server")
+        for index in range(CLIENTS):
+            clients.append(subprocess.Popen(
+                [PYTHON, "-m", "services.client", "--server-address", address, "--client-id", f"client-{index}",
+                 "--data-dir", str(data), "--torch-threads", "1"],
+                cwd=REPO, stdout=open(logs / f"client-{index}.log", "w"), stderr=subprocess.STDOUT,
+            ))
+        run = None
+        deadline = time.monotonic() + 300
+        while run is None or rounds_recorded(run) < 2:  # the event: round 2 is on disk
+            assert time.monotonic() < deadline and server.poll() is None, (logs / "server-1.log").read_text()[-3000:]
+            found = [p for p in results.iterdir() if p.is_dir()] if results.exists() else []
+            run = found[0] if found else None
+            time.sleep(0.1)
+        server.send_signal(how)
+        server.wait(timeout=60)
+        recorded_before = rounds_recorded(run)
+        assert all(client.poll() is None for client in clients), "a client exited when the server went away"
+
+        server = subprocess.Popen(command, cwd=REPO, stdout=open(logs / "server-2.log", "w"), stderr=subprocess.STDOUT)
+        assert server.wait(timeout=300) == 0, (logs / "server-2.log").read_text()[-3000:]
+        for index, client in enumerate(clients):
+            assert client.wait(timeout=60) == 0, (logs / f"client-{index}.log").read_text()[-2000:]
+    finally:
+        for process in (server, *clients):
+            process.kill()
+            process.wait()
+
+    assert [p.name for p in results.iterdir() if p.is_dir()] == [run.name], "a second run was started"
+    records = resume.read_rounds(run)
+    summary = json.loads((run / "summary.json").read_text())
+    assert [r["round"] for r in records] == list(range(1, ROUNDS + 1)), "a round is missing or recorded twice"
+    assert summary["status"] == "completed" and summary["rounds_completed"] == ROUNDS
+    [restart] = summary["restarts"]
+    assert restart["from_round"] == recorded_before + 1
+    assert sorted(p.name for p in (run / "checkpoints").glob("*.npz")) == [f"round-{r:04d}.npz" for r in range(1, ROUNDS + 1)]
+    partition_of = [{c["id"]: c["partition"] for c in r["clients"]} for r in records]
+    assert all(p == partition_of[0] for p in partition_of) and len(partition_of[0]) == CLIENTS, partition_of
+    assert summary["partitions"] == partition_of[0]
+    assert records[-1]["accuracy"] > records[0]["accuracy"]
+    lost = [line for index in range(CLIENTS) for line in (logs / f"client-{index}.log").read_text().splitlines() if "lost the server" in line]
+    assert len(lost) == CLIENTS and not any("Traceback" in (logs / f"client-{i}.log").read_text() for i in range(CLIENTS))
+
+
+FINGERPRINT = {"dataset": "digits", "strategy": "fedavg"}
+
+
+def make_run(results: Path, name: str, fingerprint: dict, status: str | None, created: str) -> Path:
+    path = results / name
+    (path / "checkpoints").mkdir(parents=True)
+    (path / "state.json").write_text(json.dumps({"fingerprint": fingerprint, "created_at": created, "restarts": []}))
+    (path / "metrics.jsonl").write_text(json.dumps({"round": 1}) + "\n" + '{"round": 2, "cut by a cra')
+    if status:
+        (path / "summary.json").write_text(json.dumps({"status": status}))
+    return path
+
+
+def test_the_newest_unfinished_run_with_the_same_settings_is_chosen(tmp_path):
+    make_run(tmp_path, "old", FINGERPRINT, "interrupted", "2026-01-01")
+    newest = make_run(tmp_path, "newest", FINGERPRINT, None, "2026-02-01")
+    make_run(tmp_path, "done", FINGERPRINT, "completed", "2026-03-01")
+    make_run(tmp_path, "other", {**FINGERPRINT, "dataset": "cifar10"}, None, "2026-04-01")
+    chosen = resume.choose(tmp_path, None, FINGERPRINT, 5)
+    assert chosen.path == newest and chosen.last_round == 1  # the cut line is not a round
+    assert resume.choose(tmp_path, None, {**FINGERPRINT, "dataset": "synthetic"}, 5) is None
+
+
+def test_a_named_run_is_continued_only_when_unfinished_and_the_same(tmp_path):
+    make_run(tmp_path, "done", FINGERPRINT, "completed", "2026-03-01")
+    make_run(tmp_path, "other", {**FINGERPRINT, "dataset": "cifar10"}, None, "2026-04-01")
+    with pytest.raises(resume.NotResumable, match="completed run and is never touched"):
+        resume.choose(tmp_path, "done", FINGERPRINT, 5)
+    with pytest.raises(resume.NotResumable, match="other task settings .*dataset"):
+        resume.choose(tmp_path, "other", FINGERPRINT, 5)
+    assert resume.choose(tmp_path, "absent", FINGERPRINT, 5) is None
+    make_run(tmp_path, "full", FINGERPRINT, None, "2026-05-01")
+    with pytest.raises(resume.NotResumable, match="already recorded 1 rounds"):
+        resume.choose(tmp_path, "full", FINGERPRINT, 1)
+
+
+def test_resume_never_starts_a_new_run(tmp_path):
+    """Via the real server's start: with FL_RESUME=never an unfinished run of the same settings is left alone."""
+    from services.server.__main__ import open_run
+    from services.settings import SERVER, parse
+    from services.taskspec import TaskSpec
+
+    for mode, expect_new in (("never", True), ("auto", False)):
+        settings = parse(SERVER, ["--results-dir", str(tmp_path), "--resume", mode])
+        spec = TaskSpec.from_settings(settings)
+        state, resumed = open_run(settings, spec)
+        assert (resumed is None) == expect_new, mode
+    assert len([p for p in tmp_path.iterdir() if p.is_dir()]) == 1
