@@ -7,8 +7,7 @@
 
 import sys
 
-# table and client_counts are re-exported for tests/test_monitor.py, which loads this file by path.
-from benchmarks.gpu_check import client_counts, main, table  # noqa: F401
+from benchmarks.gpu_check import main
 
 if __name__ == "__main__":
     sys.exit(main())

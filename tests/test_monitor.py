@@ -982,17 +982,8 @@ def test_a_report_that_cannot_be_drawn_is_recorded_and_loses_nothing(tmp_path, m
     assert any("could not write" in r.getMessage() and "report.html" in r.getMessage() for r in caplog.records)
 
 
-def load_script(name):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_gpu_check_puts_the_two_modes_side_by_side():
-    gpu_check = load_script("gpu_check")
+    from benchmarks import gpu_check
     clean = summarize(worker_mode_recording().rows, ROUNDS, 64)
     rec = Recording()
     rec.add(9, 500)

@@ -20,6 +20,8 @@ from services.client.flower import WorkerClient
 from services.taskspec import Placement
 from test_client import digits_spec, fit_ins
 
+pytestmark = pytest.mark.integration  # every test here starts servers, workers or a federation
+
 EXAMPLE = REPO / "examples" / "quickstart-digits"
 
 GOOD = '''
@@ -150,7 +152,6 @@ def user_task(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     return folder / "task.py", {"DIGITS_PARQUET_DIR": str(data), "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(folder / "hf")}
 
 
-@pytest.mark.integration
 def test_a_quickstart_shaped_task_trains_end_to_end_in_fresh_workers(tmp_path, user_task):
     path, env = user_task
     summary, rounds = run_local(tmp_path, "--clients", "3", "--rounds", "3", "--task", str(path), env=env)
@@ -165,7 +166,6 @@ def test_a_quickstart_shaped_task_trains_end_to_end_in_fresh_workers(tmp_path, u
         assert len({p[client] for p in pids}) == len(rounds), "a worker was reused"
 
 
-@pytest.mark.integration
 def test_a_task_without_held_out_data_is_evaluated_by_the_clients(tmp_path, user_task):
     path, env = user_task
     plain = write_task(tmp_path, path.read_text().replace("def load_centralized_dataset", "def _unused").replace(
@@ -181,7 +181,6 @@ def test_a_task_without_held_out_data_is_evaluated_by_the_clients(tmp_path, user
 STRATEGY_ARGS = {"fedprox": "proximal_mu=0.1", "fedtrimmedavg": "beta=0.1"}
 
 
-@pytest.mark.integration
 @pytest.mark.parametrize("strategy", ["fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedmedian", "fedtrimmedavg", "krum"])
 def test_every_strategy_trains_two_rounds_on_digits(tmp_path, strategy):
     extra = ["--strategy-args", STRATEGY_ARGS[strategy]] if strategy in STRATEGY_ARGS else []

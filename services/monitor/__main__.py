@@ -30,7 +30,7 @@ from services.monitor.readings import MemoryReader
 from services.monitor.rounds import RoundLog
 from services.monitor.sampler import Sampler
 from services.monitor.summary import summarize
-from services.server.results import write_json_atomically
+from services.files import write_json_atomically
 
 log = logging.getLogger("bouquet.monitor")
 PROGRAM = "services.monitor"

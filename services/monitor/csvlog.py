@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
+from services.files import atomic_write
 from services.monitor.rounds import Round, epoch, label
 
 COLUMNS = [
@@ -92,9 +93,8 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
 
 def relabel(path: Path, rounds: list[Round]) -> int:
     """Give every row its final round and phase once all round times are known (atomic rewrite)."""
-    scratch = path.with_name(f".{path.name}.partial")
     count = 0
-    with open(path, newline="") as source, open(scratch, "w", newline="") as target:
+    with open(path, newline="") as source, atomic_write(path, "w", newline="") as target:
         writer = csv.DictWriter(target, fieldnames=COLUMNS)
         writer.writeheader()
         for row in csv.DictReader(source):
@@ -102,7 +102,4 @@ def relabel(path: Path, rounds: list[Round]) -> int:
             row["round"], row["phase"] = ("" if number is None else str(number)), phase
             writer.writerow(row)
             count += 1
-        target.flush()
-        os.fsync(target.fileno())
-    os.replace(scratch, path)
     return count

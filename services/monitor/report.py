@@ -22,7 +22,6 @@ import base64
 import html
 import io
 import json
-import os
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from services.files import atomic_write
 from services.monitor.csvlog import read_rows
 from services.monitor.rounds import Round, RoundLog
 from services.monitor.summary import samples_of, summarize
@@ -242,15 +242,8 @@ def write_report(run_path: Path, tolerance_mib: float = DEFAULT_TOLERANCE_MIB, o
     run_path = Path(run_path)
     page = render(run_path, tolerance_mib, rows)
     out = Path(out) if out is not None else run_path / "report.html"
-    scratch = out.with_name(f".{out.name}.partial")
-    try:
-        with open(scratch, "w") as target:
-            target.write(page)
-            target.flush()
-            os.fsync(target.fileno())
-        os.replace(scratch, out)
-    finally:
-        scratch.unlink(missing_ok=True)  # only left when the write failed
+    with atomic_write(out) as target:
+        target.write(page)
     return out
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import math
 import os
 import secrets
 import time
@@ -18,6 +17,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from services.files import atomic_write, json_safe, write_json_atomically
+
 
 def utc_now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
@@ -25,29 +26,6 @@ def utc_now() -> str:
 
 def new_run_id() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
-
-
-def _json_safe(value: Any) -> Any:
-    """NaN and infinity are not JSON; write null instead."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: _json_safe(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(item) for item in value]
-    if isinstance(value, np.generic):
-        return _json_safe(value.item())
-    return value
-
-
-def write_json_atomically(path: Path, payload: Any) -> None:
-    scratch = path.with_name(f".{path.name}.partial")
-    with open(scratch, "w") as out:
-        json.dump(_json_safe(payload), out, indent=2, sort_keys=True)
-        out.write("\n")
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(scratch, path)
 
 
 class RunFolder:
@@ -89,7 +67,7 @@ class RunFolder:
         write_json_atomically(self.path / "state.json", state)
 
     def append_round(self, record: dict[str, Any]) -> None:
-        line = json.dumps(_json_safe(record), sort_keys=True)
+        line = json.dumps(json_safe(record), sort_keys=True)
         with open(self.metrics_path, "a") as out:
             out.write(line + "\n")
             out.flush()
@@ -97,12 +75,8 @@ class RunFolder:
 
     def save_checkpoint(self, server_round: int, weights: Iterable[np.ndarray]) -> Path:
         target = self.path / "checkpoints" / f"round-{server_round:04d}.npz"
-        scratch = target.with_name(f".{target.name}.partial")
-        with open(scratch, "wb") as out:
+        with atomic_write(target, "wb") as out:
             np.savez(out, *list(weights))
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(scratch, target)
         return target
 
     def write_summary(self, summary: dict[str, Any]) -> None:
