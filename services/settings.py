@@ -327,10 +327,10 @@ MONITOR = [
     Setting("results_dir", path, "results", "folder that holds the run folders (the server's --results-dir)"),
     Setting("run_id", optional(identifier), None, "run folder to record; unset: the newest run under --results-dir that is still running and not yet recorded"),
     Setting("monitor_interval", sample_interval, 0.2, "seconds between samples"),
-    Setting("monitor_source", choice(*MONITOR_SOURCES), "auto", "what to sample: nvml (GPU memory; fails without a GPU), host (RSS of the run's processes), auto (nvml when a GPU is visible, else host)"),
+    Setting("monitor_source", choice(*MONITOR_SOURCES), "auto", "what to sample: nvml (GPU memory; fails without a GPU), host (PSS of the run's processes, RSS where PSS is unreadable), auto (nvml when a GPU is visible, else host)"),
     Setting("monitor_scope", choice(*MONITOR_SCOPES), "host", "which processes are the run's: host (every services.server/services.client process on the host and their children; containers with pid: host) or launcher (only those started by the monitor's parent, as scripts/run_local.py does)"),
     Setting("docker_socket", optional(path), "/var/run/docker.sock", "Docker API socket used read-only to name containers (empty: do not ask Docker)"),
     Setting("metrics_port", optional(port), None, "serve Prometheus metrics on this port (unset: off)"),
-    Setting("residual_tolerance_mib", non_negative_float, 64.0, "memory a round may leave held above baseline (MiB) and still count as returned"),
+    Setting("residual_tolerance_mib", non_negative_float, 64.0, "memory a round may leave held above baseline (MiB per replica) and still count as returned"),
     Setting("run_wait", positive_float, 600.0, "seconds to wait for the run folder to appear before giving up"),
 ]

@@ -23,7 +23,7 @@ from services.monitor.processes import ProcessTable, ProcProbe, program_of
 from services.monitor.readings import MIB, DeviceReading, ProcessReading, Reading
 from services.monitor.rounds import Round, RoundLog, iso, label
 from services.monitor.sampler import Sampler
-from services.monitor.summary import summarize
+from services.monitor.summary import summarize, verdict
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -567,7 +567,24 @@ def test_summary_of_a_clean_worker_mode_run():
     assert [r["workers_left"] for r in summary["rounds"]] == [0, 0]
     assert summary["rounds"][0]["worker_pids_seen"] == [100, 101]
     assert summary["verdict"]["ok"] is True
-    assert summary["verdict"]["text"] == "memory returned to within 2 MiB of baseline after every round (2 rounds, tolerance 64 MiB)"
+    assert summary["verdict"]["text"] == (
+        "memory returned to baseline after every round (2 rounds): at most 0 MiB left per replica, 2 MiB in all (tolerance 64 MiB per replica)"
+    )
+
+
+def round_record(number: int, overall: float, per_replica: dict[str, float]) -> dict:
+    return {"round": number, "residual_mib": overall, "residual_per_replica_mib": per_replica, "workers_left": 0}
+
+
+def test_the_tolerance_is_per_replica():
+    """20 client replicas whose own heaps settle a few MiB higher after their first round (seen
+    in compose: +3.4 MiB each, 68 MiB in all) returned their memory; one replica 89 MiB up did not."""
+    settled = {f"client-{i}": 3.4 for i in range(1, 21)}
+    assert verdict([round_record(1, 68.0, settled)], 64)["ok"] is True
+    one_leak = verdict([round_record(1, 68.0 + 89, {**settled, "client-7": 89.0})], 64)
+    assert one_leak["ok"] is False and "client-7 held 89 MiB" in one_leak["text"]
+    device_leak = verdict([round_record(1, 64 * 20 + 1, settled)], 64)
+    assert device_leak["ok"] is False and "the device held 1281 MiB above baseline (20 replica(s))" in device_leak["text"]
 
 
 def test_summary_names_the_round_and_replica_that_kept_memory():
@@ -919,7 +936,7 @@ def test_report_from_recorded_samples(tmp_path):
     assert write_report(run, tolerance_mib=64) == run / "report.html"
     page = (run / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 3
-    assert "memory returned to within 2 MiB of baseline after every round" in page
+    assert "memory returned to baseline after every round" in page
     assert "held after round 2" in page
     assert not list(run.glob(".*partial"))
     strict = write_report(run, tolerance_mib=1, out=tmp_path / "strict.html")  # judged here: no memory_summary.json

@@ -172,8 +172,6 @@ class BouquetStrategy(Strategy):
     def configure_fit(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, FitIns]]:
-        if self.membership.registry.num_partitions is None:
-            self.membership.settle(self.clients.identities)
         holders = self._wait_for_holders(server_round)
         missing = self.membership.missing(holders)
         self.recorder.partitions_missing(missing)
@@ -190,6 +188,12 @@ class BouquetStrategy(Strategy):
             (proxies[h.cid], FitIns(parameters, {**own_config.get(h.cid, {}), **base, protocol.PARTITION_ID: h.partition}))
             for h in chosen
         ]
+
+    def settle(self) -> None:
+        """Wait for the federation (services.server.membership) before round 1, so that a round's
+        time, and the memory baseline the monitor takes just before it, start with every client."""
+        if self.membership.registry.num_partitions is None:
+            self.membership.settle(self.clients.identities)
 
     def _wait_for_holders(self, server_round: int) -> list[Holder]:
         """The partition holders connected now, after waiting (up to FL_JOIN_TIMEOUT) until at
@@ -290,7 +294,7 @@ class RecordingServer(Server):
     """The run's rounds, each with its record around it: the round's life in one place (``fit``).
 
     A fresh run evaluates the seeded initial model first; a resumed one starts from its last
-    checkpoint at the round after its last recorded one. Each round: configure and train
+    checkpoint at the round after its last recorded one. Then the federation settles. Each round: configure and train
     (opens the record), central evaluation, client evaluation if on, then the checkpoint and
     only then the metrics line, so a recorded round always has its model on disk.
 
@@ -323,6 +327,7 @@ class RecordingServer(Server):
             self.state.update(initial=self.recorder.initial)
         else:
             log.info("resuming at round %d of %d from the last checkpoint", self.first_round, num_rounds)
+        self.strategy.settle()
         for server_round in range(self.first_round, num_rounds + 1):
             self.recorder.round_started(server_round)
             trained = self.fit_round(server_round, timeout)
