@@ -66,7 +66,7 @@ def one_run(compose: list[str], replicas: int, index: int, work: Path) -> dict:
         exit_code = subprocess.run(["docker", "inspect", "-f", "{{.State.ExitCode}}", server], capture_output=True, text=True).stdout.strip()
         folder = results / "trial"
         deadline = time.monotonic() + 120
-        while not (folder / "memory_summary.json").exists() and time.monotonic() < deadline:
+        while not (folder / "report.html").exists() and time.monotonic() < deadline:  # the monitor writes it last
             time.sleep(1)
         stop.set()
         ps = run("ps", "--all", "--format", "{{.Service}} {{.State}} {{.ExitCode}}").stdout.splitlines()
