@@ -84,7 +84,7 @@ def test_client_is_scalable_and_server_is_private() -> None:
     assert "container_name" not in client and "ports" not in client
     assert "FL_CLIENT_ID" not in client["environment"], "replicas must identify by hostname"
     assert client["depends_on"]["server"]["condition"] == "service_healthy"
-    assert client["restart"] == "on-failure"
+    assert client["restart"] == "on-failure:5"
     assert "ports" not in server and "healthcheck" in server
     published = _load(PUBLISH_OVERLAY)["services"]["server"]["ports"]
     assert all(str(port).startswith("127.0.0.1:") for port in published)

@@ -72,9 +72,11 @@ def open_run(settings: SimpleNamespace, spec: TaskSpec) -> tuple[RunState, resum
     if resumed is None:
         folder = RunFolder(settings.results_dir, settings.run_id)
         return RunState(folder, {"run_id": folder.run_id, "created_at": utc_now(), "fingerprint": wanted, "restarts": []}), None
+    previous = resume.status_of(resumed.path) or "crashed (no summary.json)"
     folder = RunFolder.reopen(resumed.path)
     state = RunState(folder, resumed.state)
-    state.update(restarts=[*state.data.get("restarts", []), {"at": utc_now(), "from_round": resumed.last_round + 1}])
+    restart = {"at": utc_now(), "from_round": resumed.last_round + 1, "previous_status": previous}
+    state.update(restarts=[*state.data.get("restarts", []), restart])
     log.info(
         "resuming run %s (FL_RESUME=auto): %d round(s) recorded, continuing at round %d from %s",
         folder.run_id, resumed.last_round, resumed.last_round + 1, resumed.checkpoint.name if resumed.checkpoint else "the seeded initial model",

@@ -54,6 +54,12 @@ class RunFolder:
         folder.path, folder.run_id = Path(path), Path(path).name
         folder.metrics_path = folder.path / "metrics.jsonl"
         (folder.path / "checkpoints").mkdir(exist_ok=True)
+        # The last attempt's summary (e.g. "interrupted") is not this run's: the restart entry in
+        # state.json keeps its status, and a new summary is written when this attempt ends.
+        (folder.path / "summary.json").unlink(missing_ok=True)
+        # The last attempt's summary (e.g. "interrupted") is not this run's: the restart entry in
+        # state.json keeps its status, and a new summary is written when this attempt ends.
+        (folder.path / "summary.json").unlink(missing_ok=True)
         text = folder.metrics_path.read_bytes() if folder.metrics_path.exists() else b""
         complete = text[: text.rfind(b"\n") + 1]
         if complete != text:
