@@ -85,15 +85,17 @@ def choose(results_dir: Path, run_id: str | None, fingerprint: dict[str, Any], r
             return None
         if status_of(path) == FINISHED:
             raise NotResumable(f"--run-id / FL_RUN_ID = {run_id!r}: {path} is a completed run and is never touched; choose another run id")
-        if len(read_rounds(path)) and read_rounds(path)[-1]["round"] >= rounds:
-            raise NotResumable(f"--run-id / FL_RUN_ID = {run_id!r}: {path} already recorded {rounds} rounds (--rounds / FL_ROUNDS); raise it to train further")
+
         state = read_state(path)
         if state is None or state.get("fingerprint") != fingerprint:
             raise NotResumable(
                 f"--run-id / FL_RUN_ID = {run_id!r}: {path} is unfinished but was started with other task settings "
                 f"({_difference(state, fingerprint)}); it is left alone: choose another run id, or the same settings"
             )
-        return progress(path)
+        found = progress(path)
+        if found.last_round >= rounds:
+            raise NotResumable(f"--run-id / FL_RUN_ID = {run_id!r}: {path} already recorded {rounds} rounds (--rounds / FL_ROUNDS); raise it to train further")
+        return found
     candidates = []
     for path in results_dir.iterdir() if results_dir.is_dir() else []:
         if not path.is_dir() or path.name.startswith(".") or status_of(path) == FINISHED:
@@ -104,14 +106,14 @@ def choose(results_dir: Path, run_id: str | None, fingerprint: dict[str, Any], r
         if state.get("fingerprint") != fingerprint:
             log.info("not resuming unfinished run %s: other task settings (%s)", path.name, _difference(state, fingerprint))
             continue
-        recorded = read_rounds(path)
-        if recorded and recorded[-1]["round"] >= rounds:
-            log.info("not resuming run %s: it already recorded %d rounds (FL_ROUNDS = %d)", path.name, recorded[-1]["round"], rounds)
+        found = progress(path)
+        if found.last_round >= rounds:
+            log.info("not resuming run %s: it already recorded %d rounds (FL_ROUNDS = %d)", path.name, found.last_round, rounds)
             continue
-        candidates.append((state.get("created_at", ""), path))
+        candidates.append((state.get("created_at", ""), found))
     if not candidates:
         return None
-    return progress(max(candidates)[1])
+    return max(candidates, key=lambda candidate: candidate[0])[1]
 
 
 def _difference(state: dict[str, Any] | None, fingerprint: dict[str, Any]) -> str:
