@@ -81,8 +81,11 @@ def test_a_killed_server_started_again_completes_the_same_run(tmp_path, how):
     assert all(p == partition_of[0] for p in partition_of) and len(partition_of[0]) == CLIENTS, partition_of
     assert summary["partitions"] == partition_of[0]
     assert records[-1]["accuracy"] > records[0]["accuracy"]
-    lost = [line for index in range(CLIENTS) for line in (logs / f"client-{index}.log").read_text().splitlines() if "lost the server" in line]
-    assert len(lost) == CLIENTS and not any("Traceback" in (logs / f"client-{i}.log").read_text() for i in range(CLIENTS))
+    # Every client said it lost the server (once, or again when its first reconnect raced the new
+    # server's start) and none crashed.
+    for index in range(CLIENTS):
+        text = (logs / f"client-{index}.log").read_text()
+        assert "lost the server" in text and "Traceback" not in text, text[-2000:]
 
 
 FINGERPRINT = {"dataset": "digits", "strategy": "fedavg"}
