@@ -24,6 +24,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from services import settings as settings_module
+from services.certs import make_certificates
 from services.client.connect import free_port, wait_until_listening
 from services.files import tail
 from services.server.results import new_run_id
@@ -49,10 +51,14 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, object]:
     launcher = argparse.ArgumentParser(add_help=False)
     launcher.add_argument("--clients", type=settings_module.positive_int, default=5)
     launcher.add_argument("--monitor", action="store_true")
+    launcher.add_argument("--tls", action="store_true")
     own, rest = launcher.parse_known_args(argv)
     if "-h" in rest or "--help" in rest:
         print(__doc__)
-        print("launcher options:\n  --clients N   number of client processes (default 5)\n  --monitor     also record memory (services.monitor)\n")
+        print(
+            "launcher options:\n  --clients N   number of client processes (default 5)\n  --monitor     also record memory (services.monitor)\n"
+            "  --tls         gRPC over TLS with throwaway certificates (a CA and a certificate for 127.0.0.1, deleted at the end)\n"
+        )
     # Locally the federation's size is known: default min-clients to it and skip the join grace.
     # All workers share this host's cores: split them rather than let each worker take them all.
     defaults = {
@@ -72,7 +78,19 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, object]:
     values.data_dir = str(Path(values.data_dir).resolve())
     if values.task.endswith(".py"):  # a task file; builtin and module names stay as they are
         values.task = str(Path(values.task).resolve())
+    if values.tls_dir is not None:
+        if own.tls:
+            print(f"{PROGRAM}: error: --tls makes throwaway certificates; it cannot be combined with --tls-dir / FL_TLS_DIR", file=sys.stderr)
+            raise SystemExit(settings_module.EXIT_BAD_SETTING)
+        values.tls_dir = str(Path(values.tls_dir).resolve())
     return own, values
+
+
+def throwaway_certificates() -> Path:
+    """A CA and a server certificate for 127.0.0.1 in a private temporary folder (--tls)."""
+    folder = Path(tempfile.mkdtemp(prefix="bouquet-tls-"))
+    make_certificates(folder, ["localhost"], ["127.0.0.1"], days=2)
+    return folder
 
 
 def flags(values: object, names: list[str]) -> list[str]:
@@ -210,12 +228,18 @@ class Federation:
 
 def main(argv: list[str] | None = None) -> int:
     own, values = parse(argv)
+    certificates = throwaway_certificates() if own.tls else None
+    if certificates is not None:
+        values.tls_dir = str(certificates)
     federation = Federation(own, values)
     started = time.monotonic()
     try:
         code = federation.run()
     except KeyboardInterrupt:
         code = federation.interrupt()
+    finally:
+        if certificates is not None:
+            shutil.rmtree(certificates, ignore_errors=True)
     federation._collect_logs()
     summary = federation.run_path / "summary.json"
     if summary.exists():

@@ -15,13 +15,14 @@ import os
 import sys
 
 from services import settings as settings_module
+from services.client.__main__ import validate as validate_client
 from services.server.__main__ import check_task, validate as validate_server
 from services.server.central import CentralEvaluator
 from services.taskspec import Placement, TaskSpec
 
 PROGRAMS = {
     "server": (settings_module.SERVER, validate_server),
-    "client": (settings_module.CLIENT, None),
+    "client": (settings_module.CLIENT, validate_client),
     "monitor": (settings_module.MONITOR, None),
 }
 

@@ -212,6 +212,7 @@ LOCAL = [
     Setting("torch_threads", non_negative_int, 0, "CPU threads per worker for torch (0: torch's default, one per core); with many replicas on a CPU host, 1 avoids oversubscription"),
     # forkserver by default: a fresh worker per round in ~0.1 s instead of seconds, with the same
     # per-round process and CUDA context; costs ~400 MiB host memory per idle client (docs/benchmarks.md).
+    Setting("tls_dir", optional(path), None, "folder of TLS files for the gRPC connection (scripts/make_certs.py makes one): the server reads ca.crt, server.crt and server.key, a client ca.crt; unset: plaintext (fine inside one compose network, not across hosts)"),
     Setting("worker_start", choice(*WORKER_STARTS), "forkserver", "how workers start: forkserver (forked from this process's forkserver, spawned once with torch preloaded, never touching CUDA), spawn (a fresh interpreter per job: slower, least idle host memory), inprocess (no worker and no timeout: the memory problem, for comparison only)"),
 ]
 
@@ -318,6 +319,12 @@ def port(raw: str) -> int:
     return _number(raw, int, lambda v: 1 <= v <= 65535, "must be a TCP port, an integer in 1-65535")
 
 
+def http_url(raw: str) -> str:
+    if not re.fullmatch(r"https?://[^\s/]+(:\d+)?/?", raw):
+        raise ValueError("must be an http://HOST:PORT URL")
+    return raw
+
+
 def sample_interval(raw: str) -> float:
     """Rounds of small models last seconds; a sample every minute would miss whole rounds."""
     return _number(raw, float, lambda v: 0.01 <= v <= 60, "must be a number of seconds in [0.01, 60]")
@@ -329,7 +336,8 @@ MONITOR = [
     Setting("monitor_interval", sample_interval, 0.2, "seconds between samples"),
     Setting("monitor_source", choice(*MONITOR_SOURCES), "auto", "what to sample: nvml (GPU memory; fails without a GPU), host (PSS of the run's processes, RSS where PSS is unreadable), auto (nvml when a GPU is visible, else host)"),
     Setting("monitor_scope", choice(*MONITOR_SCOPES), "host", "which processes are the run's: host (every services.server/services.client process on the host and their children; containers with pid: host) or launcher (only those started by the monitor's parent, as scripts/run_local.py does)"),
-    Setting("docker_socket", optional(path), "/var/run/docker.sock", "Docker API socket used read-only to name containers (empty: do not ask Docker)"),
+    Setting("run_volume", optional(path), None, "(host scope) a folder every process of the run mounts, mounted here too (compose: the data volume): only processes that see this very folder are recorded, so another deployment on the host stays out; unset: every Bouquet process on the host"),
+    Setting("docker_api", optional(http_url), None, "URL of the inspect-only Docker API proxy (services.monitor.inspect_proxy, docker-compose.names.yml) to name compose replicas client-1, client-2, ...; unset: replicas are named by their hostnames, and Docker is never asked"),
     Setting("metrics_port", optional(port), None, "serve Prometheus metrics on this port (unset: off)"),
     Setting("residual_tolerance_mib", non_negative_float, 64.0, "memory a round may leave held above baseline (MiB per replica) and still count as returned"),
     Setting("run_wait", positive_float, 600.0, "seconds to wait for the run folder to appear before giving up"),

@@ -96,7 +96,7 @@ def test_client_is_scalable_and_server_is_private() -> None:
 def test_every_passed_through_setting_is_documented_in_dotenv() -> None:
     env_text = (REPO / ".env").read_text()
     for name, service in _load(BASE)["services"].items():
-        for key, value in service["environment"].items():
+        for key, value in service.get("environment", {}).items():
             if value is None:  # passed through from .env / the shell
                 assert re.search(rf"^#?\s*{key}=", env_text, re.M), f"{name}: {key} is not in .env"
 
@@ -112,7 +112,7 @@ def test_compose_passes_only_settings_the_programs_know() -> None:
     }
     known["check"] = set().union(*known.values())
     for name, service in _load(BASE)["services"].items():
-        unknown = {key for key in service["environment"] if key.startswith("FL_")} - known[name]
+        unknown = {key for key in service.get("environment", {}) if key.startswith("FL_")} - known.get(name, set())
         assert not unknown, f"{name}: {sorted(unknown)} are not settings of services.{name}"
 
 
@@ -126,7 +126,7 @@ def test_every_setting_is_checked_before_any_long_lived_service_starts() -> None
         if name == "check":
             continue
         assert service["depends_on"]["check"] == {"condition": "service_completed_successfully"}, name
-        for key, value in service["environment"].items():
+        for key, value in service.get("environment", {}).items():
             from_user = value is None or "${" in str(value)  # the rest are constants of this file
             if key.startswith("FL_") and key != "FL_DEVICE" and from_user:
                 assert key in check["environment"], f"{name}: {key} is not validated by check"

@@ -6,7 +6,7 @@ import logging
 import socket
 import sys
 
-from services import logs, roster, worker
+from services import logs, roster, tls, worker
 from services import settings as settings_module
 from services.client.connect import ServerUnreachable, wait_for_server
 from services.taskspec import Placement
@@ -15,7 +15,7 @@ log = logging.getLogger("bouquet.client")
 
 
 def main(argv: list[str] | None = None) -> int:
-    settings = settings_module.parse(settings_module.CLIENT, argv, program="services.client", description=__doc__)
+    settings = settings_module.parse(settings_module.CLIENT, argv, program="services.client", description=__doc__, validate=validate)
     logs.setup()
     identity = settings.client_id or socket.gethostname()
     # First, before any slow import: the server settles the federation's size on the replicas
@@ -28,6 +28,11 @@ def main(argv: list[str] | None = None) -> int:
             announcement.close()
 
 
+def validate(values) -> None:
+    if values.tls_dir is not None:
+        tls.client_ca(values.tls_dir)
+
+
 def serve(settings, identity: str) -> int:
     """Serve rounds until the server says the run is over. A lost server is waited for again
     (FL_CONNECT_TIMEOUT, with backoff): a restarted server resumes the run, and this client
@@ -35,6 +40,7 @@ def serve(settings, identity: str) -> int:
     from services.client import flower  # imported late: validation comes first
 
     client = flower.WorkerClient(identity, Placement(settings.data_dir, settings.device, settings.torch_threads), settings.worker_start)
+    ca = tls.client_ca(settings.tls_dir) if settings.tls_dir else None
     prestarted = False
     while True:
         try:
@@ -42,12 +48,16 @@ def serve(settings, identity: str) -> int:
         except ServerUnreachable as problem:
             log.error("%s", problem)
             return 1
+        mismatch = tls.mismatch(settings.server_address, ca)
+        if mismatch is not None:  # gRPC would retry this until the timeout and then say UNAVAILABLE
+            log.error("%s", mismatch)
+            return 1
         if not prestarted:
             worker.prestart(settings.worker_start)  # the forkserver imports torch now, not in round 1
             prestarted = True
-        log.info("client %s connecting to %s (workers: %s)", identity, settings.server_address, settings.worker_start)
+        log.info("client %s connecting to %s (%s, workers: %s)", identity, settings.server_address, "TLS" if ca else "plaintext", settings.worker_start)
         try:
-            flower.run(settings.server_address, client, settings.connect_timeout)
+            flower.run(settings.server_address, client, settings.connect_timeout, ca)
         except KeyboardInterrupt:
             return 130
         except Exception as problem:  # the connection broke: the server died or restarts

@@ -105,9 +105,11 @@ class WorkerClient(Client):
         )
 
 
-def run(server_address: str, client: WorkerClient, reconnect_timeout: float) -> None:
-    """Serve the server's rounds until it says the run is over."""
-    start_client(server_address=server_address, client=client, insecure=True, max_wait_time=reconnect_timeout)
+def run(server_address: str, client: WorkerClient, reconnect_timeout: float, ca: bytes | None) -> None:
+    """Serve the server's rounds until it says the run is over (over TLS when ``ca`` is given)."""
+    start_client(
+        server_address=server_address, client=client, insecure=ca is None, root_certificates=ca, max_wait_time=reconnect_timeout
+    )
 
 
 def describe_loss(problem: Exception) -> str:

@@ -25,12 +25,16 @@ class Sampler:
         write: Callable[[list[dict[str, Any]]], None],
         interval: float,
         clock: Callable[[], float] = time.time,
+        first_sample: int = 0,
+        first_t: float | None = None,
     ) -> None:
+        """``first_sample`` and ``first_t`` continue an earlier monitor's numbering and clock."""
         self.reader, self.table, self.rounds, self.write = reader, table, rounds, write
         self.interval = interval
         self.clock = clock
-        self.samples = 0
-        self.first_t: float | None = None
+        self.samples = 0  # taken by this monitor
+        self.first_sample = first_sample
+        self.first_t: float | None = first_t
         self.last_t: float | None = None
         self.busy_s = 0.0  # time spent sampling: the monitor's own overhead
         self.max_busy_s = 0.0
@@ -80,7 +84,7 @@ class Sampler:
         common = {
             "time": iso(when),
             "elapsed_s": when - self.first_t,
-            "sample": self.samples,
+            "sample": self.first_sample + self.samples,
             "round": number,
             "phase": phase,
             "source": self.reader.source,

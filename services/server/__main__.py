@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-from services import logs, roster, worker
+from services import logs, roster, tls, worker
 from services import settings as settings_module
 from services.server import resume
 from services.server.central import CentralEvaluator
@@ -33,6 +33,8 @@ def validate(values: SimpleNamespace) -> None:
     if values.task == "builtin":
         check_model_fits(values.dataset, values.model)
     values.strategy_args = strategies.parse_args(values.strategy, values.strategy_args)
+    if values.tls_dir is not None:
+        tls.server_files(values.tls_dir)
     if values.min_fit_clients > values.min_clients:
         raise settings_module.SettingError(
             f"--min-fit-clients / FL_MIN_FIT_CLIENTS = {values.min_fit_clients}: must not exceed "
@@ -110,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         return settings_module.EXIT_BAD_SETTING
     folder = state.folder
     log.info("run %s: results in %s", folder.run_id, folder.path)
+    log.info("gRPC on %s with %s", settings.listen_address, f"TLS (certificates from {settings.tls_dir})" if settings.tls_dir else "no TLS (plaintext; FL_TLS_DIR unset)")
 
     recorder = RoundRecorder(folder, rounds=resumed.rounds if resumed else None, initial=state.data.get("initial"))
     registry = PartitionRegistry()

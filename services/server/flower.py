@@ -33,7 +33,7 @@ from flwr.server.client_manager import ClientManager, SimpleClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
-from services import protocol, worker
+from services import protocol, tls, worker
 from services.server.central import CentralEvaluator
 from services.server import strategies
 from services.server.membership import Holder, Membership
@@ -379,6 +379,7 @@ def run(
         server=server,
         # A client always answers within its worker timeout; the margin covers start-up and transfer.
         config=ServerConfig(num_rounds=settings.rounds, round_timeout=settings.worker_timeout + 120),
+        certificates=tls.server_files(settings.tls_dir).for_flower() if settings.tls_dir else None,
     )
     if server.error is not None:
         raise server.error

@@ -57,9 +57,6 @@ class RunFolder:
         # The last attempt's summary (e.g. "interrupted") is not this run's: the restart entry in
         # state.json keeps its status, and a new summary is written when this attempt ends.
         (folder.path / "summary.json").unlink(missing_ok=True)
-        # The last attempt's summary (e.g. "interrupted") is not this run's: the restart entry in
-        # state.json keeps its status, and a new summary is written when this attempt ends.
-        (folder.path / "summary.json").unlink(missing_ok=True)
         text = folder.metrics_path.read_bytes() if folder.metrics_path.exists() else b""
         complete = text[: text.rfind(b"\n") + 1]
         if complete != text:
