@@ -372,3 +372,90 @@ def test_a_bad_setting_stops_up_naming_it_and_starts_nothing(tmp_path: Path, imp
         assert len(never) == len(started) - 1, f"only check may have started: {started}"
     finally:
         stack.down()
+
+
+def _state(container: str) -> dict:
+    return json.loads(subprocess.run(["docker", "inspect", "-f", "{{json .State}}", container], capture_output=True, text=True, check=True).stdout)
+
+
+def _wait_for_exit(container: str, timeout: float, logs) -> int:
+    deadline = time.monotonic() + timeout
+    while (state := _state(container))["Status"] not in ("exited", "dead"):
+        assert time.monotonic() < deadline, f"{container[:12]} still {state['Status']} after {timeout:g} s\n{logs()}"
+        time.sleep(2)
+    return state["ExitCode"]
+
+
+@pytest.mark.docker
+@pytest.mark.timeout(1200)
+def test_compose_server_killed_mid_run_resumes_over_tls_with_every_replica_on_its_partition(tmp_path: Path) -> None:
+    """Issue 12, as a user runs it (Compose v2, TLS overlay): `docker kill` the server after
+    round 2, `docker compose up -d server`; the replicas ride it out (never restarted), the run
+    completes with each round once and each replica on its old partition, and the memory
+    sidecar, with no Docker socket, follows the run to its end."""
+    from services.certs import make_certificates
+
+    compose = _docker_ready("v2")
+    results, certs, rounds_wanted, replicas = tmp_path / "results", tmp_path / "certs", 4, 4
+    results.mkdir()
+    make_certificates(certs, ["server"], [])
+    if os.geteuid() == 0:  # as a user would have them: results and certificates owned by one (non-root) user
+        for path in (results, certs, *certs.iterdir()):
+            os.chown(path, 1000, 1000)
+    stack = Stack(compose, results, "resume", FL_DATASET="digits", FL_ROUNDS=str(rounds_wanted), FL_LOCAL_EPOCHS="1",
+                  COMPOSE_FILE="docker-compose.yml:docker-compose.tls.yml", BOUQUET_TLS_DIR=str(certs))
+    logs = stack.logs
+    try:
+        stack.run("up", "--detach", "--no-build", "--scale", f"client={replicas}")
+        server = stack.run("ps", "-q", "server").stdout.strip()
+        clients = stack.run("ps", "-q", "client").stdout.split()
+        deadline = time.monotonic() + 600
+        while not (runs := [p for p in results.iterdir() if p.is_dir()]) or len(_rounds(runs[0])) < 2:
+            assert time.monotonic() < deadline and _state(server)["Running"], f"round 2 not recorded\n{logs()}"
+            time.sleep(1)
+        [run_dir] = runs
+        subprocess.run(["docker", "kill", server], check=True, capture_output=True)
+        killed_at, recorded_before = time.monotonic(), len(_rounds(run_dir))
+        stack.run("up", "--detach", "--no-build", "server")  # the documented resume: the server only
+        while len(_rounds(run_dir)) <= recorded_before:
+            assert time.monotonic() < deadline, f"no round after the restart\n{logs()}"
+            time.sleep(1)
+        print(f"server restart -> next finished round: {time.monotonic() - killed_at:.1f} s")
+        assert _wait_for_exit(server, 600, logs) == 0, logs()
+        for client in clients:
+            assert _wait_for_exit(client, 120, logs) == 0, logs()
+            assert _state(client)["Restarting"] is False
+            restarts = subprocess.run(["docker", "inspect", "-f", "{{.RestartCount}}", client], capture_output=True, text=True, check=True).stdout.strip()
+            assert restarts == "0", f"replica {client[:12]} was restarted: it did not ride out the server's restart"
+
+        records = _rounds(run_dir)
+        summary = json.loads((run_dir / "summary.json").read_text())
+        context = f"\n{json.dumps(summary, indent=1)}\n{logs()}"
+        assert [r["round"] for r in records] == list(range(1, rounds_wanted + 1)), context
+        assert summary["status"] == "completed" and summary["rounds_completed"] == rounds_wanted, context
+        assert [r["from_round"] for r in summary["restarts"]] == [recorded_before + 1], context
+        partition_of = [{c["id"]: c["partition"] for c in r["clients"]} for r in records]
+        assert len(partition_of[0]) == replicas and all(p == partition_of[0] for p in partition_of), "a replica changed partition"
+        assert "with TLS" in stack.run("logs", "--no-color", "server").stdout
+
+        deadline = time.monotonic() + 120
+        while not (run_dir / "memory_summary.json").exists():
+            assert time.monotonic() < deadline, f"the sidecar did not finish after the run\n{logs()}"
+            time.sleep(2)
+        memory = json.loads((run_dir / "memory_summary.json").read_text())
+        print(f"memory verdict across the restart: {memory['verdict']['text']}")
+        assert memory["run_status"] == "completed" and len(memory["run_restarts"]) == 1
+        with open(run_dir / "memory.csv") as rows:
+            named = {row["replica"] for row in csv.DictReader(rows) if row["role"] == "client"}
+        assert named == set(partition_of[0]), f"the sidecar named replicas {named}, the server knows {set(partition_of[0])}"
+        monitor = stack.run("ps", "-a", "-q", "gpu-monitor").stdout.strip()
+        assert "docker.sock" not in json.dumps(json.loads(subprocess.run(["docker", "inspect", monitor], capture_output=True, text=True, check=True).stdout)[0]["Mounts"])
+    finally:
+        stack.down()
+
+
+def _rounds(run_dir: Path) -> list[dict]:
+    try:
+        return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    except FileNotFoundError:
+        return []

@@ -61,6 +61,11 @@ def test_a_killed_server_started_again_completes_the_same_run(tmp_path, how):
         assert all(client.poll() is None for client in clients), "a client exited when the server went away"
 
         server = subprocess.Popen(command, cwd=REPO, stdout=open(logs / "server-2.log", "w"), stderr=subprocess.STDOUT)
+        restarted = time.monotonic()
+        while rounds_recorded(run) <= recorded_before and server.poll() is None:  # the event: the next round is on disk
+            assert time.monotonic() - restarted < 300, (logs / "server-2.log").read_text()[-3000:]
+            time.sleep(0.1)
+        print(f"{how.name}: server restart -> next finished round: {time.monotonic() - restarted:.1f} s")
         assert server.wait(timeout=300) == 0, (logs / "server-2.log").read_text()[-3000:]
         for index, client in enumerate(clients):
             assert client.wait(timeout=60) == 0, (logs / f"client-{index}.log").read_text()[-2000:]
