@@ -160,6 +160,8 @@ class Pod:
             options["cap_drop"] = capabilities["drop"]
         if capabilities.get("add"):
             options["cap_add"] = capabilities["add"]
+        if context.get("readOnlyRootFilesystem"):
+            options["read_only"] = True
         memory = container.get("resources", {}).get("limits", {}).get("memory")
         if memory:
             options["mem_limit"] = memory.replace("Gi", "g").replace("Mi", "m")

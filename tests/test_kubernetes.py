@@ -123,6 +123,7 @@ def test_pods_are_non_root_with_requests_and_the_compose_readiness_check(rendere
         assert pod["shareProcessNamespace"] is True  # compose's init: true
         container = pod["containers"][0]
         assert container["securityContext"]["allowPrivilegeEscalation"] is False
+        assert container["securityContext"]["readOnlyRootFilesystem"] is True
         assert {"cpu", "memory"} <= set(container["resources"]["requests"])
         assert container["image"].endswith(f":{overlay}")
     probe = server["containers"][0]["readinessProbe"]["exec"]["command"]
