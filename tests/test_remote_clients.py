@@ -24,6 +24,7 @@ from test_compose import REPO, Stack, _docker_ready
 
 REMOTE = REPO / "docker-compose.remote-clients.yml"
 REMOTE_GPU = REPO / "docker-compose.remote-clients.gpu.yml"
+REMOTE_TLS = REPO / "docker-compose.remote-clients.tls.yml"
 
 
 def test_remote_clients_file_passes_only_client_settings_documented_in_dotenv() -> None:
@@ -44,7 +45,7 @@ def test_remote_clients_files_are_valid_against_the_compose_spec() -> None:
     import sys
 
     result = subprocess.run(
-        [sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec", str(REMOTE), str(REMOTE_GPU)],
+        [sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec", str(REMOTE), str(REMOTE_GPU), str(REMOTE_TLS)],
         capture_output=True, text=True,
     )
     assert result.returncode == 0, result.stdout + result.stderr
