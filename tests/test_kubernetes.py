@@ -216,6 +216,9 @@ def test_rendered_pods_run_a_three_pod_federation_under_docker(tools, tmp_path: 
                 break
             if not ready:
                 ready = server.exec_run(probe).exit_code == 0
+            for client in containers[1:]:  # a kubelet would restart it; here it is the manifest's fault
+                client.reload()
+                assert client.status != "exited" or client.attrs["State"]["ExitCode"] == 0, f"{client.name} exited\n{logs()}"
             assert time.monotonic() < deadline, f"server pod still {server.status} after 600 s\n{logs()}"
             time.sleep(1)
         exit_code = server.wait(timeout=10)["StatusCode"]
