@@ -14,13 +14,12 @@ import json
 import re
 import socket
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from test_compose import REPO, Stack, _docker_ready
+from test_compose import REPO, Stack, _docker_ready, assert_exits_0
 
 REMOTE = REPO / "docker-compose.remote-clients.yml"
 REMOTE_GPU = REPO / "docker-compose.remote-clients.gpu.yml"
@@ -86,15 +85,7 @@ def test_a_second_compose_project_joins_through_the_loopback_port_as_extra_repli
         published = subprocess.run(["docker", "port", server, "8080/tcp"], capture_output=True, text=True, check=True).stdout.split()
         assert published == [f"127.0.0.1:{port}"], published
         second.run("up", "--detach", "--no-build", "--scale", f"client={REMOTE_REPLICAS}")
-        deadline = time.monotonic() + 600
-        while True:
-            state = subprocess.run(["docker", "inspect", "-f", "{{.State.Status}} {{.State.ExitCode}}", server],
-                                   capture_output=True, text=True, check=True).stdout.split()
-            if state[0] in ("exited", "dead"):
-                break
-            assert time.monotonic() < deadline, f"server still {state[0]} after 600 s\n{logs()}"
-            time.sleep(2)
-        assert state[1] == "0", f"server exited {state[1]}\n{logs()}"
+        assert_exits_0(server, logs)
 
         run_dir = results / "multihost"
         summary = json.loads((run_dir / "summary.json").read_text())
