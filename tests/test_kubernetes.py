@@ -240,8 +240,5 @@ def test_rendered_pods_run_a_three_pod_federation_under_docker(tools, tmp_path: 
         for container in containers:
             container.remove(force=True)
         network.remove()
-        for volume in claims.values():
-            try:
-                docker_client.volumes.get(volume).remove(force=True)
-            except Exception:
-                pass
+        for volume in docker_client.volumes.list(filters={"name": project}):  # the claims' and the emptyDirs'
+            volume.remove(force=True)
