@@ -24,6 +24,7 @@ MODELS = ("auto", "digits-cnn", "cifar-cnn", "resnet18")
 PARTITIONINGS = ("iid", "dirichlet")
 DEVICES = ("auto", "cpu", "cuda")
 WORKER_STARTS = ("spawn", "forkserver", "inprocess")
+IDENTITY_SOURCES = ("hostname", "container")
 
 
 class SettingError(ValueError):
@@ -236,7 +237,8 @@ SERVER = [
 
 CLIENT = [
     Setting("server_address", address, "server:8080", "address of the Flower server"),
-    Setting("client_id", optional(identifier), None, "stable identity the server maps to a partition (default: the hostname)"),
+    Setting("client_id", optional(identifier), None, "stable identity the server maps to a partition (default: from --identity-source)"),
+    Setting("identity_source", choice(*IDENTITY_SOURCES), "hostname", "where the identity comes from when --client-id is unset: hostname (a compose replica's container id, a Kubernetes pod's name), or container (the hostname plus a random id kept in the container's own files: stable across restarts of that container, new for a new one; for replicas that share a hostname, e.g. network_mode: host)"),
     Setting("connect_timeout", positive_float, 120.0, "seconds to keep retrying (with backoff) until the server accepts connections"),
     *LOCAL,
 ]

@@ -267,6 +267,21 @@ class Stack:
         self.run("down", "--volumes", "--remove-orphans", "--timeout", "10", check=False, timeout=120)
 
 
+def assert_exits_0(container: str, logs, timeout: float = 600) -> None:
+    """Wait for the container (the server) to end; it must exit 0."""
+    deadline = time.monotonic() + timeout
+    while True:
+        state = subprocess.run(
+            ["docker", "inspect", "-f", "{{.State.Status}} {{.State.ExitCode}}", container],
+            capture_output=True, text=True, check=True,
+        ).stdout.split()
+        if state[0] in ("exited", "dead"):
+            break
+        assert time.monotonic() < deadline, f"{container[:12]} still {state[0]} after {timeout:g} s\n{logs()}"
+        time.sleep(2)
+    assert state[1] == "0", f"{container[:12]} exited {state[1]}\n{logs()}"
+
+
 REPLICAS = 8
 EXAMPLE = REPO / "examples" / "quickstart-digits"
 
@@ -300,17 +315,7 @@ def test_compose_up_scale_8_cpu_trains_every_replica_and_proves_memory_returned(
         server = stack.run("ps", "-q", "server").stdout.strip()
         clients = stack.run("ps", "-q", "client").stdout.split()
         assert server and len(clients) == REPLICAS, f"server {server!r}, clients {clients}"
-        deadline = time.monotonic() + 600
-        while True:
-            state = subprocess.run(
-                ["docker", "inspect", "-f", "{{.State.Status}} {{.State.ExitCode}}", server],
-                capture_output=True, text=True, check=True,
-            ).stdout.split()
-            if state[0] in ("exited", "dead"):
-                break
-            assert time.monotonic() < deadline, f"server still {state[0]} after 600 s\n{logs()}"
-            time.sleep(2)
-        assert state[1] == "0", f"server exited {state[1]}\n{logs()}"
+        assert_exits_0(server, logs)
 
         run_dir = results / "smoke"
         rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]

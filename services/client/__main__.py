@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import logging
-import socket
 import sys
 
 from services import logs, roster, tls, worker
 from services import settings as settings_module
 from services.client.connect import ServerUnreachable, wait_for_server
+from services.client.identity import identity as client_identity
 from services.taskspec import Placement
 
 log = logging.getLogger("bouquet.client")
@@ -17,7 +17,7 @@ log = logging.getLogger("bouquet.client")
 def main(argv: list[str] | None = None) -> int:
     settings = settings_module.parse(settings_module.CLIENT, argv, program="services.client", description=__doc__, validate=validate)
     logs.setup()
-    identity = settings.client_id or socket.gethostname()
+    identity = client_identity(settings.client_id, settings.identity_source)
     # First, before any slow import: the server settles the federation's size on the replicas
     # that announced themselves (services.roster).
     announcement = roster.announce(settings.data_dir, identity)
