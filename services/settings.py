@@ -339,7 +339,7 @@ MONITOR = [
     Setting("monitor_source", choice(*MONITOR_SOURCES), "auto", "what to sample: nvml (GPU memory; fails without a GPU), host (PSS of the run's processes, RSS where PSS is unreadable), auto (nvml when a GPU is visible, else host)"),
     Setting("monitor_scope", choice(*MONITOR_SCOPES), "host", "which processes are the run's: host (every services.server/services.client process on the host and their children; containers with pid: host) or launcher (only those started by the monitor's parent, as scripts/run_local.py does)"),
     Setting("run_volume", optional(path), None, "(host scope) a folder every process of the run mounts, mounted here too (compose: the data volume): only processes that see this very folder are recorded, so another deployment on the host stays out; unset: every Bouquet process on the host"),
-    Setting("docker_api", optional(http_url), None, "URL of the inspect-only Docker API proxy (services.monitor.inspect_proxy, docker-compose.names.yml) to name compose replicas client-1, client-2, ...; unset: replicas are named by their hostnames, and Docker is never asked"),
+    Setting("docker_api", optional(http_url), None, "URL of the inspect-only Docker API proxy (compose: http://docker-names:2375 with COMPOSE_PROFILES=names) to name compose replicas client-1, client-2, ...; unset: replicas are named by their hostnames, and Docker is never asked"),
     Setting("metrics_port", optional(port), None, "serve Prometheus metrics on this port (unset: off)"),
     Setting("residual_tolerance_mib", non_negative_float, 64.0, "memory a round may leave held above baseline (MiB per replica) and still count as returned"),
     Setting("run_wait", positive_float, 600.0, "seconds to wait for the run folder to appear before giving up"),

@@ -8,7 +8,7 @@ reports to the server (its hostname: the short container id in compose, the pod 
 Kubernetes). Both need only CAP_SYS_PTRACE, never the Docker API.
 
 Compose's own names (``client-3``) live only in Docker's labels. A user who wants them runs the
-inspect-only proxy (services.monitor.inspect_proxy, docker-compose.names.yml) and sets
+inspect-only proxy (services.monitor.inspect_proxy: compose service docker-names, COMPOSE_PROFILES=names) and sets
 ``FL_DOCKER_API``: the monitor then asks it ``GET /containers/<id>/json``, the one call the
 proxy lets through, once per container.
 """

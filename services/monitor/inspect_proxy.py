@@ -6,7 +6,8 @@ sidecar needs one thing from Docker, and only to show compose names (``client-3`
 hostnames: ``GET /containers/<id>/json``. This proxy holds the socket and answers that call
 only, and of its answer passes on only the container's name, hostname and labels (inspect
 also returns every environment variable of the container, tokens included). Everything else
-gets 403. Used by docker-compose.names.yml; nothing in Bouquet needs it.
+gets 403. Compose runs it as the service docker-names (COMPOSE_PROFILES=names); nothing in
+Bouquet needs it.
 
 Standard library only: the well-known socket proxies filter by API section (``CONTAINERS=1``
 also opens logs and archive downloads) rather than by call and field.
