@@ -950,14 +950,14 @@ def test_monitor_writes_its_summary_on_sigterm(tmp_path):
 def test_following_picks_the_running_run_not_finished_or_recorded_ones(tmp_path):
     from services.monitor.follow import running_runs
 
-    from services.monitor.follow import RecordingLock
+    from services.monitor.follow import recording_lock
 
     for name in ("done", "recorded", "old", "running"):
         (tmp_path / name).mkdir()
     (tmp_path / "done" / "summary.json").write_text("{}")
-    lock = RecordingLock(tmp_path / "recorded")  # a live monitor records it
+    lock = recording_lock(tmp_path / "recorded")  # a live monitor records it
     assert lock.acquire()
-    assert not RecordingLock(tmp_path / "recorded").acquire()
+    assert not recording_lock(tmp_path / "recorded").acquire()
     os.utime(tmp_path / "old", (time.time() - 3600, time.time() - 3600))  # a crashed run from an hour ago
     (tmp_path / ".hidden.logs").mkdir()
     try:

@@ -140,4 +140,29 @@ def test_resume_never_starts_a_new_run(tmp_path):
         spec = TaskSpec.from_settings(settings)
         state, resumed = open_run(settings, spec)
         assert (resumed is None) == expect_new, mode
+        state.folder.release()  # as the server's exit does
     assert len([p for p in tmp_path.iterdir() if p.is_dir()]) == 1
+
+
+def test_a_run_another_live_server_writes_is_never_resumed_nor_touched(tmp_path):
+    """Two servers on one results folder (a second compose project, a second launcher): the
+    second neither picks the first's unfinished run nor changes a byte of it; once the first is
+    gone (its lock dies with it), the run can be resumed."""
+    from services.locks import HeldLock
+    from services.server.results import SERVER_LOCK, RunFolder, RunInUse
+
+    live = make_run(tmp_path, "live", FINGERPRINT, "interrupted", "2026-02-01")
+    before = {p.name: p.read_bytes() for p in live.iterdir() if p.is_file()}
+    first_server = HeldLock(live / SERVER_LOCK)
+    assert first_server.acquire()
+    assert resume.choose(tmp_path, None, FINGERPRINT, 5) is None
+    with pytest.raises(resume.NotResumable, match="being written by another running server"):
+        resume.choose(tmp_path, "live", FINGERPRINT, 5)
+    with pytest.raises(RunInUse):
+        RunFolder.reopen(live)
+    assert {p.name: p.read_bytes() for p in live.iterdir() if p.is_file() and p.name != SERVER_LOCK} == before
+
+    first_server.release()  # the first server exited (or was killed: the kernel drops the lock)
+    assert resume.choose(tmp_path, None, FINGERPRINT, 5).path == live
+    RunFolder.reopen(live)
+    assert not (live / "summary.json").exists()

@@ -24,7 +24,7 @@ from services import logs
 from services import settings as settings_module
 from services.monitor.containers import ContainerNames
 from services.monitor.csvlog import MemoryCsv, read_rows, relabel
-from services.monitor.follow import RecordingLock, wait_for_run_folder
+from services.monitor.follow import recording_lock, wait_for_run_folder
 from services.monitor.host import HostReader
 from services.monitor.nvml import NvmlUnavailable, open_nvml
 from services.monitor.processes import ProcessTable
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             wanted = f"{results_dir / settings.run_id}" if settings.run_id else f"a new run folder under {results_dir}"
             log.error("gave up: %s did not appear within %g s (FL_RUN_WAIT)", wanted, settings.run_wait)
             return 1
-        lock = RecordingLock(run_path)
+        lock = recording_lock(run_path)
         if not lock.acquire():
             log.error("%s is being recorded by another monitor", run_path)
             return 1

@@ -5,52 +5,19 @@ one that comes back to life; a lock file says which folder a live monitor is rec
 
 from __future__ import annotations
 
-import fcntl
-import os
 import time
 from pathlib import Path
+
+from services.locks import HeldLock, is_held
 
 RECENT_S = 60.0  # a run folder created (or resumed) this long before the monitor started still counts
 LOCK_NAME = ".monitor.lock"
 
 
-class RecordingLock:
-    """An exclusive flock on <run>/.monitor.lock for as long as this monitor records the run; the
-    kernel drops it when the monitor dies, however it dies, so a new monitor can take over."""
-
-    def __init__(self, run_path: Path) -> None:
-        self.path = Path(run_path) / LOCK_NAME
-        self._fd: int | None = None
-
-    def acquire(self) -> bool:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return False
-        self._fd = fd
-        return True
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-
-def is_recorded(run_path: Path) -> bool:
-    """Whether a live monitor holds this run's lock right now."""
-    try:
-        fd = os.open(Path(run_path) / LOCK_NAME, os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
+def recording_lock(run_path: Path) -> HeldLock:
+    """Held by the monitor recording the run, for as long as it records it; a new monitor can
+    take over once that one is gone, however it went."""
+    return HeldLock(Path(run_path) / LOCK_NAME)
 
 
 def running_runs(results_dir: Path, since: float) -> list[Path]:
@@ -67,7 +34,7 @@ def running_runs(results_dir: Path, since: float) -> list[Path]:
             changed = entry.stat().st_mtime
         except FileNotFoundError:
             continue
-        if changed >= since and not (entry / "summary.json").exists() and not is_recorded(entry):
+        if changed >= since and not (entry / "summary.json").exists() and not is_held(entry / LOCK_NAME):
             candidates.append((changed, entry))
     return [entry for _, entry in sorted(candidates, reverse=True)]
 

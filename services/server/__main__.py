@@ -19,7 +19,7 @@ from services.server import resume
 from services.server.central import CentralEvaluator
 from services.server.membership import Membership
 from services.server.registry import PartitionRegistry
-from services.server.results import RoundRecorder, RunFolder, RunState, load_checkpoint, utc_now
+from services.server.results import RoundRecorder, RunFolder, RunInUse, RunState, load_checkpoint, utc_now
 from services.taskspec import Placement, TaskSpec, check_model_fits
 
 log = logging.getLogger("bouquet.server")
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         log.info("the task has no load_centralized_dataset(): no server-side evaluation; the clients evaluate on their validation data after every round")
     try:
         state, resumed = open_run(settings, spec)
-    except (FileExistsError, OSError, resume.NotResumable) as problem:
+    except (FileExistsError, OSError, resume.NotResumable, RunInUse) as problem:
         print(f"services.server: error: {problem}", file=sys.stderr)
         return settings_module.EXIT_BAD_SETTING
     folder = state.folder

@@ -120,6 +120,14 @@ class ChosenClients(ClientManager):
         return list(self.proxies)
 
 
+def sample_for_round(holders: list[Holder], wanted: int, seed: int, server_round: int) -> list[Holder]:
+    """The holders that train this round, by partition. Seeded by (seed, round) rather than by
+    one stream begun at start, so a resumed run samples each round as the uninterrupted run
+    would have (a stream would start again and repeat its first picks)."""
+    by_partition = sorted(holders, key=lambda holder: holder.partition)
+    return sorted(random.Random(f"{seed}:{server_round}").sample(by_partition, wanted), key=lambda holder: holder.partition)
+
+
 class BouquetStrategy(Strategy):
     """Bouquet's duties around whichever Flower strategy aggregates (FL_STRATEGY): who trains and
     on which partition, the round records, the central evaluation in workers, the client-eval
@@ -149,7 +157,7 @@ class BouquetStrategy(Strategy):
         self.recorder = recorder
         self.evaluator = evaluator
         self.inner: Strategy | None = None
-        self._rng = random.Random(settings.seed)
+        self.seed = settings.seed
         self._sampled: dict[str, tuple[str, int]] = {}
 
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
@@ -178,7 +186,7 @@ class BouquetStrategy(Strategy):
         for gap in missing:
             log.warning("round %d: partition %d will not train: %s%s", server_round, gap["partition"], gap["reason"], f" (client {gap['id']})" if gap["id"] else "")
         wanted = min(len(holders), max(int(len(holders) * self.fraction_fit), self.min_fit_clients))
-        chosen = sorted(self._rng.sample(holders, wanted), key=lambda holder: holder.partition)
+        chosen = sample_for_round(holders, wanted, self.seed, server_round)
         self._sampled = {holder.cid: (holder.identity, holder.partition) for holder in chosen}
         base = self._base_config(server_round)
         log.info("round %d: training on %d of %d partition holders", server_round, len(chosen), len(holders))

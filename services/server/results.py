@@ -18,6 +18,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from services.files import atomic_write, json_safe, write_json_atomically
+from services.locks import HeldLock, is_held
 
 
 def utc_now() -> str:
@@ -28,8 +29,20 @@ def new_run_id() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
 
 
+SERVER_LOCK = ".server.lock"  # held by the server writing the run, for its whole life
+
+
+class RunInUse(RuntimeError):
+    """Another live server is writing this run folder."""
+
+
+def in_use(path: Path) -> bool:
+    return is_held(Path(path) / SERVER_LOCK)
+
+
 class RunFolder:
-    """Owns ``<results-dir>/<run-id>/`` for one run."""
+    """Owns ``<results-dir>/<run-id>/`` for one run: one server at a time writes it (a lock
+    file it holds while it lives), so two servers never resume, or write, the same run."""
 
     def __init__(self, results_dir: str | Path, run_id: str | None) -> None:
         self.run_id = run_id or new_run_id()
@@ -42,9 +55,19 @@ class RunFolder:
                 f"--run-id / FL_RUN_ID = {self.run_id!r}: {self.path} already exists and is never reused; "
                 "choose another run id or leave it unset"
             ) from None
+        self._hold()
         (self.path / "checkpoints").mkdir()
         self.metrics_path = self.path / "metrics.jsonl"
         self.metrics_path.touch()
+
+    def release(self) -> None:
+        """Let another server take the run (the end of this process does it too)."""
+        self._lock.release()
+
+    def _hold(self) -> None:
+        self._lock = HeldLock(self.path / SERVER_LOCK)
+        if not self._lock.acquire():
+            raise RunInUse(f"run {self.run_id} ({self.path}) is being written by another running server; nothing was changed")
 
     @classmethod
     def reopen(cls, path: Path) -> "RunFolder":
@@ -52,6 +75,7 @@ class RunFolder:
         (it was never a recorded round), so the next round's line starts on a line of its own."""
         folder = cls.__new__(cls)
         folder.path, folder.run_id = Path(path), Path(path).name
+        folder._hold()  # before any change to the folder
         folder.metrics_path = folder.path / "metrics.jsonl"
         (folder.path / "checkpoints").mkdir(exist_ok=True)
         # The last attempt's summary (e.g. "interrupted") is not this run's: the restart entry in

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from services.server.results import in_use
+
 log = logging.getLogger("bouquet.server")
 
 STATE = "state.json"
@@ -85,6 +87,8 @@ def choose(results_dir: Path, run_id: str | None, fingerprint: dict[str, Any], r
             return None
         if status_of(path) == FINISHED:
             raise NotResumable(f"--run-id / FL_RUN_ID = {run_id!r}: {path} is a completed run and is never touched; choose another run id")
+        if in_use(path):
+            raise NotResumable(f"--run-id / FL_RUN_ID = {run_id!r}: {path} is being written by another running server; choose another run id")
 
         state = read_state(path)
         if state is None or state.get("fingerprint") != fingerprint:
@@ -102,6 +106,9 @@ def choose(results_dir: Path, run_id: str | None, fingerprint: dict[str, Any], r
             continue
         state = read_state(path)
         if state is None:
+            continue
+        if in_use(path):
+            log.info("not resuming run %s: another running server is writing it", path.name)
             continue
         if state.get("fingerprint") != fingerprint:
             log.info("not resuming unfinished run %s: other task settings (%s)", path.name, _difference(state, fingerprint))
