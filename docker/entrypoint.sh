@@ -30,7 +30,9 @@ if [ "$uid" = 0 ]; then
     gid=$(id -g bouquet)
 fi
 [ "$gid" != 0 ] || gid=$(id -g bouquet)
-if [ "$uid" != "$(id -u bouquet)" ]; then
+if [ "$uid" = "$(id -u bouquet)" ]; then
+    export HOME=/home/bouquet  # not root's: caches (matplotlib, torch) are written under HOME
+else
     export HOME=/tmp  # a host uid has no home in the image
 fi
 echo "bouquet-entrypoint: running as uid $uid gid $gid (owner of $results)" >&2
