@@ -636,6 +636,47 @@ def test_summary_names_the_round_and_replica_that_kept_memory():
     assert verdict["text"].endswith("; also rounds 2")
 
 
+def test_a_resumed_run_is_measured_against_the_baseline_of_its_own_stretch():
+    """`down` / `up` mid-run: a new server and new replicas (other processes, other memory)
+    continue from round 3. Measured against round 1's baseline, every new replica would "hold"
+    its whole client process; each stretch has its own baseline, and a real leak after the
+    restart is still caught. A replica Docker restarts later is measured from its own start."""
+    rec = Recording(source="host")
+
+    def owners(server, a, b, *workers):
+        return [(10 if server else 30, "server", "server", 1 if server else 35, 200 if server else 210), *a, *b, *workers]
+
+    old = ((11, "client", "client-a", 2, 100),), ((12, "client", "client-b", 2, 100),)
+    new = ((31, "client", "client-c", 36, 150),), ((32, "client", "client-d", 36, 150),)
+    rec.add(9, 400, owners(True, *old))
+    rec.add(15, 900, owners(True, *old, (13, "worker", "client-a", 10.5, 250), (14, "worker", "client-b", 10.5, 250)))
+    rec.add(20.1, 400, owners(True, *old))
+    rec.add(39, 510, owners(False, *new))  # the resumed run: new server, new replicas
+    rec.add(45, 1010, owners(False, *new, (33, "worker", "client-c", 40.5, 250), (34, "worker", "client-d", 40.5, 250)))
+    rec.add(50.05, 510, owners(False, *new))
+    restarted = ((31, "client", "client-c", 36, 150),), ((42, "client", "client-d", 52, 170),)  # Docker restarted client-d in round 4
+    rec.add(55, 1030, owners(False, *restarted, (35, "worker", "client-c", 50.5, 250)))
+    rec.add(60.1, 530, owners(False, *restarted))
+    rec.add(61, 530, owners(False, *restarted))
+    rec.add(65, 1030, owners(False, *restarted, (36, "worker", "client-c", 62, 250), (43, "worker", "client-d", 62, 250)))
+    leaky = ((31, "client", "client-c", 36, 150),), ((42, "client", "client-d", 52, 270),)
+    rec.add(70.1, 630, owners(False, *leaky))
+    rounds = [make_round(1, 10, 20), make_round(3, 40, 50), make_round(4, 50.01, 60), make_round(5, 62, 70)]
+
+    summary = summarize(rec.rows, rounds, tolerance_mib=64, restarted_at=[3])
+    by_round = {r["round"]: r for r in summary["rounds"]}
+    assert by_round[1]["residual_per_replica_mib"] == {"client-a": 0.0, "client-b": 0.0, "server": 0.0}
+    assert by_round[3]["residual_mib"] == 0.0
+    assert by_round[3]["residual_per_replica_mib"] == {"client-c": 0.0, "client-d": 0.0, "server": 0.0}
+    assert "client-d" not in by_round[4]["residual_per_replica_mib"]  # restarted during round 4: nothing to compare with
+    assert by_round[5]["residual_per_replica_mib"]["client-d"] == 100.0  # measured from before round 5, its first
+    assert [s["from_round"] for s in summary["stretches"]] == [1, 3]
+    assert summary["verdict"]["ok"] is False and summary["verdict"]["first_failed_round"] == 5
+    assert "client-d held 100 MiB" in summary["verdict"]["text"]
+    # Without the restart, the device as a whole is measured against round 1's processes.
+    assert summarize(rec.rows, rounds, tolerance_mib=64)["rounds"][1]["residual_mib"] == 110.0
+
+
 def test_a_worker_still_alive_after_its_round_fails_the_verdict():
     rec = Recording()
     rec.add(9, 500)

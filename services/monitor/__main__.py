@@ -148,14 +148,15 @@ def finish(settings: Any, run_path: Path, reader: MemoryReader, sampler: Sampler
     relabel(csv_out.path, rounds)
     give_to_folder_owner(csv_out.path)  # the relabelled file is a new file
     rows = read_rows(csv_out.path)
-    summary = summarize(rows, rounds, settings.residual_tolerance_mib)
+    restarts = _read_json(run_path / "state.json").get("restarts", [])  # the server's, from the run's own state
+    summary = summarize(rows, rounds, settings.residual_tolerance_mib, restarted_at=[restart["from_round"] for restart in restarts])
     run_summary = run_path / "summary.json"
     summary.update(
         run_id=run_path.name,
         source=reader.source,
         scope=settings.monitor_scope,
         run_status=_read_json(run_summary).get("status"),
-        run_restarts=_read_json(run_path / "state.json").get("restarts", []),  # the server's, from the run's own state
+        run_restarts=restarts,
         monitor={
             "interval_s": settings.monitor_interval,
             "samples": sampler.samples,
