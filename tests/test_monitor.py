@@ -1066,8 +1066,9 @@ def test_report_command_line_says_what_is_missing(tmp_path, command):
 def end_of_run(run: Path):
     """What finish() needs of a recording that just stopped: settings, reader, sampler, CSV."""
     from services.monitor.host import HostReader
+    from services.settings import MonitorSettings
 
-    settings = SimpleNamespace(residual_tolerance_mib=64.0, monitor_scope="launcher", monitor_interval=0.2)
+    settings = MonitorSettings(residual_tolerance_mib=64.0, monitor_scope="launcher", monitor_interval=0.2)
     reader = HostReader(Tracked([]), interval=0.2)
     sampler = SimpleNamespace(samples=9, first_sample=0, busy_s=0.01, max_busy_s=0.002, errors=0)
     csv_out = SimpleNamespace(path=run / "memory.csv", rows_written=20)
