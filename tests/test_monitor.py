@@ -1125,7 +1125,8 @@ def test_gpu_check_puts_the_two_modes_side_by_side():
     assert lines[0] == "| | worker ×2 | inprocess ×2 |"
     assert "| held after round 2 (MiB) | 2 | 1200 |" in lines
     assert lines[-1] == "| verdict | ok | not ok |"
-    assert gpu_check.client_counts("2,4") == [2, 4]
+    options, extra = gpu_check.parse(["--clients", "2,4", "--", "--seed", "1"])
+    assert (options.clients, extra) == ([2, 4], ["--seed", "1"])
 
 
 def test_gpu_check_without_a_gpu_says_so():
