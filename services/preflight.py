@@ -39,7 +39,7 @@ def override(raw: str) -> tuple[str, str, str]:
 
 @dataclass(frozen=True, kw_only=True)
 class PreflightSettings(CommandLineOnly):
-    set: list[tuple[str, str, str]] = repeated(override, "a value one program sees instead of the environment's, as PROGRAM:FL_NAME=VALUE (may be repeated)")
+    set: list[tuple[str, str, str]] = repeated(override, [], "a value one program sees instead of the environment's, as PROGRAM:FL_NAME=VALUE (may be repeated)")
     programs: list[str] = setting(comma_list(choice(*PROGRAMS), ", ".join(PROGRAMS)), list(PROGRAMS), "which programs to check")
 
 

@@ -12,17 +12,22 @@ How to add a setting
 --------------------
 1. Add a field to the group or program class whose programs read it::
 
-       tls_dir: str | None = setting(optional(path), None, "folder with the TLS files (unset: insecure)")
+       worker_memory_mib: float | None = setting(optional(positive_float), None, "GPU memory one worker needs, in MiB (unset: measured)")
 
-   ``--tls-dir`` and ``FL_TLS_DIR`` derive from the name. The parser takes the raw text and
-   returns the field's type or raises ``ValueError("what is allowed")``; use the parsers below
-   (``positive_int``, ``optional(...)``, ``choice(...)``, ...) or add one next to them. A default
-   of ``None`` shows as "(unset)". Server and client both: put it on ``LocalSettings`` (every
-   program with local work) or on a new group class that both program classes list as a base.
+   ``--worker-memory-mib`` and ``FL_WORKER_MEMORY_MIB`` derive from the name. The parser takes
+   the raw text and returns the field's type or raises ``ValueError("what is allowed")``: use the
+   parsers below (``positive_int``, ``optional(...)``, ``choice(...)``, ...) or add one next to
+   them. A default of ``None`` shows as "(unset)". For server and client both, put it on
+   ``LocalSettings`` (or on a new group class that both program classes list as a base); on
+   ``TaskSettings`` only what the server sends to the clients each round (``TaskSpec``).
 2. Checks across several settings go in the program's ``validate`` (it returns the values,
    changed with ``dataclasses.replace`` where it converts one) and raise ``SettingError``.
-3. Regenerate the README table: ``.venv/bin/python scripts/settings_table.py`` (a test compares).
+3. Regenerate the README table: ``.venv/bin/python scripts/settings_table.py`` (a test checks
+   that every variable is in it).
    Compose passes ``FL_*`` variables to the services that declare them (``tests/test_compose.py``).
+
+A script's options (``benchmarks/bench.py``) are a class too, based on ``CommandLineOnly`` (flags
+only); it takes a setting of the services with ``reuse(Group, "name", default=...)``.
 """
 
 from __future__ import annotations
@@ -153,6 +158,13 @@ def address(raw: str) -> str:
     return raw
 
 
+def ip_address(raw: str) -> str:
+    try:
+        return str(ipaddress.ip_address(raw))
+    except ValueError:
+        raise ValueError("must be an IPv4 or IPv6 address") from None
+
+
 def identifier(raw: str) -> str:
     """A name that is safe as a folder name and in logs (run ids, client ids)."""
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}", raw):
@@ -252,9 +264,10 @@ def setting(parse: Callable[[str], T], default: T, help: str) -> T:
     return _field(parse, default, help, repeat=False)
 
 
-def repeated(parse: Callable[[str], T], help: str) -> list[T]:
-    """A flag that may be given several times (``--set a --set b``); default: none."""
-    return _field(parse, [], help, repeat=True)
+def repeated(parse: Callable[[str], T], default: list[T], help: str) -> list[T]:
+    """A flag that may be given several times (``--set a --set b``): the list of its values,
+    replacing ``default`` (scripts only: no environment variable)."""
+    return _field(parse, default, help, repeat=True)
 
 
 def reuse(group: type, name: str, default: Any = dataclasses.MISSING) -> Any:
@@ -347,11 +360,9 @@ def _reads_environment(kind: type) -> bool:
 def _value(item: Setting, from_flag: Any, environ: Mapping[str, str] | None, program: str) -> Any:
     """Flag, else environment variable (``environ`` None: the program reads none), else default."""
     label = item.flag if environ is None or item.repeat else f"{item.flag} / {item.env}"
-    if item.repeat:
-        texts, source = from_flag or [], item.flag
-    elif from_flag is not None:
-        texts, source = [from_flag], item.flag
-    elif environ is not None and item.env in environ:
+    if from_flag is not None:
+        texts, source = (from_flag if item.repeat else [from_flag]), item.flag
+    elif environ is not None and item.env in environ and not item.repeat:
         texts, source = [environ[item.env]], item.env
     else:
         return item.default
@@ -390,7 +401,7 @@ def parse(
     parser = _ArgumentParser(prog=program, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     for item in items:
         told = [] if environ is None or item.repeat else [f"env {item.env}"]
-        if item.default is not None and not item.repeat:  # unset: the help says what that means
+        if item.default not in (None, []):  # unset: the help says what that means
             told.append(f"default {as_text(item.default) if isinstance(item.default, list) else item.default}")
         _add(parser, item, item.help + (f" [{', '.join(told)}]" if told else ""))
     raw = parser.parse_args(argv)
