@@ -253,7 +253,7 @@ _META = "bouquet.setting"
 
 def _field(parse: Callable[[str], Any], default: Any, help: str, repeat: bool) -> Any:
     meta = {_META: (parse, help, repeat)}
-    if isinstance(default, (list, dict, set)):  # a fresh copy per object, as dataclasses require
+    if isinstance(default, (list, dict)):  # a fresh copy per object, as dataclasses require
         return dataclasses.field(default_factory=lambda: copy.copy(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
 
@@ -270,14 +270,16 @@ def repeated(parse: Callable[[str], T], default: list[T], help: str) -> list[T]:
     return _field(parse, default, help, repeat=True)
 
 
+def _default(field: dataclasses.Field) -> Any:
+    return field.default if field.default is not dataclasses.MISSING else field.default_factory()  # type: ignore[misc]
+
+
 def reuse(group: type, name: str, default: Any = dataclasses.MISSING) -> Any:
     """``group``'s setting ``name`` (parser and help declared there) on another class, with
     another default if given: how scripts take a setting of the services with their own default."""
     original = next(f for f in dataclasses.fields(group) if f.name == name and _META in f.metadata)
     parse, help, repeat = original.metadata[_META]
-    if default is dataclasses.MISSING:
-        default = original.default if original.default is not dataclasses.MISSING else original.default_factory()  # type: ignore[misc]
-    return _field(parse, default, help, repeat)
+    return _field(parse, _default(original) if default is dataclasses.MISSING else default, help, repeat)
 
 
 def declared(kind: type, defaults: Mapping[str, Any] | None = None) -> list[Setting]:
@@ -298,9 +300,7 @@ def declared(kind: type, defaults: Mapping[str, Any] | None = None) -> list[Sett
     out = []
     for name in order:
         parse, help, repeat = fields[name].metadata[_META]
-        field = fields[name]
-        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()  # type: ignore[misc]
-        out.append(Setting(name, parse, (defaults or {}).get(name, default), help, repeat))
+        out.append(Setting(name, parse, (defaults or {}).get(name, _default(fields[name])), help, repeat))
     return out
 
 
@@ -353,8 +353,11 @@ class CommandLineOnly:
     FROM_ENVIRONMENT: ClassVar[bool] = False
 
 
-def _reads_environment(kind: type) -> bool:
-    return getattr(kind, "FROM_ENVIRONMENT", True)
+def _environment(kind: type, environ: Mapping[str, str] | None) -> Mapping[str, str] | None:
+    """The variables ``kind`` reads (None: a script's, it reads none)."""
+    if not getattr(kind, "FROM_ENVIRONMENT", True):
+        return None
+    return os.environ if environ is None else environ
 
 
 def _value(item: Setting, from_flag: Any, environ: Mapping[str, str] | None, program: str) -> Any:
@@ -396,7 +399,7 @@ def parse(
 ) -> P:
     """The program's settings object: flags override environment variables (where ``kind``
     reads them), which override ``defaults``, then the declared defaults. Exits 2 on a bad value."""
-    environ = (os.environ if environ is None else environ) if _reads_environment(kind) else None
+    environ = _environment(kind, environ)
     items = declared(kind, defaults)
     parser = _ArgumentParser(prog=program, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     for item in items:
@@ -417,7 +420,7 @@ def parse(
 def peek(kind: type, name: str, argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None, program: str = "bouquet") -> Any:
     """One setting's value before the others are parsed (a program whose defaults depend on it)."""
     item = next(s for s in declared(kind) if s.name == name)
-    environ = (os.environ if environ is None else environ) if _reads_environment(kind) else None
+    environ = _environment(kind, environ)
     parser = _ArgumentParser(prog=program, add_help=False, allow_abbrev=False)
     _add(parser, item, item.help)
     known, _ = parser.parse_known_args(argv)
