@@ -88,7 +88,6 @@ def parse(argv: list[str] | None) -> LauncherSettings:
         data_dir=str(Path(values.data_dir).resolve()),
         task=str(Path(values.task).resolve()) if values.task.endswith(".py") else values.task,
         tls_dir=None if values.tls_dir is None else str(Path(values.tls_dir).resolve()),
-        run_id=values.run_id or new_run_id(),
     )
 
 
@@ -117,9 +116,10 @@ def _die_with_launcher() -> None:
 
 class Federation:
     def __init__(self, values: LauncherSettings) -> None:
-        self.values = values
-        self.run_path = Path(values.results_dir) / values.run_id
-        self.log_dir = Path(values.results_dir) / f".{values.run_id}.logs"  # moved into the run folder at the end
+        self.run_id = values.run_id or new_run_id()  # named here: the server and the monitor get the same
+        self.values = dataclasses.replace(values, run_id=self.run_id)
+        self.run_path = Path(values.results_dir) / self.run_id
+        self.log_dir = Path(values.results_dir) / f".{self.run_id}.logs"  # moved into the run folder at the end
         self.processes: dict[str, tuple[subprocess.Popen, Path]] = {}
 
     def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
@@ -148,7 +148,7 @@ class Federation:
         except RuntimeError as problem:
             return self._fail("server", str(problem))
         if v.monitor:
-            self.start("monitor", ["-m", "services.monitor", "--results-dir", str(v.results_dir), "--run-id", v.run_id, "--monitor-scope", "launcher"])
+            self.start("monitor", ["-m", "services.monitor", "--results-dir", str(v.results_dir), "--run-id", self.run_id, "--monitor-scope", "launcher"])
         client_names = [s.name for s in settings_module.declared(LocalSettings)] + ["connect_timeout"]
         client_flags = ["--server-address", host_port, *settings_module.as_flags(v, client_names)]
         for index in range(v.clients):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
+from typing import Any, Callable
 
 from services import settings as settings_module
 from services.client.__main__ import validate as validate_client
@@ -21,7 +22,7 @@ from services.server.central import CentralEvaluator
 from services.settings import ClientSettings, CommandLineOnly, MonitorSettings, ServerSettings, comma_list, choice, repeated, setting
 from services.taskspec import Placement, TaskSpec
 
-PROGRAMS = {
+PROGRAMS: dict[str, tuple[type, Callable[[Any], Any] | None]] = {
     "server": (ServerSettings, validate_server),
     "client": (ClientSettings, validate_client),
     "monitor": (MonitorSettings, None),

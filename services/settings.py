@@ -271,7 +271,9 @@ def repeated(parse: Callable[[str], T], default: list[T], help: str) -> list[T]:
 
 
 def _default(field: dataclasses.Field) -> Any:
-    return field.default if field.default is not dataclasses.MISSING else field.default_factory()  # type: ignore[misc]
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return field.default
 
 
 def reuse(group: type, name: str, default: Any = dataclasses.MISSING) -> Any:

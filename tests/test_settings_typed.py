@@ -78,7 +78,7 @@ def test_the_launchers_defaults_follow_its_client_count(tmp_path):
     values = parse_launcher(["--clients", "3", "--results-dir", str(tmp_path)])
     assert isinstance(values, LauncherSettings)
     assert (values.min_clients, values.min_fit_clients, values.join_grace) == (3, 2, 0.0)
-    assert values.torch_threads == torch_threads_per_worker(3) and values.run_id
+    assert values.torch_threads == torch_threads_per_worker(3)
     explicit = parse_launcher(["--clients", "3", "--min-clients", "2", "--torch-threads", "0", "--results-dir", str(tmp_path)])
     assert (explicit.min_clients, explicit.torch_threads) == (2, 0)
 
