@@ -9,28 +9,31 @@ server machine's DNS name or IP for clients on other hosts. Give the folder to t
 (all files but ca.key, which stays with you) and ca.crt to every client.
 """
 
-import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
+from services import settings
 from services.certs import make_certificates
+from services.settings import CommandLineOnly, identifier, ip_address, path, positive_int, repeated, setting
+
+
+@dataclass(frozen=True, kw_only=True)
+class MakeCertsSettings(CommandLineOnly):
+    out: str = setting(path, "certs", "folder to write")
+    name: list[str] = repeated(identifier, ["server", "localhost"], "DNS name the clients dial (repeat for several)")
+    ip: list[str] = repeated(ip_address, ["127.0.0.1"], "IP address the clients dial (repeat for several)")
+    days: int = setting(positive_int, 365, "validity in days")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("certs"), help="folder to write (default: certs)")
-    parser.add_argument("--name", action="append", default=None, help="DNS name the clients dial (repeat; default: server, localhost)")
-    parser.add_argument("--ip", action="append", default=None, help="IP address the clients dial (repeat; default: 127.0.0.1)")
-    parser.add_argument("--days", type=int, default=365, help="validity in days (default 365)")
-    options = parser.parse_args(argv)
-    names = options.name if options.name is not None else ["server", "localhost"]
-    ips = options.ip if options.ip is not None else ["127.0.0.1"]
+    options = settings.parse(MakeCertsSettings, argv, program="make_certs.py", description=__doc__)
     try:
-        written = make_certificates(options.out, names, ips, options.days)
+        written = make_certificates(Path(options.out), options.name, options.ip, options.days)
     except (ValueError, FileExistsError) as problem:
         print(f"make_certs.py: error: {problem}", file=sys.stderr)
-        return 2
-    print(f"make_certs.py: wrote {', '.join(str(path) for path in written)} (server certificate for {', '.join(names + ips)})")
+        return settings.EXIT_BAD_SETTING
+    print(f"make_certs.py: wrote {', '.join(str(path) for path in written)} (server certificate for {', '.join(options.name + options.ip)})")
     return 0
 
 

@@ -84,7 +84,7 @@ def test_client_process_never_imports_torch(data_dir):
         "from services.client.flower import WorkerClient\n"
         "from services.taskspec import Placement, TaskSpec\n"
         "from services import protocol, worker\n"
-        "spec = TaskSpec('digits', 'digits-cnn', 1, 16, 0.05, 'iid', 0.5, 0, 100, 120.0)\n"
+        "spec = TaskSpec(dataset='digits', model='digits-cnn', local_epochs=1, batch_size=16, synthetic_samples=100, worker_timeout=120.0)\n"
         "weights = worker.run('services.task:initial_weights', {'spec': spec}, timeout=120).value\n"
         "config = {**spec.to_config(), protocol.PARTITION_ID: 0, protocol.NUM_PARTITIONS: 2, protocol.SERVER_ROUND: 1}\n"
         f"client = WorkerClient('c', Placement({str(data_dir)!r}, 'cpu'), 'spawn')\n"

@@ -1107,8 +1107,9 @@ def test_report_command_line_says_what_is_missing(tmp_path, command):
 def end_of_run(run: Path):
     """What finish() needs of a recording that just stopped: settings, reader, sampler, CSV."""
     from services.monitor.host import HostReader
+    from services.settings import MonitorSettings
 
-    settings = SimpleNamespace(residual_tolerance_mib=64.0, monitor_scope="launcher", monitor_interval=0.2)
+    settings = MonitorSettings(residual_tolerance_mib=64.0, monitor_scope="launcher", monitor_interval=0.2)
     reader = HostReader(Tracked([]), interval=0.2)
     sampler = SimpleNamespace(samples=9, first_sample=0, busy_s=0.01, max_busy_s=0.002, errors=0)
     csv_out = SimpleNamespace(path=run / "memory.csv", rows_written=20)
@@ -1165,7 +1166,8 @@ def test_gpu_check_puts_the_two_modes_side_by_side():
     assert lines[0] == "| | worker ×2 | inprocess ×2 |"
     assert "| held after round 2 (MiB) | 2 | 1200 |" in lines
     assert lines[-1] == "| verdict | ok | not ok |"
-    assert gpu_check.client_counts("2,4") == [2, 4]
+    options, extra = gpu_check.parse(["--clients", "2,4", "--", "--seed", "1"])
+    assert (options.clients, extra) == ([2, 4], ["--seed", "1"])
 
 
 def test_gpu_check_without_a_gpu_says_so():

@@ -132,11 +132,11 @@ def test_a_named_run_is_continued_only_when_unfinished_and_the_same(tmp_path):
 def test_resume_never_starts_a_new_run(tmp_path):
     """Via the real server's start: with FL_RESUME=never an unfinished run of the same settings is left alone."""
     from services.server.__main__ import open_run
-    from services.settings import SERVER, parse
+    from services.settings import ServerSettings, parse
     from services.taskspec import TaskSpec
 
     for mode, expect_new in (("never", True), ("auto", False)):
-        settings = parse(SERVER, ["--results-dir", str(tmp_path), "--resume", mode])
+        settings = parse(ServerSettings, ["--results-dir", str(tmp_path), "--resume", mode])
         spec = TaskSpec.from_settings(settings)
         state, resumed = open_run(settings, spec)
         assert (resumed is None) == expect_new, mode

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 from flwr.common import Code, GetPropertiesRes, Status, ndarrays_to_parameters
 import numpy as np
 
 from services import protocol, worker
 from services.server.flower import BouquetStrategy, ConnectedClients
 from services.server.results import RoundRecorder, RunFolder
+from services.settings import ServerSettings
 
 
 class FakeProxy:
@@ -73,7 +72,7 @@ class FailingEvaluator:
 def test_failed_central_evaluation_is_recorded_and_the_run_goes_on(tmp_path):
     folder = RunFolder(tmp_path, "run")
     recorder = RoundRecorder(folder)
-    settings = SimpleNamespace(fraction_fit=1.0, min_fit_clients=1, min_clients=1, client_eval=False, seed=0, strategy="fedavg", strategy_args={})
+    settings = ServerSettings(fraction_fit=1.0, min_fit_clients=1, min_clients=1, client_eval=False, seed=0, strategy="fedavg", strategy_args={})
     strategy = BouquetStrategy(
         spec=None, settings=settings, membership=None, clients=None, recorder=recorder, evaluator=FailingEvaluator()
     )

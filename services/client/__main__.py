@@ -9,13 +9,14 @@ from services import logs, roster, tls, worker
 from services import settings as settings_module
 from services.client.connect import ServerUnreachable, wait_for_server
 from services.client.identity import identity as client_identity
+from services.settings import ClientSettings
 from services.taskspec import Placement
 
 log = logging.getLogger("bouquet.client")
 
 
 def main(argv: list[str] | None = None) -> int:
-    settings = settings_module.parse(settings_module.CLIENT, argv, program="services.client", description=__doc__, validate=validate)
+    settings = settings_module.parse(ClientSettings, argv, program="services.client", description=__doc__, validate=validate)
     logs.setup()
     identity = client_identity(settings.client_id, settings.identity_source)
     # First, before any slow import: the server settles the federation's size on the replicas
@@ -28,18 +29,19 @@ def main(argv: list[str] | None = None) -> int:
             announcement.close()
 
 
-def validate(values) -> None:
+def validate(values: ClientSettings) -> ClientSettings:
     if values.tls_dir is not None:
         tls.client_ca(values.tls_dir)
+    return values
 
 
-def serve(settings, identity: str) -> int:
+def serve(settings: ClientSettings, identity: str) -> int:
     """Serve rounds until the server says the run is over. A lost server is waited for again
     (FL_CONNECT_TIMEOUT, with backoff): a restarted server resumes the run, and this client
     rejoins under the same identity, so with the same partition."""
     from services.client import flower  # imported late: validation comes first
 
-    client = flower.WorkerClient(identity, Placement(settings.data_dir, settings.device, settings.torch_threads), settings.worker_start)
+    client = flower.WorkerClient(identity, Placement.from_settings(settings), settings.worker_start)
     ca = tls.client_ca(settings.tls_dir) if settings.tls_dir else None
     prestarted = False
     while True:

@@ -31,6 +31,7 @@ from services.monitor.processes import ProcessTable
 from services.monitor.readings import MemoryReader
 from services.monitor.rounds import RoundLog
 from services.monitor.sampler import Sampler
+from services.settings import MonitorSettings
 from services.monitor.summary import summarize
 from services.files import write_json_atomically
 
@@ -68,7 +69,7 @@ def open_exporter(port: int | None) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    settings = settings_module.parse(settings_module.MONITOR, argv, program=PROGRAM, description=__doc__)
+    settings = settings_module.parse(MonitorSettings, argv, program=PROGRAM, description=__doc__)
     logs.setup()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             exporter.close()
 
 
-def record(settings: Any, run_path: Path, reader: MemoryReader, table: ProcessTable, csv_out: MemoryCsv, exporter: Any, stop: threading.Event) -> int:
+def record(settings: MonitorSettings, run_path: Path, reader: MemoryReader, table: ProcessTable, csv_out: MemoryCsv, exporter: Any, stop: threading.Event) -> int:
     rounds = RoundLog(run_path / "metrics.jsonl")
 
     def write(rows: list[dict[str, Any]]) -> None:
@@ -143,7 +144,7 @@ def record(settings: Any, run_path: Path, reader: MemoryReader, table: ProcessTa
     return 0
 
 
-def finish(settings: Any, run_path: Path, reader: MemoryReader, sampler: Sampler, csv_out: MemoryCsv) -> dict[str, Any]:
+def finish(settings: MonitorSettings, run_path: Path, reader: MemoryReader, sampler: Sampler, csv_out: MemoryCsv) -> dict[str, Any]:
     rounds = RoundLog(run_path / "metrics.jsonl").refresh()
     relabel(csv_out.path, rounds)
     give_to_folder_owner(csv_out.path)  # the relabelled file is a new file

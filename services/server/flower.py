@@ -38,6 +38,7 @@ from services.server.central import CentralEvaluator
 from services.server import strategies
 from services.server.membership import Holder, Membership
 from services.server.results import RoundRecorder, RunState
+from services.settings import ServerSettings
 from services.taskspec import TaskSpec
 
 log = logging.getLogger("bouquet.server")
@@ -138,7 +139,7 @@ class BouquetStrategy(Strategy):
         self,
         *,
         spec: TaskSpec,
-        settings: Any,
+        settings: ServerSettings,
         membership: Membership,
         clients: ConnectedClients,
         recorder: RoundRecorder,
@@ -364,7 +365,7 @@ class RecordingServer(Server):
 
 
 def run(
-    settings: Any, spec: TaskSpec, state: RunState, recorder: RoundRecorder, evaluator: CentralEvaluator, membership: Membership,
+    settings: ServerSettings, spec: TaskSpec, state: RunState, recorder: RoundRecorder, evaluator: CentralEvaluator, membership: Membership,
     central_evaluation: bool, resume_from: list[np.ndarray] | None = None,
 ) -> None:
     """Serve the rounds after the last recorded one; returns when the last is recorded, raises
