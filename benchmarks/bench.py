@@ -32,9 +32,10 @@ from typing import Any, Callable
 import psutil
 
 from benchmarks import bouquet, deployment, machine, plan, report
-from benchmarks.sampler import TreeSampler
 from benchmarks.summary import pool, summarize
 from services import settings as settings_module
+from services.monitor.processes import is_worker_process
+from services.monitor.trees import TreeSampler, gpu_reader
 from services.taskspec import resolve_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -105,14 +106,14 @@ def task_for(options: argparse.Namespace, dataset: str) -> dict[str, Any]:
 
 
 def is_worker(process: psutil.Process) -> bool:
-    """A process doing one round's work: a spawned or forked Bouquet worker, or a ClientApp."""
-    command = " ".join(process.cmdline())
-    if "spawn_main" in command or "flwr-clientapp" in command:
-        return True
-    if "forkserver import main" in command:  # the forkserver itself, or a worker forked from it
-        parent = process.parent()
-        return parent is not None and "forkserver import main" in " ".join(parent.cmdline())
-    return False
+    """A process doing one round's work: a Bouquet worker (the monitor's rule) or a Deployment
+    Engine ClientApp."""
+    try:
+        if any("flwr-clientapp" in part for part in process.cmdline()):
+            return True
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return False
+    return is_worker_process(process)
 
 
 def run_one(run: plan.Run, options: argparse.Namespace, out: Path) -> tuple[list[dict[str, Any]], TreeSampler]:
@@ -163,10 +164,13 @@ def main(argv: list[str] | None = None) -> int:
     started_at = dt.datetime.now(dt.timezone.utc)
     out = Path(options.out or REPO / "results" / "bench" / started_at.strftime("%Y%m%dT%H%M%SZ")).resolve()
     runs = plan.interleaved(options.configs, options.datasets, options.clients, options.repeats)
-    probe = TreeSampler(dict)
-    gpu = probe.gpu.available and options.device != "cpu"
+    nvml = gpu_reader()
+    gpu_name = nvml.names[0] if nvml is not None else None
+    if nvml is not None:
+        nvml.close()
+    gpu = gpu_name is not None and options.device != "cpu"
     meta: dict[str, Any] = {
-        "machine": machine.describe(options.machine_label, probe.gpu.name if gpu else None),
+        "machine": machine.describe(options.machine_label, gpu_name if gpu else None),
         "versions": machine.versions(),
         "command": "scripts/bench.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
         "plan": {
