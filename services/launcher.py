@@ -32,7 +32,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from services import settings as settings_module
 from services.client.connect import free_port, wait_until_listening
-from services.files import tail
+from services.files import read_rounds, tail
 from services.server.results import new_run_id
 
 # The server, clients and monitor run from the folder that holds the package (the repository,
@@ -163,8 +163,7 @@ class Federation:
 
     def _rounds(self) -> list[dict]:
         try:
-            with open(self.run_path / "metrics.jsonl") as lines:
-                return [json.loads(line) for line in lines if line.endswith("\n") and line.strip()]
+            return read_rounds(self.run_path)
         except (OSError, ValueError):
             return []
 

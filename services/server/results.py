@@ -17,7 +17,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from services.files import atomic_write, json_safe, write_json_atomically
+from services.files import METRICS, atomic_write, json_safe, write_json_atomically
 
 
 def utc_now() -> str:
@@ -43,7 +43,7 @@ class RunFolder:
                 "choose another run id or leave it unset"
             ) from None
         (self.path / "checkpoints").mkdir()
-        self.metrics_path = self.path / "metrics.jsonl"
+        self.metrics_path = self.path / METRICS
         self.metrics_path.touch()
 
     @classmethod
@@ -52,7 +52,7 @@ class RunFolder:
         (it was never a recorded round), so the next round's line starts on a line of its own."""
         folder = cls.__new__(cls)
         folder.path, folder.run_id = Path(path), Path(path).name
-        folder.metrics_path = folder.path / "metrics.jsonl"
+        folder.metrics_path = folder.path / METRICS
         (folder.path / "checkpoints").mkdir(exist_ok=True)
         # The last attempt's summary (e.g. "interrupted") is not this run's: the restart entry in
         # state.json keeps its status, and a new summary is written when this attempt ends.
