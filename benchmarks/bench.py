@@ -35,7 +35,7 @@ from benchmarks import bouquet, deployment, machine, plan, report
 from benchmarks.summary import pool, summarize
 from services import settings as settings_module
 from services.monitor.processes import is_worker_process
-from services.monitor.trees import TreeSampler, gpu_reader
+from services.monitor.trees import TreeSampler, gpu_name
 from services.taskspec import resolve_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -164,13 +164,10 @@ def main(argv: list[str] | None = None) -> int:
     started_at = dt.datetime.now(dt.timezone.utc)
     out = Path(options.out or REPO / "results" / "bench" / started_at.strftime("%Y%m%dT%H%M%SZ")).resolve()
     runs = plan.interleaved(options.configs, options.datasets, options.clients, options.repeats)
-    nvml = gpu_reader()
-    gpu_name = nvml.names[0] if nvml is not None else None
-    if nvml is not None:
-        nvml.close()
-    gpu = gpu_name is not None and options.device != "cpu"
+    gpu_model = gpu_name()
+    gpu = gpu_model is not None and options.device != "cpu"
     meta: dict[str, Any] = {
-        "machine": machine.describe(options.machine_label, gpu_name if gpu else None),
+        "machine": machine.describe(options.machine_label, gpu_model if gpu else None),
         "versions": machine.versions(),
         "command": "scripts/bench.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
         "plan": {

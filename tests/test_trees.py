@@ -9,11 +9,14 @@ import signal
 import subprocess
 import sys
 import threading
+from types import SimpleNamespace
 
 import psutil
 import pytest
 
+from services.monitor.nvml import NvmlReader
 from services.monitor.processes import is_worker_process
+from services.monitor.readings import MIB
 from services.monitor.trees import TreeSampler
 
 # A member that starts one multiprocessing worker (time.sleep: importable by reference, so it
@@ -73,3 +76,29 @@ def test_the_sampling_thread_samples_until_stopped_and_counts_a_failing_sample_o
     assert count >= 2 and sampler.errors == 1
     assert all(sample.member == "self" and sample.workers == 0 for sample in sampler.samples)
     assert len(sampler.samples) == count  # stopped: no sample after the block
+
+
+def recorded_nvml(used_by_pid: dict[int, int | None], device_used: int) -> SimpleNamespace:
+    """A one-GPU NVML stand-in (the monitor's NvmlReader reads it as it reads pynvml)."""
+    return SimpleNamespace(
+        NVMLError=RuntimeError,
+        nvmlDeviceGetCount=lambda: 1,
+        nvmlDeviceGetHandleByIndex=lambda index: "gpu0",
+        nvmlDeviceGetName=lambda handle: b"Recorded GPU",
+        nvmlDeviceGetMemoryInfo=lambda handle: SimpleNamespace(used=device_used, total=80 * 1024 * MIB),
+        nvmlDeviceGetUtilizationRates=lambda handle: SimpleNamespace(gpu=50),
+        nvmlDeviceGetComputeRunningProcesses=lambda handle: [SimpleNamespace(pid=pid, usedGpuMemory=used) for pid, used in used_by_pid.items()],
+        nvmlShutdown=lambda: None,
+    )
+
+
+@pytest.mark.parametrize("member", ["spawn"], indirect=True)
+def test_gpu_memory_of_a_tree_is_what_the_monitors_nvml_reader_gives_its_processes(member):
+    member_pid, worker_pid = member
+    sampler = TreeSampler(lambda: {"client-0": member_pid}, is_worker=is_worker_process)
+    # the worker holds 512 MiB, the member a CUDA context whose size NVML withholds, a stranger 1 GiB
+    sampler.gpu = NvmlReader(recorded_nvml({worker_pid: 512 * MIB, member_pid: None, 2**22 + 1: 1024 * MIB}, device_used=2000 * MIB))
+    sampler.sample_once()
+    (sample,) = sampler.samples
+    assert sample.gpu_bytes == 512 * MIB
+    assert [used for _, used in sampler.device_used] == [2000 * MIB]

@@ -48,6 +48,15 @@ def gpu_reader() -> NvmlReader | None:
         return None
 
 
+def gpu_name() -> str | None:
+    """The first GPU's name as NVML gives it, or None on a machine without one."""
+    reader = gpu_reader()
+    if reader is None:
+        return None
+    reader.close()
+    return reader.names[0]
+
+
 class TreeSampler(Periodic):
     """``is_worker(process)`` says whether a process below a member's root does one round's work."""
 
