@@ -19,21 +19,32 @@ from services.monitor.processes import is_worker_process
 from services.monitor.readings import MIB
 from services.monitor.trees import TreeSampler
 
-# A member that starts one multiprocessing worker (time.sleep: importable by reference, so it
-# needs no __main__ of its own) and says so once the worker exists.
+# A member that starts one multiprocessing worker and says so once the worker runs its target
+# (past exec: a spawned process still shows its parent's command line until then).
 MEMBER = """
 import multiprocessing, sys, time
-worker = multiprocessing.get_context(sys.argv[1]).Process(target=time.sleep, args=(120,))
-worker.start()
-print(worker.pid, flush=True)
-worker.join()
+
+def hold(running):
+    running.set()
+    time.sleep(120)
+
+if __name__ == "__main__":
+    context = multiprocessing.get_context(sys.argv[1])
+    running = context.Event()
+    worker = context.Process(target=hold, args=(running,))
+    worker.start()
+    assert running.wait(60), "the worker did not start"
+    print(worker.pid, flush=True)
+    worker.join()
 """
 
 
 @pytest.fixture
-def member(request):
+def member(request, tmp_path):
     """(member pid, worker pid) of a member process running one worker of the given start method."""
-    process = subprocess.Popen([sys.executable, "-c", MEMBER, request.param], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    script = tmp_path / "member.py"
+    script.write_text(MEMBER)
+    process = subprocess.Popen([sys.executable, str(script), request.param], stdout=subprocess.PIPE, text=True, start_new_session=True)
     try:
         worker_pid = int(process.stdout.readline())
         yield process.pid, worker_pid
