@@ -33,7 +33,6 @@ from typing import Any, Callable
 import psutil
 
 from benchmarks import bouquet, deployment, machine, plan, report
-from benchmarks.sampler import TreeSampler
 from benchmarks.summary import pool, summarize
 from services import settings as settings_module
 from services.launcher import torch_threads_per_worker
@@ -42,6 +41,8 @@ from services.settings import (
     optional, path, positive_float, positive_int, reuse, setting, values_of,
 )
 from services.taskspec import Placement, TaskSpec, check_model_fits
+from services.monitor.processes import is_worker_process
+from services.monitor.trees import TreeSampler, gpu_name
 
 REPO = Path(__file__).resolve().parent.parent
 PROGRAM = "bench.py"
@@ -100,14 +101,14 @@ def local_for(options: BenchSettings, clients: int) -> LocalSettings:
 
 
 def is_worker(process: psutil.Process) -> bool:
-    """A process doing one round's work: a spawned or forked Bouquet worker, or a ClientApp."""
-    command = " ".join(process.cmdline())
-    if "spawn_main" in command or "flwr-clientapp" in command:
-        return True
-    if "forkserver import main" in command:  # the forkserver itself, or a worker forked from it
-        parent = process.parent()
-        return parent is not None and "forkserver import main" in " ".join(parent.cmdline())
-    return False
+    """A process doing one round's work: a Bouquet worker (the monitor's rule) or a Deployment
+    Engine ClientApp."""
+    try:
+        if any("flwr-clientapp" in part for part in process.cmdline()):
+            return True
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return False
+    return is_worker_process(process)
 
 
 def run_one(run: plan.Run, options: BenchSettings, out: Path) -> tuple[list[dict[str, Any]], TreeSampler]:
@@ -155,10 +156,10 @@ def main(argv: list[str] | None = None) -> int:
     started_at = dt.datetime.now(dt.timezone.utc)
     out = Path(options.out or REPO / "results" / "bench" / started_at.strftime("%Y%m%dT%H%M%SZ")).resolve()
     runs = plan.interleaved(options.configs, options.datasets, options.clients, options.repeats)
-    probe = TreeSampler(dict)
-    gpu = probe.gpu.available and options.device != "cpu"
+    gpu_model = gpu_name()
+    gpu = gpu_model is not None and options.device != "cpu"
     meta: dict[str, Any] = {
-        "machine": machine.describe(options.machine_label, probe.gpu.name if gpu else None),
+        "machine": machine.describe(options.machine_label, gpu_model if gpu else None),
         "versions": machine.versions(),
         "command": "scripts/bench.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
         "plan": {

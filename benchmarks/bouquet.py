@@ -4,7 +4,6 @@ worker start method, and read back its metrics.jsonl."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -15,7 +14,7 @@ from typing import Any, Callable
 import psutil
 
 from benchmarks import processes
-from services.files import tail
+from services.files import read_rounds, tail
 from services.settings import LocalSettings, as_flags
 from services.taskspec import TaskSpec
 
@@ -82,8 +81,7 @@ def run(
         raise
     if code != 0:
         raise RuntimeError(f"launcher ({start_method}, {clients} clients) exited with code {code}:\n{tail(log_path)}")
-    metrics = work_dir / RUN_ID / "metrics.jsonl"
-    return [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    return read_rounds(work_dir / RUN_ID)
 
 
 def _stop(launcher: subprocess.Popen) -> None:

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 from benchmarks import deployment_config, processes
 from services.client.connect import free_port, wait_until_listening
-from services.files import tail
+from services.files import read_json_lines, tail
 from services.taskspec import Placement, TaskSpec
 
 APP_DIR = Path(__file__).resolve().parent / "deployment_app"
@@ -128,7 +128,8 @@ def _follow(cli: subprocess.Popen, rounds_file: Path, rounds: int, started: list
 
 
 def _read_rounds(path: Path) -> list[dict[str, Any]]:
+    """The ServerApp's round records so far (Bouquet's metrics.jsonl fields, one JSON line each)."""
     try:
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return read_json_lines(path)[0]
     except (OSError, ValueError):
         return []

@@ -35,7 +35,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from services import settings as settings_module
 from services.certs import make_certificates
 from services.client.connect import free_port, wait_until_listening
-from services.files import tail
+from services.files import read_rounds, tail
 from services.server.results import new_run_id
 from services.settings import ClientSettings, LocalSettings, ServerSettings, boolean, positive_int, reuse, setting
 
@@ -187,8 +187,7 @@ class Federation:
 
     def _rounds(self) -> list[dict]:
         try:
-            with open(self.run_path / "metrics.jsonl") as lines:
-                return [json.loads(line) for line in lines if line.endswith("\n") and line.strip()]
+            return read_rounds(self.run_path)
         except (OSError, ValueError):
             return []
 

@@ -16,6 +16,7 @@ import pytest
 
 from conftest import PYTHON, REPO
 from services.client.connect import free_port, wait_until_listening
+from services.files import read_rounds
 from services.server import resume
 
 ROUNDS, CLIENTS = 4, 3
@@ -23,7 +24,7 @@ ROUNDS, CLIENTS = 4, 3
 
 def rounds_recorded(run: Path) -> int:
     try:
-        return len(resume.read_rounds(run))
+        return len(read_rounds(run))
     except FileNotFoundError:
         return 0
 
@@ -75,7 +76,7 @@ def test_a_killed_server_started_again_completes_the_same_run(tmp_path, how):
             process.wait()
 
     assert [p.name for p in results.iterdir() if p.is_dir()] == [run.name], "a second run was started"
-    records = resume.read_rounds(run)
+    records = read_rounds(run)
     summary = json.loads((run / "summary.json").read_text())
     assert [r["round"] for r in records] == list(range(1, ROUNDS + 1)), "a round is missing or recorded twice"
     assert summary["status"] == "completed" and summary["rounds_completed"] == ROUNDS

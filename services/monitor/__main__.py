@@ -33,7 +33,7 @@ from services.monitor.rounds import RoundLog
 from services.monitor.sampler import Sampler
 from services.settings import MonitorSettings
 from services.monitor.summary import summarize
-from services.files import write_json_atomically
+from services.files import METRICS, write_json_atomically
 
 log = logging.getLogger("bouquet.monitor")
 PROGRAM = "services.monitor"
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def record(settings: MonitorSettings, run_path: Path, reader: MemoryReader, table: ProcessTable, csv_out: MemoryCsv, exporter: Any, stop: threading.Event) -> int:
-    rounds = RoundLog(run_path / "metrics.jsonl")
+    rounds = RoundLog(run_path / METRICS)
 
     def write(rows: list[dict[str, Any]]) -> None:
         csv_out.write(rows)
@@ -145,7 +145,7 @@ def record(settings: MonitorSettings, run_path: Path, reader: MemoryReader, tabl
 
 
 def finish(settings: MonitorSettings, run_path: Path, reader: MemoryReader, sampler: Sampler, csv_out: MemoryCsv) -> dict[str, Any]:
-    rounds = RoundLog(run_path / "metrics.jsonl").refresh()
+    rounds = RoundLog(run_path / METRICS).refresh()
     relabel(csv_out.path, rounds)
     give_to_folder_owner(csv_out.path)  # the relabelled file is a new file
     rows = read_rows(csv_out.path)

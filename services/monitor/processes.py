@@ -111,18 +111,30 @@ def is_forkserver(cmdline: tuple[str, ...]) -> bool:
     return target is not None and target[0] == "command" and FORKSERVER in target[1]
 
 
-def is_worker(cmdline: tuple[str, ...], parent_cmdline: tuple[str, ...], owner_program: str) -> bool:
+def is_worker(cmdline: tuple[str, ...], parent_cmdline: tuple[str, ...], owner_program: str | None) -> bool:
     """The one rule for "this process under a client or server does one job and exits":
     forked by the forkserver (it keeps the forkserver's command line, so only its parent tells),
     spawned by multiprocessing (``... --multiprocessing-fork``), or a fork of its owner that has
-    not exec'd yet (it still shows the owner's command line). Anything else under an owner
-    (resource tracker, the forkserver itself, other subprocesses) is a helper."""
+    not exec'd yet (it still shows the owner's command line; only when the owner's program is
+    known). Anything else under an owner (resource tracker, the forkserver itself, other
+    subprocesses) is a helper."""
     if is_forkserver(parent_cmdline):
         return True
     target = python_target(cmdline)
     if target is not None and target[0] == "command" and cmdline[-1] == SPAWNED:
         return True
-    return program_of(cmdline) == owner_program
+    return owner_program is not None and program_of(cmdline) == owner_program
+
+
+def is_worker_process(process: psutil.Process) -> bool:
+    """``is_worker`` for a live process whose owner's program is not known (e.g. the benchmark's
+    process trees); False once it has exited."""
+    try:
+        parent = process.parent()
+        parent_cmdline = tuple(parent.cmdline()) if parent is not None else ()
+        return is_worker(tuple(process.cmdline()), parent_cmdline, None)
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return False
 
 
 class Probe(Protocol):

@@ -17,7 +17,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from services.files import atomic_write, json_safe, write_json_atomically
+from services.files import METRICS, atomic_write, json_safe, write_json_atomically
 from services.locks import HeldLock, is_held
 
 
@@ -57,7 +57,7 @@ class RunFolder:
             ) from None
         self._hold()
         (self.path / "checkpoints").mkdir()
-        self.metrics_path = self.path / "metrics.jsonl"
+        self.metrics_path = self.path / METRICS
         self.metrics_path.touch()
 
     def release(self) -> None:
@@ -76,7 +76,7 @@ class RunFolder:
         folder = cls.__new__(cls)
         folder.path, folder.run_id = Path(path), Path(path).name
         folder._hold()  # before any change to the folder
-        folder.metrics_path = folder.path / "metrics.jsonl"
+        folder.metrics_path = folder.path / METRICS
         (folder.path / "checkpoints").mkdir(exist_ok=True)
         # The last attempt's summary (e.g. "interrupted") is not this run's: the restart entry in
         # state.json keeps its status, and a new summary is written when this attempt ends.

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from services.files import read_rounds
 from services.server.results import in_use
 
 log = logging.getLogger("bouquet.server")
@@ -38,16 +39,6 @@ class Progress:
     @property
     def last_round(self) -> int:
         return self.rounds[-1]["round"] if self.rounds else 0
-
-
-def read_rounds(run_path: Path) -> list[dict[str, Any]]:
-    """metrics.jsonl's complete lines (a line cut by a crash is not a round)."""
-    try:
-        text = (run_path / "metrics.jsonl").read_text()
-    except FileNotFoundError:
-        return []
-    complete = text[: text.rfind("\n") + 1]
-    return [json.loads(line) for line in complete.splitlines() if line.strip()]
 
 
 def status_of(run_path: Path) -> str | None:
