@@ -958,11 +958,26 @@ def fake_run(folder: Path, rounds=1):
             out.write(json.dumps({"round": number, "started_at": iso(time.time() - 1), "ended_at": iso(time.time()), "accuracy": 0.5, "loss": 1.0, "round_seconds": 1.0}) + "\n")
 
 
+def samples_in(run: Path) -> int:
+    """Samples on disk so far (the monitor writes whole samples, flushed, as it goes)."""
+    try:
+        return len({row["sample"] for row in csvlog.read_rows(run / "memory.csv")})
+    except (FileNotFoundError, KeyError, ValueError):
+        return 0
+
+
+def wait_for_samples(run: Path, count: int, process: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while samples_in(run) < count:
+        assert process.poll() is None, process.communicate()[0]
+        assert time.monotonic() < deadline, f"fewer than {count} samples in {timeout:g} s"
+        time.sleep(0.05)
+
+
 def test_monitor_follows_a_new_run_folder_and_stops_when_the_run_ends(tmp_path):
     process = monitor("--results-dir", str(tmp_path), "--monitor-source", "host", "--monitor-interval", "0.05")
-    time.sleep(1.5)
-    fake_run(tmp_path / "run-a")
-    time.sleep(1.0)
+    fake_run(tmp_path / "run-a")  # appears after the monitor started: it finds it by itself
+    wait_for_samples(tmp_path / "run-a", 5, process)
     (tmp_path / "run-a" / "summary.json").write_text(json.dumps({"status": "completed"}))
     output, _ = process.communicate(timeout=30)
     assert process.returncode == 0, output
@@ -976,10 +991,7 @@ def test_monitor_follows_a_new_run_folder_and_stops_when_the_run_ends(tmp_path):
 def test_monitor_writes_its_summary_on_sigterm(tmp_path):
     fake_run(tmp_path / "run-b")
     process = monitor("--results-dir", str(tmp_path), "--run-id", "run-b", "--monitor-source", "host", "--monitor-interval", "0.05")
-    deadline = time.monotonic() + 30
-    while not (tmp_path / "run-b" / "memory.csv").exists() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    time.sleep(0.5)
+    wait_for_samples(tmp_path / "run-b", 2, process)
     process.send_signal(signal.SIGTERM)
     output, _ = process.communicate(timeout=30)
     assert process.returncode == 0, output
