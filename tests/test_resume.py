@@ -7,6 +7,7 @@ or SIGTERM) once round 2 is recorded and starts it again with the same command."
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import time
@@ -167,3 +168,57 @@ def test_a_run_another_live_server_writes_is_never_resumed_nor_touched(tmp_path)
     assert resume.choose(tmp_path, None, FINGERPRINT, 5).path == live
     RunFolder.reopen(live)
     assert not (live / "summary.json").exists()
+
+
+@pytest.mark.integration
+def test_a_round_whose_every_client_vanished_is_run_again_not_recorded_empty(tmp_path):
+    """`docker compose down` stops the replicas before the server: mid-round, every connection is
+    lost. That attempt is not the round (it used to be recorded with nobody trained, and a resume
+    then skipped it): the round runs again once the replicas are back, and is recorded once."""
+    address = f"127.0.0.1:{free_port()}"
+    results, data, records, logs = tmp_path / "results", tmp_path / "data", tmp_path / "records", tmp_path / "logs"
+    records.mkdir()
+    logs.mkdir()
+    task = str(REPO / "tests" / "tasks" / "stalls_in_round_2.py")
+    server = subprocess.Popen(
+        [PYTHON, "-m", "services.server", "--listen-address", address, "--rounds", "3", "--min-clients", "2", "--join-grace", "0",
+         "--min-fit-clients", "2", "--task", task, "--torch-threads", "1", "--results-dir", str(results), "--data-dir", str(data)],
+        cwd=REPO, stdout=open(logs / "server.log", "w"), stderr=subprocess.STDOUT,
+    )
+
+    def start_clients(generation: int) -> list[subprocess.Popen]:
+        return [
+            subprocess.Popen(
+                [PYTHON, "-m", "services.client", "--server-address", address, "--data-dir", str(data), "--torch-threads", "1"],
+                cwd=REPO, stdout=open(logs / f"client-{index}-{generation}.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
+                env={**os.environ, "FL_CLIENT_ID": f"client-{index}", "BOUQUET_TEST_RECORDS": str(records)},
+            )
+            for index in range(2)
+        ]
+
+    clients = []
+    try:
+        wait_until_listening(address, server, timeout=120, name="server")
+        clients = start_clients(1)
+        deadline = time.monotonic() + 300
+        while not all((records / f"client-{index}-2").exists() for index in range(2)):  # the event: both are in round 2
+            assert time.monotonic() < deadline and server.poll() is None, (logs / "server.log").read_text()[-3000:]
+            time.sleep(0.05)
+        for client in clients:  # every replica gone at once, workers included
+            os.killpg(client.pid, signal.SIGKILL)
+            client.wait()
+        (records / "released").touch()
+        clients = start_clients(2)
+        assert server.wait(timeout=300) == 0, (logs / "server.log").read_text()[-3000:]
+    finally:
+        for process in (server, *clients):
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+    [run] = [p for p in results.iterdir() if p.is_dir()]
+    records_by_round = {r["round"]: r for r in resume.read_rounds(run)}
+    assert sorted(records_by_round) == [1, 2, 3]
+    assert records_by_round[2]["clients_ok"] == 2 and records_by_round[2]["lost_attempts"] == 1, records_by_round[2]
+    assert json.loads((run / "summary.json").read_text())["status"] == "completed"
+    assert "every client's connection was lost during training; running the round again" in (logs / "server.log").read_text()

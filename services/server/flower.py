@@ -45,6 +45,7 @@ log = logging.getLogger("bouquet.server")
 
 IDENTITY_TIMEOUT_S = 30.0
 HOLDERS_POLL_S = 0.5
+LOST_ROUND_RETRIES = 3  # attempts of one round that may end with every client's connection lost
 
 
 class ConnectedClients:
@@ -160,6 +161,7 @@ class BouquetStrategy(Strategy):
         self.inner: Strategy | None = None
         self.seed = settings.seed
         self._sampled: dict[str, tuple[str, int]] = {}
+        self.every_connection_lost = False  # in the last round's training: nobody answered at all
 
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
         """The seeded initial model, built in a worker once the port is already open (or a resumed
@@ -246,6 +248,7 @@ class BouquetStrategy(Strategy):
             if cid not in answered:  # lost connection or round timeout: Flower reports these without a client
                 cause = "; ".join(errors) or "no reply"
                 failed.append({"id": identity, "partition": partition, "cause": f"no result from client ({cause})"})
+        self.every_connection_lost = bool(self._sampled) and not answered
         for failure in failed:
             log.warning("round %d: client %s (partition %s) failed: %s", server_round, failure["id"], failure["partition"], failure["cause"])
         self.recorder.fit_finished(clients, failed, self.membership.registry.num_partitions or 0)
@@ -338,14 +341,27 @@ class RecordingServer(Server):
             log.info("resuming at round %d of %d from the last checkpoint", self.first_round, num_rounds)
         self.strategy.settle()
         for server_round in range(self.first_round, num_rounds + 1):
-            self.recorder.round_started(server_round)
-            trained = self.fit_round(server_round, timeout)
+            trained = self._train(server_round, timeout)
             self.state.update(num_partitions=self.membership.registry.num_partitions, partitions=self.membership.registry.assignments)
             if trained is not None and trained[0] is not None:
                 self.parameters = trained[0]
             self.strategy.evaluate(server_round, self.parameters)
             self.evaluate_round(server_round, timeout)
             self._close(server_round)
+
+    def _train(self, server_round: int, timeout: float | None) -> Any:
+        """One round's training. When every sampled client's connection was lost mid-round (the
+        replicas stopped before the server, as `docker compose down` stops them, or restart), the
+        attempt is not the round: it is run again once partition holders are back (configure_fit
+        waits for them, up to FL_JOIN_TIMEOUT), at most LOST_ROUND_RETRIES times. A server stopped
+        meanwhile leaves the round unrecorded, so a resumed run trains it."""
+        for lost in range(LOST_ROUND_RETRIES + 1):
+            self.recorder.round_started(server_round, lost_attempts=lost)
+            trained = self.fit_round(server_round, timeout)
+            if not self.strategy.every_connection_lost or lost == LOST_ROUND_RETRIES:
+                return trained
+            log.warning("round %d: every client's connection was lost during training; running the round again", server_round)
+        return trained
 
     def _close(self, server_round: int) -> None:
         record = self.recorder.round_ended()

@@ -143,10 +143,13 @@ class RoundRecorder:
     def initial_evaluation(self, loss: float, metrics: dict[str, Any]) -> None:
         self.initial = {"loss": loss, "accuracy": metrics["accuracy"], "metrics": metrics}
 
-    def round_started(self, server_round: int) -> None:
+    def round_started(self, server_round: int, lost_attempts: int = 0) -> None:
+        """Opens the round's record (again, after an attempt in which every client's connection
+        was lost: ``lost_attempts`` counts those, and the record says so)."""
         self._started = time.monotonic()
         self._current = {
             "round": server_round,
+            **({"lost_attempts": lost_attempts} if lost_attempts else {}),
             "started_at": utc_now(),
             "clients": [],
             "failures": [],
