@@ -70,6 +70,8 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, object]:
     # mean the same folders for them and for the launcher.
     values.results_dir = str(Path(values.results_dir).resolve())
     values.data_dir = str(Path(values.data_dir).resolve())
+    if values.slots_dir:
+        values.slots_dir = str(Path(values.slots_dir).resolve())
     if values.task.endswith(".py"):  # a task file; builtin and module names stay as they are
         values.task = str(Path(values.task).resolve())
     return own, values

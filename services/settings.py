@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any, Callable, Mapping, Sequence
 
+from services.admission.slots import MAX_SLOTS
+
 EXIT_BAD_SETTING = 2
 
 DATASETS = ("digits", "cifar10", "synthetic")
@@ -84,6 +86,13 @@ def comma_list(parse: Callable[[str], Any], allowed: str) -> Callable[[str], lis
         return list(dict.fromkeys(values))
 
     return parse_list
+
+
+def worker_slots(raw: str) -> str | int:
+    """auto, unlimited, or a number of slots per device."""
+    if raw in ("auto", "unlimited"):
+        return raw
+    return _number(raw, int, lambda v: 1 <= v <= MAX_SLOTS, f"must be auto, unlimited or an integer in 1-{MAX_SLOTS}")
 
 
 def boolean(raw: str) -> bool:
@@ -213,6 +222,9 @@ LOCAL = [
     # forkserver by default: a fresh worker per round in ~0.1 s instead of seconds, with the same
     # per-round process and CUDA context; costs ~400 MiB host memory per idle client (docs/benchmarks.md).
     Setting("worker_start", choice(*WORKER_STARTS), "forkserver", "how workers start: forkserver (forked from this process's forkserver, spawned once with torch preloaded, never touching CUDA), spawn (a fresh interpreter per job: slower, least idle host memory), inprocess (no worker and no timeout: the memory problem, for comparison only)"),
+    Setting("worker_slots", worker_slots, "auto", "workers that may run at once per device, counted over every replica and the server on this host (a shared slots folder): auto (GPU: free memory / one worker's measured need, at least 1; CPU: the cores the host gives the container), a number, or unlimited (no admission)"),
+    Setting("worker_memory_mib", optional(positive_float), None, "GPU memory one worker needs (CUDA context + peak), in MiB; overrides what workers measured (unset: measured and remembered in the slots folder)"),
+    Setting("slots_dir", optional(path), None, "folder of the slot lock files, shared by the server and every replica of a host (compose: the slots volume; unset: <data dir>/slots)"),
 ]
 
 SERVER = [

@@ -34,7 +34,7 @@ def serve(settings, identity: str) -> int:
     rejoins under the same identity, so with the same partition."""
     from services.client import flower  # imported late: validation comes first
 
-    client = flower.WorkerClient(identity, Placement(settings.data_dir, settings.device, settings.torch_threads), settings.worker_start)
+    client = flower.WorkerClient(identity, Placement(settings.data_dir, settings.device, settings.torch_threads), settings.worker_start, admitting=settings)
     prestarted = False
     while True:
         try:

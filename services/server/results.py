@@ -148,6 +148,8 @@ class RoundRecorder:
             clients_ok=len(clients),
             clients_failed=len(failures),
             num_partitions=num_partitions,
+            slots_per_device=slots_per_device(clients),
+            concurrent_workers_peak=concurrent_workers_peak(clients),
         )
 
     def aggregated(self, seconds: float) -> None:
@@ -204,3 +206,35 @@ class RoundRecorder:
                 if client.get("partition") is not None:
                     counts[str(client["partition"])] = counts.get(str(client["partition"]), 0) + 1
         return counts
+
+
+def slots_per_device(clients: list[dict[str, Any]]) -> dict[str, Any]:
+    """The slots in force on each device this round, as the clients' workers were admitted
+    (the largest seen: a device's count can settle upwards once a worker measured its need)."""
+    slots: dict[str, Any] = {}
+    for client in clients:
+        device, count = client.get("device"), client.get("slots")
+        if device is None or count is None:
+            continue
+        earlier = slots.get(device)
+        slots[device] = count if earlier is None or (isinstance(count, int) and isinstance(earlier, int) and count > earlier) else earlier
+    return slots
+
+
+def concurrent_workers_peak(clients: list[dict[str, Any]]) -> dict[str, int]:
+    """Per device, the most training workers that held a slot at the same time (from the
+    workers' own start and end times)."""
+    events: dict[str, list[tuple[float, int]]] = {}
+    for client in clients:
+        start, end, device = client.get("worker_started_at"), client.get("worker_ended_at"), client.get("device")
+        if start is None or end is None or device is None:
+            continue
+        events.setdefault(device, []).extend([(float(start), 1), (float(end), -1)])
+    peaks = {}
+    for device, changes in events.items():
+        alive = peak = 0
+        for _, change in sorted(changes, key=lambda e: (e[0], e[1])):  # an end before a start at the same instant
+            alive += change
+            peak = max(peak, alive)
+        peaks[device] = peak
+    return peaks
