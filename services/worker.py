@@ -200,7 +200,7 @@ def run(job: str, kwargs: dict[str, Any], *, timeout: float, start_method: str =
                 if message[0] == "admitted":
                     admitted = message[1]
                     deadline = time.monotonic() + timeout  # the job's own time starts now
-                    waited = time.monotonic() - asked
+                    waited = admitted["slot_wait_seconds"]  # as the worker measured it: its own start is not waiting
                 elif message[0] == "started":
                     started_at = time.monotonic() - waited
                 elif message[0] == "ok":

@@ -186,7 +186,7 @@ def test_a_local_run_with_two_slots_never_has_more_than_two_workers_alive(tmp_pa
     completed = subprocess.run(
         [PYTHON, "scripts/run_local.py", "--clients", "6", "--rounds", "3", "--dataset", "digits", "--worker-slots", "2",
          "--local-epochs", "1", "--results-dir", str(tmp_path / "results"), "--data-dir", str(data_dir)],
-        cwd=REPO, capture_output=True, text=True, timeout=580,
+        cwd=REPO, capture_output=True, text=True, timeout=580, env={**os.environ, "PYTHONPATH": str(REPO)},
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     run = Path(completed.stdout.strip().splitlines()[-1])
