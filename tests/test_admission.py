@@ -197,3 +197,41 @@ def test_a_local_run_with_two_slots_never_has_more_than_two_workers_alive(tmp_pa
         assert len(clients) == 6 and all("slot_wait_seconds" in c and c["device"] == "cpu" for c in clients)
         assert concurrent_workers_peak(clients) == record["concurrent_workers_peak"] == {"cpu": 2}
         assert record["slots_per_device"] == {"cpu": 2}
+
+
+# --- the report -----------------------------------------------------------------------------------
+
+
+def test_the_report_shows_workers_alive_per_device_and_the_settled_slots(tmp_path):
+    from test_monitor import recorded_run
+
+    from services.monitor.admission import settled_slots, workers_alive
+    from services.monitor.report import write_report
+    from services.monitor.rounds import RoundLog
+
+    run = recorded_run(tmp_path / "run")
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    with open(run / "metrics.jsonl", "w") as out:
+        for record in lines:
+            begin = json_epoch(record["started_at"])
+            record["clients"] = [
+                {"device": "cuda:0", "slots": 2, "worker_started_at": begin + 0.1, "worker_ended_at": begin + 0.5},
+                {"device": "cuda:0", "slots": 2, "worker_started_at": begin + 0.2, "worker_ended_at": begin + 0.6},
+                {"device": "cuda:1", "slots": 1, "worker_started_at": begin + 0.1, "worker_ended_at": begin + 0.3},
+            ]
+            record["slots_per_device"] = slots_per_device(record["clients"])
+            out.write(json.dumps(record) + "\n")
+    rounds = RoundLog(run / "metrics.jsonl").refresh()
+    alive = workers_alive(rounds)
+    assert max(n for _, n in alive["cuda:0"]) == 2 and max(n for _, n in alive["cuda:1"]) == 1
+    assert alive["cuda:0"][-1][1] == 0  # every worker ended
+    assert settled_slots(rounds) == {"cuda:0": 2, "cuda:1": 1}
+    page = write_report(run, tolerance_mib=64).read_text()
+    assert page.count("data:image/png;base64,") == 4
+    assert "worker slots per device (FL_WORKER_SLOTS): cuda:0 2, cuda:1 1" in page
+
+
+def json_epoch(iso: str) -> float:
+    from services.monitor.rounds import epoch
+
+    return epoch(iso)
