@@ -41,11 +41,13 @@ REPO = Path(__file__).resolve().parent.parent
 
 FULL = {"configs": list(plan.CONFIGS), "datasets": list(plan.DATASETS), "clients": [2, 5, 10, 20], "rounds": 4, "repeats": 1}
 QUICK = {"configs": list(plan.CONFIGS), "datasets": ["digits"], "clients": [2], "rounds": 2, "repeats": 1}
+# Admission of workers to slots: 20 clients with FL_WORKER_SLOTS=auto (the default) versus unlimited.
+ADMISSION = {"configs": ["forkserver", "forkserver-unlimited"], "datasets": ["digits"], "clients": [20], "rounds": 3, "repeats": 1}
 
 
 OPTIONS = [
     # (flag, parser, help); defaults come from FULL / QUICK or the fallback below
-    ("--configs", settings_module.comma_list(settings_module.choice(*plan.CONFIGS), ", ".join(plan.CONFIGS)), "configurations to run"),
+    ("--configs", settings_module.comma_list(settings_module.choice(*plan.CONFIGS, *plan.EXTRA_CONFIGS), ", ".join(plan.CONFIGS + plan.EXTRA_CONFIGS)), "configurations to run"),
     ("--datasets", settings_module.comma_list(settings_module.choice(*plan.DATASETS), ", ".join(plan.DATASETS)), "data sets"),
     ("--clients", settings_module.comma_list(settings_module.positive_int, "integers >= 1"), "client counts N"),
     ("--rounds", settings_module.positive_int, "rounds per run (round 1 is reported apart)"),
@@ -71,11 +73,12 @@ FALLBACK = {
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="bench.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny run for CI: digits, N=2, 2 rounds, all four configurations")
+    parser.add_argument("--admission", action="store_true", help="the admission case: 20 clients of digits, forkserver workers with FL_WORKER_SLOTS=auto versus unlimited, 3 rounds")
     parser.add_argument("--render", metavar="BENCH_JSON", help="only rewrite bench.md/bench.png next to an existing bench.json (no runs)")
     for flag, _, help_text in OPTIONS:
         parser.add_argument(flag, default=None, help=help_text)
     raw = parser.parse_args(argv)
-    base = QUICK if raw.quick else FULL
+    base = QUICK if raw.quick else ADMISSION if raw.admission else FULL
     values = {}
     for flag, parse_value, _ in OPTIONS:
         name = flag[2:].replace("-", "_")
@@ -186,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
             rounds, sampler = run_one(run, options, out)
             entry.update(rounds=rounds, summary=summarize(run.config, rounds, sampler.samples, gpu))
             s = entry["summary"]
-            status = f"round {s['round_seconds']:.2f} s, worker start {s['worker_start_seconds'] if s['worker_start_seconds'] is None else round(s['worker_start_seconds'], 3)} s, peak RSS·PSS/client {s['peak_rss_mib'] or 0:.0f}·{s['peak_pss_mib'] or 0:.0f} MiB, idle PSS {s['idle_pss_mib'] or 0:.0f} MiB"
+            status = f"round {s['round_seconds']:.2f} s, peak total RSS {s['peak_total_rss_mib'] or 0:.0f} MiB, worker start {s['worker_start_seconds'] if s['worker_start_seconds'] is None else round(s['worker_start_seconds'], 3)} s, peak RSS·PSS/client {s['peak_rss_mib'] or 0:.0f}·{s['peak_pss_mib'] or 0:.0f} MiB, idle PSS {s['idle_pss_mib'] or 0:.0f} MiB"
         except KeyboardInterrupt:
             print("bench.py: interrupted; writing what was measured so far", file=sys.stderr)
             break

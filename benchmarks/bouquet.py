@@ -15,6 +15,7 @@ from typing import Any, Callable
 import psutil
 
 from benchmarks import processes
+from benchmarks.plan import start_and_slots
 from services.files import tail
 
 REPO = Path(__file__).resolve().parent.parent
@@ -54,10 +55,11 @@ def run(
     lists the federation's processes (the benchmark samples their memory)."""
     work_dir.mkdir(parents=True, exist_ok=True)
     run_id = "run"
+    start_method, slots = start_and_slots(start_method)
     argv = [
         sys.executable, "-m", "services.launcher",
         "--clients", str(clients), "--rounds", str(rounds), "--results-dir", str(work_dir), "--run-id", run_id,
-        "--worker-start", start_method, "--data-dir", str(data_dir.resolve()), "--device", device,
+        "--worker-start", start_method, "--worker-slots", slots, "--data-dir", str(data_dir.resolve()), "--device", device,
         *[part for key, value in task.items() for part in ("--" + key.replace("_", "-"), str(value))],
     ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "FLWR_TELEMETRY_ENABLED": "0"}
