@@ -107,7 +107,8 @@ def enter(ticket: Ticket) -> None:
     """Confine this worker to its device before the job imports anything that initialises CUDA."""
     if not ticket.device.is_gpu:
         return
-    os.environ["CUDA_VISIBLE_DEVICES"] = ticket.device.visible_id
+    if ticket.device.visible_id:  # empty for a MIG-enabled GPU: CUDA sees its slices as the container gives them
+        os.environ["CUDA_VISIBLE_DEVICES"] = ticket.device.visible_id
     share = ticket.sizing.share_mib
     if share and ticket.device.total_mib:
         import torch  # the forkserver preloaded it; a spawn worker needs it for its job anyway

@@ -67,10 +67,19 @@ class NvmlInventory:
                 uuid = pynvml.nvmlDeviceGetUUID(handle)
                 uuid = uuid.decode() if isinstance(uuid, bytes) else str(uuid)
                 memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
-                found.append(Device(f"cuda:{index}", uuid, memory.total / MIB, memory.free / MIB))
+                # A MIG-enabled GPU is not what CUDA enumerates (its slices are): leave CUDA's view alone.
+                visible = "" if _mig_enabled(pynvml, handle) else uuid
+                found.append(Device(f"cuda:{index}", visible, memory.total / MIB, memory.free / MIB))
         finally:
             pynvml.nvmlShutdown()
         return _allowed(found, os.environ.get("CUDA_VISIBLE_DEVICES"))
+
+
+def _mig_enabled(pynvml, handle) -> bool:
+    try:
+        return bool(pynvml.nvmlDeviceGetMigMode(handle)[0])
+    except Exception:  # not supported (no MIG on this GPU) or an older driver
+        return False
 
 
 def _allowed(devices: list[Device], visible: str | None) -> list[Device]:
