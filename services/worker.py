@@ -26,11 +26,11 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from services.settings import WORKER_STARTS
 
-if False:  # typing only: the caller never imports what admission needs at run time
+if TYPE_CHECKING:  # the worker imports services.admission.gate itself, only when admitted
     from services.admission.gate import Admission
 
 # Modules the forkserver imports once so forked workers start warm. None of them touches CUDA:

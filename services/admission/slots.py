@@ -67,8 +67,9 @@ class DeviceSlots:
     def held(self) -> int:
         """How many slots are held now (each tested without waiting; a free one is let go at once)."""
         count = 0
+        existing = set(os.listdir(self.folder))  # one read of the folder, not a stat per possible slot
         for index in range(MAX_SLOTS):
-            if not (self.folder / self.slot_name(index)).exists():
+            if self.slot_name(index) not in existing:
                 continue
             fd = self._fd(self.slot_name(index))
             if _try(fd, fcntl.LOCK_SH):
