@@ -9,6 +9,7 @@
     .venv/bin/python scripts/bench.py              # full: synthetic + digits, N = 2,5,10,20
     .venv/bin/python scripts/bench.py --quick      # tiny smoke run (CI)
     .venv/bin/python scripts/bench.py --clients 2,5 --datasets digits --rounds 3 --repeats 2
+    .venv/bin/python scripts/bench.py --admission  # 20 clients, worker slots auto vs unlimited
 
 (``scripts/bench.py`` runs this module, ``benchmarks.bench``.) Runs are interleaved (see
 benchmarks/plan.py). Writes bench.md (tables with ratios to spawn,
