@@ -20,110 +20,106 @@ tables add peak and per-round residual device memory per client. See docs/benchm
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import datetime as dt
 import json
 import shlex
 import sys
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import psutil
 
 from benchmarks import bouquet, deployment, machine, plan, report
-from benchmarks.sampler import TreeSampler
 from benchmarks.summary import pool, summarize
 from services import settings as settings_module
-from services.taskspec import resolve_model
+from services.launcher import torch_threads_per_worker
+from services.settings import (
+    CommandLineOnly, LocalSettings, ServerSettings, TaskSource, TrainingSettings, boolean, choice, comma_list,
+    optional, path, positive_float, positive_int, reuse, setting, values_of,
+)
+from services.taskspec import Placement, TaskSpec, check_model_fits
+from services.monitor.processes import is_worker_process
+from services.monitor.trees import TreeSampler, gpu_name
 
 REPO = Path(__file__).resolve().parent.parent
+PROGRAM = "bench.py"
 
-FULL = {"configs": list(plan.CONFIGS), "datasets": list(plan.DATASETS), "clients": [2, 5, 10, 20], "rounds": 4, "repeats": 1}
-QUICK = {"configs": list(plan.CONFIGS), "datasets": ["digits"], "clients": [2], "rounds": 2, "repeats": 1}
-# Admission of workers to slots: 20 clients with FL_WORKER_SLOTS=auto (the default) versus unlimited.
+
+@dataclass(frozen=True, kw_only=True)
+class BenchSettings(CommandLineOnly, TrainingSettings):
+    """The benchmark's options; the training settings are the federation's (TrainingSettings),
+    some with shorter defaults to keep runs short. The defaults are the full plan."""
+
+    quick: bool = setting(boolean, False, "tiny run for CI: digits, N=2, 2 rounds, all four configurations")
+    admission: bool = setting(boolean, False, "the admission case: 20 clients of digits, forkserver workers with FL_WORKER_SLOTS=auto versus unlimited, 3 rounds")
+    render: str | None = setting(optional(path), None, "only rewrite bench.md/bench.png next to an existing bench.json (no runs)")
+    configs: list[str] = setting(comma_list(choice(*plan.CONFIGS, *plan.EXTRA_CONFIGS), ", ".join(plan.CONFIGS + plan.EXTRA_CONFIGS)), list(plan.CONFIGS), "configurations to run")
+    datasets: list[str] = setting(comma_list(choice(*plan.DATASETS), ", ".join(plan.DATASETS)), list(plan.DATASETS), "data sets")
+    clients: list[int] = setting(comma_list(positive_int, "integers >= 1"), [2, 5, 10, 20], "client counts N")
+    rounds: int = reuse(ServerSettings, "rounds", default=4)
+    repeats: int = setting(positive_int, 1, "how many times every run is repeated (interleaved)")
+    local_epochs: int = reuse(TrainingSettings, "local_epochs", default=1)
+    batch_size: int = reuse(TrainingSettings, "batch_size", default=32)
+    synthetic_samples: int = reuse(TrainingSettings, "synthetic_samples", default=2000)
+    model: str = reuse(TaskSource, "model")
+    device: str = reuse(LocalSettings, "device")
+    data_dir: str = reuse(LocalSettings, "data_dir")
+    out: str | None = setting(optional(path), None, "output folder (unset: results/bench/<UTC time>)")
+    machine_label: str | None = setting(optional(path), None, "how the tables name this machine (unset: cores + GPU)")
+    interval: float = setting(positive_float, 0.25, "memory sampling interval in seconds")
+    run_timeout: float = setting(positive_float, 1800.0, "seconds one run may take before it is stopped")
+
+
+QUICK = {"datasets": ["digits"], "clients": [2], "rounds": 2}  # --quick: these defaults instead
+# --admission: 20 clients with FL_WORKER_SLOTS=auto (the default) versus unlimited.
 ADMISSION = {"configs": ["forkserver", "forkserver-unlimited"], "datasets": ["digits"], "clients": [20], "rounds": 3, "repeats": 1}
 
 
-OPTIONS = [
-    # (flag, parser, help); defaults come from FULL / QUICK or the fallback below
-    ("--configs", settings_module.comma_list(settings_module.choice(*plan.CONFIGS, *plan.EXTRA_CONFIGS), ", ".join(plan.CONFIGS + plan.EXTRA_CONFIGS)), "configurations to run"),
-    ("--datasets", settings_module.comma_list(settings_module.choice(*plan.DATASETS), ", ".join(plan.DATASETS)), "data sets"),
-    ("--clients", settings_module.comma_list(settings_module.positive_int, "integers >= 1"), "client counts N"),
-    ("--rounds", settings_module.positive_int, "rounds per run (round 1 is reported apart)"),
-    ("--repeats", settings_module.positive_int, "how many times every run is repeated (interleaved)"),
-    ("--local-epochs", settings_module.positive_int, "local epochs per round [1]"),
-    ("--batch-size", settings_module.positive_int, "training batch size [32]"),
-    ("--learning-rate", settings_module.positive_float, "SGD learning rate [0.05]"),
-    ("--synthetic-samples", settings_module.positive_int, "size of the synthetic data set [2000]"),
-    ("--model", settings_module.choice(*settings_module.MODELS), "model (auto: digits-cnn / cifar-cnn) [auto]"),
-    ("--device", settings_module.choice(*settings_module.DEVICES), "where workers compute; auto uses a GPU when there is one [auto]"),
-    ("--data-dir", settings_module.path, "data cache shared by all runs [data]"),
-    ("--out", settings_module.path, "output folder [results/bench/<UTC time>]"),
-    ("--machine-label", settings_module.path, "how the tables name this machine [cores + GPU]"),
-    ("--interval", settings_module.positive_float, "memory sampling interval in seconds [0.25]"),
-    ("--run-timeout", settings_module.positive_float, "seconds one run may take before it is stopped [1800]"),
-]
-FALLBACK = {
-    "local_epochs": 1, "batch_size": 32, "learning_rate": 0.05, "synthetic_samples": 2000, "model": "auto", "device": "auto",
-    "data_dir": "data", "out": None, "machine_label": None, "interval": 0.25, "run_timeout": 1800.0,
-}
+def validate(options: BenchSettings) -> BenchSettings:
+    for dataset in options.datasets:  # one --model for every data set of the plan
+        check_model_fits(dataset, options.model)
+    return options
 
 
-def parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="bench.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny run for CI: digits, N=2, 2 rounds, all four configurations")
-    parser.add_argument("--admission", action="store_true", help="the admission case: 20 clients of digits, forkserver workers with FL_WORKER_SLOTS=auto versus unlimited, 3 rounds")
-    parser.add_argument("--render", metavar="BENCH_JSON", help="only rewrite bench.md/bench.png next to an existing bench.json (no runs)")
-    for flag, _, help_text in OPTIONS:
-        parser.add_argument(flag, default=None, help=help_text)
-    raw = parser.parse_args(argv)
-    base = QUICK if raw.quick else ADMISSION if raw.admission else FULL
-    values = {}
-    for flag, parse_value, _ in OPTIONS:
-        name = flag[2:].replace("-", "_")
-        text = getattr(raw, name)
-        if text is None:
-            values[name] = base.get(name, FALLBACK.get(name))
-            continue
-        try:
-            values[name] = parse_value(text)
-        except ValueError as allowed:
-            print(f"bench.py: error: {flag} = {text!r}: {allowed}", file=sys.stderr)
-            raise SystemExit(settings_module.EXIT_BAD_SETTING)
-    if values["model"] != "auto" and len(values["datasets"]) > 1 and values["model"] != "resnet18":
-        print(f"bench.py: error: --model = {values['model']!r} fits one data set only; use auto or resnet18 with several --datasets", file=sys.stderr)
-        raise SystemExit(settings_module.EXIT_BAD_SETTING)
-    values["quick"] = raw.quick
-    values["render"] = raw.render
-    return argparse.Namespace(**values)
+def parse(argv: list[str] | None) -> BenchSettings:
+    quick = settings_module.peek(BenchSettings, "quick", argv, program=PROGRAM)
+    admission = settings_module.peek(BenchSettings, "admission", argv, program=PROGRAM)
+    defaults = QUICK if quick else ADMISSION if admission else None
+    return settings_module.parse(BenchSettings, argv, program=PROGRAM, description=__doc__, validate=validate, defaults=defaults)
 
 
-def task_for(options: argparse.Namespace, dataset: str) -> dict[str, Any]:
-    return {
-        "dataset": dataset, "model": resolve_model(dataset, options.model), "local_epochs": options.local_epochs,
-        "batch_size": options.batch_size, "learning_rate": options.learning_rate, "partitioning": "iid",
-        "dirichlet_alpha": 0.5, "seed": 0, "synthetic_samples": options.synthetic_samples, "worker_timeout": 600.0,
-    }
+def task_for(options: BenchSettings, dataset: str) -> TaskSpec:
+    """The task every engine trains on ``dataset``: the federation's TaskSpec, built from the
+    benchmark's training settings."""
+    return TaskSpec(**values_of(options, TrainingSettings), dataset=dataset, model=options.model)
+
+
+def local_for(options: BenchSettings, clients: int) -> LocalSettings:
+    """Where every engine's workers compute: the launcher's torch threads for N clients, for the
+    Deployment Engine's ClientApps and ServerApp too."""
+    return LocalSettings(data_dir=str(Path(options.data_dir).resolve()), device=options.device, torch_threads=torch_threads_per_worker(clients))
 
 
 def is_worker(process: psutil.Process) -> bool:
-    """A process doing one round's work: a spawned or forked Bouquet worker, or a ClientApp."""
-    command = " ".join(process.cmdline())
-    if "spawn_main" in command or "flwr-clientapp" in command:
-        return True
-    if "forkserver import main" in command:  # the forkserver itself, or a worker forked from it
-        parent = process.parent()
-        return parent is not None and "forkserver import main" in " ".join(parent.cmdline())
-    return False
+    """A process doing one round's work: a Bouquet worker (the monitor's rule) or a Deployment
+    Engine ClientApp."""
+    try:
+        if any("flwr-clientapp" in part for part in process.cmdline()):
+            return True
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return False
+    return is_worker_process(process)
 
 
-def run_one(run: plan.Run, options: argparse.Namespace, out: Path) -> tuple[list[dict[str, Any]], TreeSampler]:
+def run_one(run: plan.Run, options: BenchSettings, out: Path) -> tuple[list[dict[str, Any]], TreeSampler]:
     work = out / "runs" / run.name
     source: dict[str, Callable[[], dict[str, int]]] = {"members": dict}
     sampler = TreeSampler(lambda: source["members"](), interval=options.interval, is_worker=is_worker)
-    data_dir = Path(options.data_dir)
+    spec, local = task_for(options, run.dataset), local_for(options, run.clients)
     with sampler:
         if run.config == "deployment":
 
@@ -131,18 +127,17 @@ def run_one(run: plan.Run, options: argparse.Namespace, out: Path) -> tuple[list
                 found = {"server": server[0], **{f"client-{i}": pid for i, pid in enumerate(clients)}}
                 source["members"] = lambda: found
 
-            result = deployment.run(
-                work, run.clients, options.rounds, task_for(options, run.dataset), data_dir, options.device, started, options.run_timeout
-            )
+            result = deployment.run(work, run.clients, options.rounds, spec, Placement.from_settings(local), started, options.run_timeout)
             rounds = result.rounds
         else:
 
             def started_bouquet(members: Callable[[], dict[str, int]]) -> None:
                 source["members"] = members
 
+            start, slots = plan.start_and_slots(run.config)
             rounds = bouquet.run(
-                work, run.config, run.clients, options.rounds, task_for(options, run.dataset), data_dir, options.device,
-                started_bouquet, options.run_timeout,
+                work, run.clients, options.rounds, spec, dataclasses.replace(local, worker_start=start, worker_slots=slots), started_bouquet,
+                options.run_timeout,
             )
     return rounds, sampler
 
@@ -167,16 +162,17 @@ def main(argv: list[str] | None = None) -> int:
     started_at = dt.datetime.now(dt.timezone.utc)
     out = Path(options.out or REPO / "results" / "bench" / started_at.strftime("%Y%m%dT%H%M%SZ")).resolve()
     runs = plan.interleaved(options.configs, options.datasets, options.clients, options.repeats)
-    probe = TreeSampler(dict)
-    gpu = probe.gpu.available and options.device != "cpu"
+    gpu_model = gpu_name()
+    gpu = gpu_model is not None and options.device != "cpu"
     meta: dict[str, Any] = {
-        "machine": machine.describe(options.machine_label, probe.gpu.name if gpu else None),
+        "machine": machine.describe(options.machine_label, gpu_model if gpu else None),
         "versions": machine.versions(),
         "command": "scripts/bench.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
         "plan": {
             "configs": options.configs, "datasets": options.datasets, "clients": options.clients, "rounds": options.rounds,
             "repeats": options.repeats, "device": options.device, "interval": options.interval,
-            "task": {k: v for k, v in task_for(options, options.datasets[0]).items() if k not in ("dataset", "model")},
+            "task": values_of(options, TrainingSettings),
+            "torch_threads": {str(n): torch_threads_per_worker(n) for n in options.clients},
             "order": [r.name for r in runs],
         },
         "started_at": started_at.isoformat(timespec="seconds"),

@@ -4,7 +4,6 @@ worker start method, and read back its metrics.jsonl."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -15,8 +14,9 @@ from typing import Any, Callable
 import psutil
 
 from benchmarks import processes
-from benchmarks.plan import start_and_slots
-from services.files import tail
+from services.files import read_rounds, tail
+from services.settings import LocalSettings, as_flags
+from services.taskspec import TaskSpec
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -40,28 +40,32 @@ def members(launcher_pid: int) -> dict[str, int]:
     return found
 
 
+RUN_ID = "run"
+
+
+def launcher_flags(work_dir: Path, clients: int, rounds: int, spec: TaskSpec, local: LocalSettings) -> list[str]:
+    """The launcher's flags for one run: the task and the placement given whole, so nothing is
+    left to the launcher's defaults (the Deployment Engine run gets the same objects)."""
+    return [
+        "--clients", str(clients), "--rounds", str(rounds), "--results-dir", str(work_dir), "--run-id", RUN_ID,
+        *as_flags(spec), *as_flags(local),
+    ]
+
+
 def run(
     work_dir: Path,
-    start_method: str,
     clients: int,
     rounds: int,
-    task: dict[str, Any],
-    data_dir: Path,
-    device: str,
+    spec: TaskSpec,
+    local: LocalSettings,
     on_started: Callable[[Callable[[], dict[str, int]]], None] | None = None,
     timeout: float = 1800.0,
 ) -> list[dict[str, Any]]:
-    """One run; returns its per-round records. ``on_started(members)`` gets a function that
-    lists the federation's processes (the benchmark samples their memory)."""
+    """One run under ``local.worker_start``; returns its per-round records. ``on_started(members)``
+    gets a function that lists the federation's processes (the benchmark samples their memory)."""
     work_dir.mkdir(parents=True, exist_ok=True)
-    run_id = "run"
-    start_method, slots = start_and_slots(start_method)
-    argv = [
-        sys.executable, "-m", "services.launcher",
-        "--clients", str(clients), "--rounds", str(rounds), "--results-dir", str(work_dir), "--run-id", run_id,
-        "--worker-start", start_method, "--worker-slots", slots, "--data-dir", str(data_dir.resolve()), "--device", device,
-        *[part for key, value in task.items() for part in ("--" + key.replace("_", "-"), str(value))],
-    ]
+    start_method = local.worker_start
+    argv = [sys.executable, "-m", "services.launcher", *launcher_flags(work_dir, clients, rounds, spec, local)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "FLWR_TELEMETRY_ENABLED": "0"}
     log_path = work_dir / "run_local.log"
     launcher = processes.start(argv, log_path, env, REPO)
@@ -77,8 +81,7 @@ def run(
         raise
     if code != 0:
         raise RuntimeError(f"launcher ({start_method}, {clients} clients) exited with code {code}:\n{tail(log_path)}")
-    metrics = work_dir / run_id / "metrics.jsonl"
-    return [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    return read_rounds(work_dir / RUN_ID)
 
 
 def _stop(launcher: subprocess.Popen) -> None:

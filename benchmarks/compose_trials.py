@@ -22,6 +22,8 @@ import threading
 import time
 from pathlib import Path
 
+from services.files import read_rounds
+
 REPO = Path(__file__).resolve().parent.parent
 UNITS_MIB = {"B": 1 / 2**20, "KiB": 1 / 1024, "kB": 1e3 / 2**20, "MiB": 1, "MB": 1e6 / 2**20, "GiB": 1024, "GB": 1e9 / 2**20}
 
@@ -72,7 +74,7 @@ def one_run(compose: list[str], replicas: int, index: int, work: Path) -> dict:
         ps = run("ps", "--all", "--format", "{{.Service}} {{.State}} {{.ExitCode}}").stdout.splitlines()
         summary = json.loads((folder / "summary.json").read_text())
         memory = json.loads((folder / "memory_summary.json").read_text()) if (folder / "memory_summary.json").exists() else {}
-        rounds = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        rounds = read_rounds(folder)
         return {
             "run": index,
             "seconds": round(time.monotonic() - started, 1),

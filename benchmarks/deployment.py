@@ -17,9 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from benchmarks import processes
+from benchmarks import deployment_config, processes
 from services.client.connect import free_port, wait_until_listening
-from services.files import tail
+from services.files import read_json_lines, tail
+from services.taskspec import Placement, TaskSpec
 
 APP_DIR = Path(__file__).resolve().parent / "deployment_app"
 REPO = APP_DIR.parent.parent
@@ -51,26 +52,18 @@ def _write_cli_config(flwr_home: Path, port: int) -> None:
     )
 
 
-def _toml_value(value: Any) -> str:
-    return json.dumps(value) if isinstance(value, str) else repr(value).lower() if isinstance(value, bool) else repr(value)
-
-
-def _write_run_config(path: Path, values: dict[str, Any]) -> None:
-    path.write_text("".join(f"{key} = {_toml_value(value)}\n" for key, value in values.items()))
-
-
 def run(
     work_dir: Path,
     clients: int,
     rounds: int,
-    task: dict[str, Any],
-    data_dir: Path,
-    device: str,
+    spec: TaskSpec,
+    placement: Placement,
     on_started: Callable[[list[int], list[int]], None] | None = None,
     timeout: float = 1800.0,
 ) -> DeploymentRun:
     """Run ``rounds`` rounds with ``clients`` SuperNodes; ``on_started(server_pids, client_pids)``
-    is called once all processes run (the benchmark starts its memory sampler there)."""
+    is called once all processes run (the benchmark starts its memory sampler there). The apps
+    train ``spec`` with ``placement``, the same objects Bouquet's workers get."""
     work_dir = work_dir.resolve()  # flwr run works in work_dir; FLWR_HOME must not be relative to it
     work_dir.mkdir(parents=True, exist_ok=True)
     bin_dir = Path(sys.executable).parent
@@ -80,17 +73,7 @@ def run(
     env = _environment(home)
     rounds_file = work_dir / "rounds.jsonl"
     run_config = work_dir / "run-config.toml"
-    _write_run_config(
-        run_config,
-        {
-            "num-server-rounds": rounds,
-            "num-clients": clients,
-            **{key.replace("_", "-"): value for key, value in task.items()},
-            "data-dir": str(data_dir.resolve()),
-            "device": device,
-            "rounds-file": str(rounds_file),
-        },
-    )
+    deployment_config.write(run_config, deployment_config.run_config(clients, rounds, spec, placement, rounds_file))
     started: list[subprocess.Popen] = []
     try:
         superlink = processes.start(
@@ -145,7 +128,8 @@ def _follow(cli: subprocess.Popen, rounds_file: Path, rounds: int, started: list
 
 
 def _read_rounds(path: Path) -> list[dict[str, Any]]:
+    """The ServerApp's round records so far (Bouquet's metrics.jsonl fields, one JSON line each)."""
     try:
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return read_json_lines(path)[0]
     except (OSError, ValueError):
         return []

@@ -22,28 +22,48 @@ NVIDIA GPU with a working driver (NVML); exits 1 with the reason where there is 
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import datetime as dt
 import json
 import os
 import platform
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from services import settings
+from services.files import read_rounds
 from services.monitor.nvml import NvmlUnavailable, open_nvml
+from services.settings import CommandLineOnly, ServerSettings, TaskSource, boolean, comma_list, path, positive_int, reuse, setting
+from services.taskspec import check_model_fits
 
 REPO = Path(__file__).resolve().parent.parent
 
 MODES = ("forkserver", "spawn", "inprocess")  # the first two are worker modes
 
 
-def client_counts(raw: str) -> list[int]:
-    try:
-        return settings.comma_list(settings.positive_int, "client counts >= 1, e.g. 2,4")(raw)
-    except ValueError as problem:
-        raise argparse.ArgumentTypeError(f"{raw!r}: {problem}") from None
+@dataclass(frozen=True, kw_only=True)
+class GpuCheckSettings(CommandLineOnly):
+    clients: list[int] = setting(comma_list(positive_int, "client counts >= 1, e.g. 2,4"), [2, 4], "client counts to run")
+    rounds: int = reuse(ServerSettings, "rounds", default=3)
+    dataset: str = reuse(TaskSource, "dataset")
+    model: str = reuse(TaskSource, "model")
+    results_dir: str = setting(path, str(REPO / "results" / "gpu_check"), "folder for the runs' folders")
+    out: str = setting(path, str(REPO / "docs" / "measurements"), "where the side-by-side summary and both memory summaries go")
+    admission: bool = setting(boolean, False, "check worker admission instead: 20 clients of resnet18 (batch 128) on one GPU, slots auto vs unlimited")
+
+
+def validate(options: GpuCheckSettings) -> GpuCheckSettings:
+    check_model_fits(options.dataset, options.model)
+    # The launcher runs in the repository; this reads the run folders from here.
+    return dataclasses.replace(options, results_dir=str(Path(options.results_dir).resolve()), out=str(Path(options.out).resolve()))
+
+
+def parse(argv: list[str]) -> tuple[GpuCheckSettings, list[str]]:
+    """This script's options, and the launcher settings after ``--`` (the launcher checks them)."""
+    ours, extra = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
+    return settings.parse(GpuCheckSettings, ours, program="gpu_check.py", description=__doc__, validate=validate), extra
 
 
 def machine() -> dict[str, object]:
@@ -62,15 +82,15 @@ def machine() -> dict[str, object]:
     return {"host": platform.node(), "gpus": reader.names, "gpu_memory_mib": totals, "driver": driver, "python": platform.python_version()}
 
 
-def run(mode: str, clients: int, args: argparse.Namespace, run_id: str) -> dict[str, object]:
+def run(mode: str, clients: int, args: GpuCheckSettings, extra: list[str], run_id: str) -> dict[str, object]:
     command = [
         sys.executable, "-m", "services.launcher", "--monitor",
         "--clients", str(clients), "--rounds", str(args.rounds), "--dataset", args.dataset, "--model", args.model,
-        "--device", "cuda", "--worker-start", mode, "--results-dir", str(args.results_dir), "--run-id", run_id, *args.extra,
+        "--device", "cuda", "--worker-start", mode, "--results-dir", args.results_dir, "--run-id", run_id, *extra,
     ]
     print(f"== {mode} mode, {clients} clients: {' '.join(command[1:])}", flush=True)
     done = subprocess.run(command, cwd=REPO, env={**os.environ, "FL_MONITOR_SOURCE": "nvml"})
-    folder = args.results_dir / run_id
+    folder = Path(args.results_dir) / run_id
     summary_path = folder / "memory_summary.json"
     memory = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     run_summary = json.loads((folder / "summary.json").read_text()) if (folder / "summary.json").is_file() else {}
@@ -80,16 +100,16 @@ def run(mode: str, clients: int, args: argparse.Namespace, run_id: str) -> dict[
 ADMISSION_RUN = ["--clients", "20", "--dataset", "synthetic", "--model", "resnet18", "--batch-size", "128", "--local-epochs", "1", "--synthetic-samples", "20000"]
 
 
-def admission_run(slots: str, args: argparse.Namespace, run_id: str) -> dict[str, object]:
+def admission_run(slots: str, args: GpuCheckSettings, extra: list[str], run_id: str) -> dict[str, object]:
     """20 clients on GPU 0 with FL_WORKER_SLOTS=slots; what the admission bounds and what it costs."""
     command = [
         sys.executable, "-m", "services.launcher", "--monitor", *ADMISSION_RUN, "--rounds", str(args.rounds), "--device", "cuda",
-        "--worker-slots", slots, "--results-dir", str(args.results_dir), "--run-id", run_id, *args.extra,
+        "--worker-slots", slots, "--results-dir", args.results_dir, "--run-id", run_id, *extra,
     ]
     print(f"== admission {slots}: {' '.join(command[1:])}", flush=True)
     done = subprocess.run(command, cwd=REPO, env={**os.environ, "FL_MONITOR_SOURCE": "nvml", "CUDA_VISIBLE_DEVICES": "0"})
-    folder = args.results_dir / run_id
-    rounds = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()] if (folder / "metrics.jsonl").is_file() else []
+    folder = Path(args.results_dir) / run_id
+    rounds = read_rounds(folder)
     memory = json.loads((folder / "memory_summary.json").read_text()) if (folder / "memory_summary.json").is_file() else {}
     clients = [c for r in rounds for c in r.get("clients", [])]
     failures = [f for r in rounds for f in r.get("failures", [])]
@@ -141,25 +161,22 @@ def table(results: list[dict[str, object]], rounds: int) -> list[str]:
     return lines
 
 
+def write(stem: Path, lines: list[str], host: dict[str, object], results: list[dict[str, object]]) -> None:
+    """Print the table and save it as <stem>.md, with every number in <stem>.json."""
+    print("\n".join(lines))
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".md").write_text("\n".join(lines))
+    stem.with_suffix(".json").write_text(json.dumps({"machine": host, "results": results}, indent=2, sort_keys=True) + "\n")
+    print(f"wrote {stem.with_suffix('.md')} and .json")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--admission", action="store_true", help="check worker admission: 20 clients of resnet18 (batch 128) on one GPU, slots auto vs unlimited")
-    parser.add_argument("--clients", type=client_counts, default=[2, 4], help="client counts to run, comma-separated (default 2,4)")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--dataset", default="digits", help="digits (offline, default), synthetic, cifar10")
-    parser.add_argument("--model", default="auto", help="auto, digits-cnn, cifar-cnn, resnet18 (heavier GPU work)")
-    parser.add_argument("--results-dir", type=Path, default=REPO / "results" / "gpu_check")
-    parser.add_argument("--out", type=Path, default=REPO / "docs" / "measurements", help="where the side-by-side summary and both memory summaries go")
-    parser.add_argument("extra", nargs="*", help="more run_local.py settings, after --")
-    args = parser.parse_args(argv)
-    if args.rounds < 1:
-        parser.error("--rounds must be >= 1")
-    args.results_dir = args.results_dir.resolve()  # the launcher runs in the repository, this reads from here
+    args, extra = parse(sys.argv[1:] if argv is None else argv)
     host = machine()
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     if args.admission:
-        return _admission_check(args, host, stamp, argv)
-    results = [run(mode, clients, args, f"gpu-check-{stamp}-{mode}-{clients}") for clients in args.clients for mode in MODES]
+        return _admission_check(args, extra, host, stamp, argv)
+    results = [run(mode, clients, args, extra, f"gpu-check-{stamp}-{mode}-{clients}") for clients in args.clients for mode in MODES]
     lines = [
         f"# gpu_check {stamp}",
         "",
@@ -171,16 +188,12 @@ def main(argv: list[str] | None = None) -> int:
         *[f"- {r['mode']} ×{r['clients']} ({r['run_id']}): {r['memory'].get('verdict', {}).get('text', 'no memory summary')}" for r in results],
         "",
     ]
-    print("\n".join(lines))
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"gpu_check-{stamp}.md").write_text("\n".join(lines))
-    (args.out / f"gpu_check-{stamp}.json").write_text(json.dumps({"machine": host, "results": results}, indent=2, sort_keys=True) + "\n")
-    print(f"wrote {args.out / f'gpu_check-{stamp}.md'} and .json")
+    write(Path(args.out) / f"gpu_check-{stamp}", lines, host, results)
     return 0 if all(r["exit_code"] == 0 for r in results if r["mode"] != "inprocess") else 1
 
 
-def _admission_check(args: argparse.Namespace, host: dict[str, object], stamp: str, argv: list[str] | None) -> int:
-    results = [admission_run(slots, args, f"gpu-admission-{stamp}-{slots}") for slots in ("auto", "unlimited")]
+def _admission_check(args: GpuCheckSettings, extra: list[str], host: dict[str, object], stamp: str, argv: list[str] | None) -> int:
+    results = [admission_run(slots, args, extra, f"gpu-admission-{stamp}-{slots}") for slots in ("auto", "unlimited")]
     lines = [
         f"# gpu_check --admission {stamp}",
         "",
@@ -191,11 +204,7 @@ def _admission_check(args: argparse.Namespace, host: dict[str, object], stamp: s
         *admission_table(results),
         "",
     ]
-    print("\n".join(lines))
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"gpu_check-admission-{stamp}.md").write_text("\n".join(lines))
-    (args.out / f"gpu_check-admission-{stamp}.json").write_text(json.dumps({"machine": host, "results": results}, indent=2, sort_keys=True) + "\n")
-    print(f"wrote {args.out / f'gpu_check-admission-{stamp}.md'} and .json")
+    write(Path(args.out) / f"gpu_check-admission-{stamp}", lines, host, results)
     return 0 if results[0]["exit_code"] == 0 and results[0]["oom_failures"] == 0 else 1
 
 

@@ -10,18 +10,21 @@ builtin task (torch) like a training job and reports their start time and what e
 (its own private memory).
 
     .venv/bin/python -m benchmarks.idle_memory              # all variants, 5 workers each
-    .venv/bin/python -m benchmarks.idle_memory --workers 3 --variants spawn,torch
+    .venv/bin/python -m benchmarks.idle_memory --workers 3 --variants spawn,forkserver-torch
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+
+from services import settings
+from services.settings import CommandLineOnly, choice, comma_list, optional, positive_int, setting
 
 REPO = Path(__file__).resolve().parent.parent
 VARIANTS = {  # name -> (start method, forkserver preload)
@@ -32,6 +35,13 @@ VARIANTS = {  # name -> (start method, forkserver preload)
     "forkserver-full": ("forkserver", None),  # services.worker.FORKSERVER_PRELOAD as shipped
 }
 MIB = 2**20
+
+
+@dataclass(frozen=True, kw_only=True)
+class IdleMemorySettings(CommandLineOnly):
+    variants: list[str] = setting(comma_list(choice(*VARIANTS), ", ".join(VARIANTS)), list(VARIANTS), "variants to measure")
+    workers: int = setting(positive_int, 5, "workers run per variant")
+    probe: str | None = setting(optional(choice(*VARIANTS)), None, "measure this one variant in this process (what each variant's probe process runs)")
 
 
 def rollup(pid: int) -> dict[str, float]:
@@ -100,18 +110,12 @@ def probe(variant: str, workers: int) -> dict[str, object]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
-    parser.add_argument("--workers", type=int, default=5)
-    parser.add_argument("--probe", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    args = settings.parse(IdleMemorySettings, argv, program="idle_memory.py", description=__doc__)
     if args.probe:
         print(json.dumps(probe(args.probe, args.workers)))
         return 0
     results = []
-    for variant in args.variants.split(","):
-        if variant not in VARIANTS:
-            parser.error(f"--variants: {variant!r} is not one of {', '.join(VARIANTS)}")
+    for variant in args.variants:
         done = subprocess.run([sys.executable, "-m", "benchmarks.idle_memory", "--probe", variant, "--workers", str(args.workers)],
                               cwd=REPO, capture_output=True, text=True, timeout=900)
         if done.returncode != 0:

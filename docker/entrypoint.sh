@@ -9,6 +9,10 @@
 # creates a missing ./results as root) is handed to bouquet first. The command never runs
 # as root. The step-down keeps bouquet's group as a supplementary group so the server can
 # share the data cache volume with the clients.
+#
+# BOUQUET_AMBIENT_CAPS (e.g. sys_ptrace): capabilities the command keeps after the step-down, as
+# ambient capabilities (the container must have them: cap_add). The memory sidecar needs
+# SYS_PTRACE to read other containers' /proc entries, and nothing else of root.
 set -eu
 umask 0002  # the data cache is shared by group bouquet (setgid folder), whatever uid writes it
 
@@ -26,8 +30,14 @@ if [ "$uid" = 0 ]; then
     gid=$(id -g bouquet)
 fi
 [ "$gid" != 0 ] || gid=$(id -g bouquet)
-if [ "$uid" != "$(id -u bouquet)" ]; then
+if [ "$uid" = "$(id -u bouquet)" ]; then
+    export HOME=/home/bouquet  # not root's: caches (matplotlib, torch) are written under HOME
+else
     export HOME=/tmp  # a host uid has no home in the image
 fi
 echo "bouquet-entrypoint: running as uid $uid gid $gid (owner of $results)" >&2
+if [ -n "${BOUQUET_AMBIENT_CAPS:-}" ]; then
+    keep=+$(echo "$BOUQUET_AMBIENT_CAPS" | sed 's/,/,+/g')
+    exec setpriv --reuid="$uid" --regid="$gid" --groups="$(id -g bouquet)" --inh-caps="$keep" --ambient-caps="$keep" -- "$@"
+fi
 exec setpriv --reuid="$uid" --regid="$gid" --groups="$(id -g bouquet)" --inh-caps=-all -- "$@"

@@ -4,19 +4,26 @@
 #
 #   1. base image bouquet/base:bookworm, made from Debian packages: debootstrap --variant=minbase
 #      with Debian's python3 + python3-venv, then `docker import` (no registry pull);
-#   2. a wheelhouse of requirements.lock (+ the project's build backend), downloaded on the host;
+#   2. a wheelhouse of requirements.lock (+ the project's build backend), downloaded on the host,
+#      and of your task's extra packages (task/requirements.txt, if there is one) with the
+#      dependencies they add to the lock;
 #   3. both images built with `pip --no-index --find-links`, the wheelhouse served to the build
 #      over 127.0.0.1 only (the build container shares the host's network namespace for that;
 #      nothing else is reachable from it on an air-gapped host).
 #
-# Usage: scripts/build_images_offline.sh [--flavour cpu|gpu|both] [--refresh-base]
+# Usage: scripts/build_images_offline.sh [--flavour cpu|gpu|both] [--tag TAG] [--refresh-base]
 #   --flavour cpu (default), gpu or both: the tags to build (bouquet/{server,client}:FLAVOUR),
 #            the tags the compose files run. The PyTorch CPU wheel index is not reachable
 #            offline, so the cpu tags are built from the wheelhouse with PyPI's torch: that
 #            torch loads its CUDA libraries at import, so they stay, and the cpu tags are the
 #            same image as the gpu tags (it runs on CPU when no GPU is given). With both, the
 #            image is built once and tagged twice.
+#   --tag TAG  tag the images bouquet/{server,client}:TAG instead (one flavour only): a variant
+#            built beside the images compose runs, not over them.
 #   --refresh-base  make the base image again with debootstrap (otherwise it is reused).
+#
+# Your task's pip packages: list them, pinned (name==version), in task/requirements.txt; the
+# images install them on top of requirements.lock (README "Bring your own task").
 #
 # Environment:
 #   BOUQUET_CACHE_DIR   cache kept between runs (default ${XDG_CACHE_HOME:-~/.cache}/bouquet):
@@ -31,19 +38,27 @@
 set -euo pipefail
 
 flavour=cpu
+tag=
 refresh_base=
 while [ $# -gt 0 ]; do
     case "$1" in
     --flavour) flavour=${2:?--flavour needs cpu, gpu or both}; shift 2 ;;
     --flavour=*) flavour=${1#*=}; shift ;;
+    --tag) tag=${2:?--tag needs a tag}; shift 2 ;;
+    --tag=*) tag=${1#*=}; shift ;;
     --refresh-base) refresh_base=1; shift ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) echo "build_images_offline: unknown argument '$1' (see --help)" >&2; exit 2 ;;
     esac
 done
 case "$flavour" in cpu|gpu|both) ;; *) echo "build_images_offline: --flavour must be cpu, gpu or both, not '$flavour'" >&2; exit 2 ;; esac
+if [ -n "$tag" ]; then
+    [ "$flavour" != both ] || { echo "build_images_offline: --tag '$tag' names one image per program; it does not go with --flavour both" >&2; exit 2; }
+    [[ "$tag" =~ ^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$ ]] || { echo "build_images_offline: --tag '$tag' is not a Docker tag (letters, digits, _ . -)" >&2; exit 2; }
+fi
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
+task_requirements=$repo/task/requirements.txt
 cache=${BOUQUET_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/bouquet}
 wheelhouse=$cache/wheelhouse
 suite=bookworm
@@ -125,9 +140,33 @@ for name, (line, _) in sorted(pins.items()):
 PY
 )
 say "wheelhouse $wheelhouse: ${#missing[@]} of requirements.lock's pins to download, + build backend (${build_reqs[*]})"
+# The task's packages and what they need beyond the lock, resolved against it (as the image's pip
+# will be): only pins that are not in the lock are added.
+task_pins() {
+    "$python" -m pip install --dry-run --ignore-installed --quiet --report - \
+        --find-links "$wheelhouse" --constraint "$repo/requirements.lock" --requirement "$task_requirements" \
+    | "$python" -c '
+import json, pathlib, re, sys
+canon = lambda name: re.sub(r"[-_.]+", "-", name).lower()
+lock = {canon(line.split("==")[0]) for line in pathlib.Path(sys.argv[1]).read_text().splitlines() if "==" in line and not line.startswith("#")}
+for item in json.load(sys.stdin)["install"]:
+    if canon(item["metadata"]["name"]) not in lock:
+        print(item["metadata"]["name"] + "==" + item["metadata"]["version"])
+' "$repo/requirements.lock"
+}
+task=()
+if [ -f "$task_requirements" ]; then
+    task_pins > "$cache/task-pins.txt" 2> "$cache/task-requirements.log" \
+        || { tail -n 20 "$cache/task-requirements.log" >&2; die "task/requirements.txt does not resolve against requirements.lock (log: $cache/task-requirements.log)"; }
+    mapfile -t task < "$cache/task-pins.txt"
+    say "task/requirements.txt: ${#task[@]} packages beyond requirements.lock (${task[*]})"
+fi
 fetch_wheels() {
     if [ ${#missing[@]} -gt 0 ]; then
         "$python" -m pip wheel --no-deps --wheel-dir "$wheelhouse" "${missing[@]}" || return 1
+    fi
+    if [ ${#task[@]} -gt 0 ]; then
+        "$python" -m pip wheel --no-deps --find-links "$wheelhouse" --wheel-dir "$wheelhouse" "${task[@]}" || return 1
     fi
     # The build backend: from the wheelhouse when it is there already, else downloaded.
     "$python" -m pip wheel --no-index --find-links "$wheelhouse" --wheel-dir "$wheelhouse" "${build_reqs[@]}" \
@@ -156,6 +195,7 @@ cpu) tags=(cpu) ;;
 gpu) tags=(gpu) ;;
 both) tags=(gpu cpu) ;;
 esac
+[ -z "$tag" ] || tags=("$tag")
 for image in server client; do
     first="bouquet/$image:${tags[0]}"
     say "docker build $first (Dockerfile.$image, torch from the wheelhouse: PyPI's build)"

@@ -8,7 +8,7 @@ from services import settings
 GROUPS = [
     ("server (`python -m services.server`)", settings.SERVER),
     ("client (`python -m services.client`)", settings.CLIENT),
-    ("monitor (`python -m services.monitor`)", getattr(settings, "MONITOR", [])),
+    ("monitor (`python -m services.monitor`)", settings.MONITOR),
 ]
 
 

@@ -5,6 +5,8 @@
 - ``atomic_write``: the same for a file written through a file object, fsynced before the rename.
 - ``write_json_atomically``: a JSON document that way (NaN and infinity become null).
 - ``tail``: the last lines of a log file, for error messages.
+- ``read_json_lines``: the complete lines of a JSON-lines file, from an offset on (a line still
+  being written, or cut by a crash, is not read); ``read_rounds``: a run's ``metrics.jsonl`` so.
 
 Standard library only (the monitor image imports this module too).
 """
@@ -18,6 +20,8 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, Iterator
+
+METRICS = "metrics.jsonl"  # in a run folder: one JSON line per finished round, appended by the server
 
 
 def scratch_path(target: Path, unique: bool = False) -> Path:
@@ -81,6 +85,24 @@ def tail(path: Path, lines: int = 40) -> str:
         return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return "(no log)"
+
+
+def read_json_lines(path: Path, offset: int = 0) -> tuple[list[dict[str, Any]], int]:
+    """The objects on the complete lines of ``path`` from byte ``offset`` on, and the offset after
+    the last of them (to read only what was appended since). No file: nothing yet."""
+    try:
+        with open(path, "rb") as lines:
+            lines.seek(offset)
+            chunk = lines.read()
+    except FileNotFoundError:
+        return [], offset
+    complete = chunk[: chunk.rfind(b"\n") + 1]
+    return [json.loads(line) for line in complete.decode().splitlines() if line.strip()], offset + len(complete)
+
+
+def read_rounds(run_path: Path) -> list[dict[str, Any]]:
+    """A run folder's metrics.jsonl: one record per finished round."""
+    return read_json_lines(Path(run_path) / METRICS)[0]
 
 
 def _remove(entry: Path) -> None:

@@ -16,7 +16,6 @@ the process that failed. Logs land in <run folder>/logs/.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -24,65 +23,88 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from services import settings as settings_module
+from services.certs import make_certificates
 from services.client.connect import free_port, wait_until_listening
-from services.files import tail
+from services.files import read_rounds, tail
 from services.server.results import new_run_id
+from services.settings import ClientSettings, LocalSettings, ServerSettings, boolean, positive_int, reuse, setting
 
 # The server, clients and monitor run from the folder that holds the package (the repository,
 # where scripts/bootstrap.sh installs it in editable mode).
 REPO = Path(__file__).resolve().parent.parent
 PROGRAM = "run_local.py"
 
-CLIENT_ONLY = [s for s in settings_module.CLIENT if s.name in ("connect_timeout",)]
-SHARED_LOCAL = {s.name for s in settings_module.LOCAL}
 console = Console(stderr=True)
 
 
-def parse(argv: list[str] | None) -> tuple[argparse.Namespace, object]:
-    launcher = argparse.ArgumentParser(add_help=False)
-    launcher.add_argument("--clients", type=settings_module.positive_int, default=5)
-    launcher.add_argument("--monitor", action="store_true")
-    own, rest = launcher.parse_known_args(argv)
-    if "-h" in rest or "--help" in rest:
-        print(__doc__)
-        print("launcher options:\n  --clients N   number of client processes (default 5)\n  --monitor     also record memory (services.monitor)\n")
-    # Locally the federation's size is known: default min-clients to it and skip the join grace.
-    # All workers share this host's cores: split them rather than let each worker take them all.
-    defaults = {
-        "min_clients": own.clients,
-        "min_fit_clients": min(2, own.clients),
+@dataclass(frozen=True, kw_only=True)
+class LauncherSettings(ServerSettings):
+    """The server's settings, the clients' connect timeout, and the launcher's own."""
+
+    clients: int = setting(positive_int, 5, "number of client processes")
+    monitor: bool = setting(boolean, False, "also record memory (services.monitor)")
+    tls: bool = setting(boolean, False, "gRPC over TLS with throwaway certificates (a CA and a certificate for 127.0.0.1, deleted at the end)")
+    connect_timeout: float = reuse(ClientSettings, "connect_timeout")
+
+
+def torch_threads_per_worker(clients: int) -> int:
+    """All workers share this host's cores: split them rather than let each worker take them all
+    (the benchmark gives the Deployment Engine's ClientApps the same)."""
+    return max(1, (os.cpu_count() or 1) // clients)
+
+
+def local_defaults(clients: int) -> dict[str, Any]:
+    """Locally the federation's size is known: min-clients defaults to it, no join grace."""
+    return {
+        "min_clients": clients,
+        "min_fit_clients": min(2, clients),
         "join_grace": 0.0,
         "listen_address": f"127.0.0.1:{free_port()}",
-        "torch_threads": max(1, (os.cpu_count() or 1) // own.clients),
+        "torch_threads": torch_threads_per_worker(clients),
     }
-    table = [dataclasses.replace(s, default=defaults.get(s.name, s.default)) for s in settings_module.SERVER] + CLIENT_ONLY
-    from services.server.__main__ import validate
 
-    values = settings_module.parse(table, rest, program=PROGRAM, description=__doc__, validate=validate)
+
+def parse(argv: list[str] | None) -> LauncherSettings:
+    clients = settings_module.peek(LauncherSettings, "clients", argv, program=PROGRAM)
+    values = settings_module.parse(
+        LauncherSettings, argv, program=PROGRAM, description=__doc__, validate=validate, defaults=local_defaults(clients)
+    )
     # The processes run from the repository; paths given relative to where the user stands must
-    # mean the same folders for them and for the launcher.
-    values.results_dir = str(Path(values.results_dir).resolve())
-    values.data_dir = str(Path(values.data_dir).resolve())
-    if values.slots_dir:
-        values.slots_dir = str(Path(values.slots_dir).resolve())
-    if values.task.endswith(".py"):  # a task file; builtin and module names stay as they are
-        values.task = str(Path(values.task).resolve())
-    return own, values
+    # mean the same folders for them and for the launcher. A task file is resolved too; builtin
+    # and module names stay as they are.
+    return dataclasses.replace(
+        values,
+        results_dir=str(Path(values.results_dir).resolve()),
+        data_dir=str(Path(values.data_dir).resolve()),
+        task=str(Path(values.task).resolve()) if values.task.endswith(".py") else values.task,
+        tls_dir=None if values.tls_dir is None else str(Path(values.tls_dir).resolve()),
+        slots_dir=None if values.slots_dir is None else str(Path(values.slots_dir).resolve()),
+    )
 
 
-def flags(values: object, names: list[str]) -> list[str]:
-    out = []
-    for setting in settings_module.SERVER + CLIENT_ONLY:
-        if setting.name in names and getattr(values, setting.name) is not None:
-            out += [setting.flag, settings_module.as_text(getattr(values, setting.name))]
-    return out
+def validate(values: LauncherSettings) -> LauncherSettings:
+    from services.server.__main__ import validate as validate_server
+
+    if values.tls and values.tls_dir is not None:
+        raise settings_module.SettingError("--tls makes throwaway certificates; it cannot be combined with --tls-dir / FL_TLS_DIR")
+    return validate_server(values)
+
+
+def throwaway_certificates() -> Path:
+    """A CA and a server certificate for 127.0.0.1 in a private temporary folder (--tls)."""
+    folder = Path(tempfile.mkdtemp(prefix="bouquet-tls-"))
+    make_certificates(folder, ["localhost"], ["127.0.0.1"], days=2)
+    return folder
 
 
 def _die_with_launcher() -> None:
@@ -94,11 +116,11 @@ def _die_with_launcher() -> None:
 
 
 class Federation:
-    def __init__(self, own: argparse.Namespace, values: object) -> None:
-        self.own, self.values = own, values
-        values.run_id = values.run_id or new_run_id()
-        self.run_path = Path(values.results_dir) / values.run_id
-        self.log_dir = Path(values.results_dir) / f".{values.run_id}.logs"  # moved into the run folder at the end
+    def __init__(self, values: LauncherSettings) -> None:
+        self.run_id = values.run_id or new_run_id()  # named here: the server and the monitor get the same
+        self.values = dataclasses.replace(values, run_id=self.run_id)
+        self.run_path = Path(values.results_dir) / self.run_id
+        self.log_dir = Path(values.results_dir) / f".{self.run_id}.logs"  # moved into the run folder at the end
         self.processes: dict[str, tuple[subprocess.Popen, Path]] = {}
 
     def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
@@ -119,17 +141,18 @@ class Federation:
     def run(self) -> int:
         v = self.values
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        server_names = [s.name for s in settings_module.SERVER]
-        self.start("server", ["-m", "services.server", *flags(v, server_names)])
+        server_names = [s.name for s in settings_module.declared(ServerSettings)]
+        self.start("server", ["-m", "services.server", *settings_module.as_flags(v, server_names)])
         host_port = v.listen_address.replace("0.0.0.0", "127.0.0.1").replace("[::]", "127.0.0.1")
         try:
             wait_until_listening(host_port, self.processes["server"][0], 120, "server")
         except RuntimeError as problem:
             return self._fail("server", str(problem))
-        if self.own.monitor:
-            self.start("monitor", ["-m", "services.monitor", "--results-dir", str(v.results_dir), "--run-id", v.run_id, "--monitor-scope", "launcher"])
-        client_flags = ["--server-address", host_port, *flags(v, [*SHARED_LOCAL, "connect_timeout"])]
-        for index in range(self.own.clients):
+        if v.monitor:
+            self.start("monitor", ["-m", "services.monitor", "--results-dir", str(v.results_dir), "--run-id", self.run_id, "--monitor-scope", "launcher"])
+        client_names = [s.name for s in settings_module.declared(LocalSettings)] + ["connect_timeout"]
+        client_flags = ["--server-address", host_port, *settings_module.as_flags(v, client_names)]
+        for index in range(v.clients):
             self.start(f"client-{index}", ["-m", "services.client", *client_flags], {"FL_CLIENT_ID": f"client-{index}"})
         return self._follow()
 
@@ -165,8 +188,7 @@ class Federation:
 
     def _rounds(self) -> list[dict]:
         try:
-            with open(self.run_path / "metrics.jsonl") as lines:
-                return [json.loads(line) for line in lines if line.endswith("\n") and line.strip()]
+            return read_rounds(self.run_path)
         except (OSError, ValueError):
             return []
 
@@ -211,13 +233,19 @@ class Federation:
 
 
 def main(argv: list[str] | None = None) -> int:
-    own, values = parse(argv)
-    federation = Federation(own, values)
+    values = parse(argv)
+    certificates = throwaway_certificates() if values.tls else None
+    if certificates is not None:
+        values = dataclasses.replace(values, tls_dir=str(certificates))
+    federation = Federation(values)
     started = time.monotonic()
     try:
         code = federation.run()
     except KeyboardInterrupt:
         code = federation.interrupt()
+    finally:
+        if certificates is not None:
+            shutil.rmtree(certificates, ignore_errors=True)
     federation._collect_logs()
     summary = federation.run_path / "summary.json"
     if summary.exists():

@@ -10,35 +10,41 @@ environment (the client's FL_DEVICE comes from BOUQUET_CLIENT_DEVICE) gets it wi
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
+from dataclasses import dataclass
+from typing import Any, Callable
 
 from services import settings as settings_module
+from services.client.__main__ import validate as validate_client
 from services.server.__main__ import check_task, validate as validate_server
 from services.server.central import CentralEvaluator
+from services.settings import ClientSettings, CommandLineOnly, MonitorSettings, ServerSettings, comma_list, choice, repeated, setting
 from services.taskspec import Placement, TaskSpec
 
-PROGRAMS = {
-    "server": (settings_module.SERVER, validate_server),
-    "client": (settings_module.CLIENT, None),
-    "monitor": (settings_module.MONITOR, None),
+PROGRAMS: dict[str, tuple[type, Callable[[Any], Any] | None]] = {
+    "server": (ServerSettings, validate_server),
+    "client": (ClientSettings, validate_client),
+    "monitor": (MonitorSettings, None),
 }
 
 
-def overrides(pairs: list[str]) -> dict[str, dict[str, str]]:
-    """['client:FL_DEVICE=cuda'] -> {'client': {'FL_DEVICE': 'cuda'}}."""
-    out: dict[str, dict[str, str]] = {name: {} for name in PROGRAMS}
-    for pair in pairs:
-        program, _, assignment = pair.partition(":")
-        key, equals, value = assignment.partition("=")
-        if program not in PROGRAMS or not equals or not key.startswith("FL_"):
-            raise SystemExit(f"services.preflight: error: --set {pair!r}: must be PROGRAM:FL_NAME=VALUE with PROGRAM one of {', '.join(PROGRAMS)}")
-        out[program][key] = value
-    return out
+def override(raw: str) -> tuple[str, str, str]:
+    """'client:FL_DEVICE=cuda' -> ('client', 'FL_DEVICE', 'cuda')."""
+    program, _, assignment = raw.partition(":")
+    key, equals, value = assignment.partition("=")
+    if program not in PROGRAMS or not equals or not key.startswith("FL_"):
+        raise ValueError(f"must be PROGRAM:FL_NAME=VALUE with PROGRAM one of {', '.join(PROGRAMS)}")
+    return program, key, value
 
 
-def task_usable(values) -> bool:
+@dataclass(frozen=True, kw_only=True)
+class PreflightSettings(CommandLineOnly):
+    set: list[tuple[str, str, str]] = repeated(override, [], "a value one program sees instead of the environment's, as PROGRAM:FL_NAME=VALUE (may be repeated)")
+    programs: list[str] = setting(comma_list(choice(*PROGRAMS), ", ".join(PROGRAMS)), list(PROGRAMS), "which programs to check")
+
+
+def task_usable(values: ServerSettings) -> bool:
     """FL_TASK imported and checked in a worker, as the server does at start (torch stays out of
     this process too); a bad task is named before any replica starts."""
     evaluator = CentralEvaluator(TaskSpec.from_settings(values), Placement(values.data_dir, "cpu"), "spawn")
@@ -51,26 +57,23 @@ def task_usable(values) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="services.preflight", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--set", action="append", default=[], metavar="PROGRAM:FL_NAME=VALUE", help="a value one program sees instead of the environment's")
-    parser.add_argument("--programs", default=",".join(PROGRAMS), help="which programs to check (default: all)")
-    options = parser.parse_args(argv)
-    extra = overrides(options.set)
+    options = settings_module.parse(PreflightSettings, argv, program="services.preflight", description=__doc__)
     failed = []
-    for program in options.programs.split(","):
+    for program in options.programs:
         declared, validate = PROGRAMS[program]
+        extra = {key: value for name, key, value in options.set if name == program}
         try:
-            values = settings_module.parse(declared, [], environ={**os.environ, **extra[program]}, program=f"services.{program}", validate=validate)
+            values = settings_module.parse(declared, [], environ={**os.environ, **extra}, program=f"services.{program}", validate=validate)
         except SystemExit as bad:  # parse printed the line naming the setting
             if bad.code != 0:
                 failed.append(program)
             continue
-        if program == "server" and not task_usable(values):
+        if isinstance(values, ServerSettings) and not task_usable(values):
             failed.append(program)
     if failed:
         print(f"services.preflight: bad settings for {', '.join(failed)}; nothing was started. Fix them in .env or your shell.", file=sys.stderr)
         return settings_module.EXIT_BAD_SETTING
-    print(f"services.preflight: settings of {options.programs.replace(',', ', ')} are valid", file=sys.stderr)
+    print(f"services.preflight: settings of {', '.join(options.programs)} are valid", file=sys.stderr)
     return 0
 
 

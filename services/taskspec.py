@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
-from services.settings import SettingError
+from services.settings import LocalSettings, SettingError, TaskSettings, values_of
 
 INPUT_SHAPES = {"digits": (1, 8, 8), "cifar10": (3, 32, 32), "synthetic": (3, 32, 32)}
 NUM_CLASSES = 10
@@ -36,26 +36,20 @@ def check_model_fits(dataset: str, model: str) -> None:
         )
 
 
-@dataclass(frozen=True)
-class TaskSpec:
-    dataset: str
-    model: str
-    local_epochs: int
-    batch_size: int
-    learning_rate: float
-    partitioning: str
-    dirichlet_alpha: float
-    seed: int
-    synthetic_samples: int
-    worker_timeout: float
-    task: str = "builtin"  # FL_TASK: builtin, a .py path or a module name
+@dataclass(frozen=True, kw_only=True)
+class TaskSpec(TaskSettings):
+    """The task settings as the server resolved them (the model named, the task file hashed):
+    its fields are ``TaskSettings``'s, declared once in services/settings.py."""
+
     task_sha256: str = ""  # of the task's file, as the server inspected it: every round must train the same code
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "model", resolve_model(self.dataset, self.model))
+
     @classmethod
-    def from_settings(cls, settings: Any) -> "TaskSpec":
-        values = {f.name: getattr(settings, f.name) for f in fields(cls) if f.name != "task_sha256"}
-        values["model"] = resolve_model(values["dataset"], values["model"])
-        return cls(**values)
+    def from_settings(cls, settings: TaskSettings) -> "TaskSpec":
+        """From any program's settings that include the task (the server's, the benchmark's)."""
+        return cls(**values_of(settings, TaskSettings))
 
     def knobs(self, data_dir: str) -> dict[str, Any]:
         """What a task module's optional ``configure`` hook may ask for (the builtin task needs all)."""
@@ -88,3 +82,7 @@ class Placement:
     data_dir: str
     device: str
     torch_threads: int = 0  # 0: torch's default (one thread per core)
+
+    @classmethod
+    def from_settings(cls, settings: LocalSettings) -> "Placement":
+        return cls(settings.data_dir, settings.device, settings.torch_threads)

@@ -84,7 +84,7 @@ def test_client_process_never_imports_torch(data_dir):
         "from services.client.flower import WorkerClient\n"
         "from services.taskspec import Placement, TaskSpec\n"
         "from services import protocol, worker\n"
-        "spec = TaskSpec('digits', 'digits-cnn', 1, 16, 0.05, 'iid', 0.5, 0, 100, 120.0)\n"
+        "spec = TaskSpec(dataset='digits', model='digits-cnn', local_epochs=1, batch_size=16, synthetic_samples=100, worker_timeout=120.0)\n"
         "weights = worker.run('services.task:initial_weights', {'spec': spec}, timeout=120).value\n"
         "config = {**spec.to_config(), protocol.PARTITION_ID: 0, protocol.NUM_PARTITIONS: 2, protocol.SERVER_ROUND: 1}\n"
         f"client = WorkerClient('c', Placement({str(data_dir)!r}, 'cpu'), 'spawn')\n"
@@ -103,3 +103,29 @@ def test_unreadable_round_config_fails_the_round_not_the_client(data_dir):
     res = client.fit(broken)
     assert res.status.code != Code.OK
     assert "unreadable round config" in json.loads(res.status.message)["cause"]
+
+
+def test_identity_is_the_hostname_by_default_and_client_id_wins(tmp_path):
+    import socket
+
+    from services.client.identity import identity
+
+    assert identity(None, "hostname", tmp_path) == socket.gethostname()
+    assert identity("site-b-7", "container", tmp_path) == "site-b-7"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_container_identity_is_kept_in_the_container_and_differs_between_containers(tmp_path):
+    """Replicas that share a hostname (network_mode: host) get distinct identities; one replica
+    keeps its identity across restarts (the file lives in its own filesystem)."""
+    import socket
+
+    from services.client.identity import identity
+
+    first, second = tmp_path / "container-1", tmp_path / "container-2"
+    first.mkdir(), second.mkdir()
+    one = identity(None, "container", first)
+    assert one.startswith(socket.gethostname() + "-") and len(one) == len(socket.gethostname()) + 13
+    assert identity(None, "container", first) == one  # a restart of the same container
+    assert identity(None, "container", second) != one
+    assert sorted(p.name for p in first.iterdir()) == [".bouquet-identity"]

@@ -98,7 +98,7 @@ def test_client_is_scalable_and_server_is_private() -> None:
 def test_every_passed_through_setting_is_documented_in_dotenv() -> None:
     env_text = (REPO / ".env").read_text()
     for name, service in _load(BASE)["services"].items():
-        for key, value in service["environment"].items():
+        for key, value in service.get("environment", {}).items():
             if value is None:  # passed through from .env / the shell
                 assert re.search(rf"^#?\s*{key}=", env_text, re.M), f"{name}: {key} is not in .env"
 
@@ -114,7 +114,7 @@ def test_compose_passes_only_settings_the_programs_know() -> None:
     }
     known["check"] = set().union(*known.values())
     for name, service in _load(BASE)["services"].items():
-        unknown = {key for key in service["environment"] if key.startswith("FL_")} - known[name]
+        unknown = {key for key in service.get("environment", {}) if key.startswith("FL_")} - known.get(name, set())
         assert not unknown, f"{name}: {sorted(unknown)} are not settings of services.{name}"
 
 
@@ -128,7 +128,7 @@ def test_every_setting_is_checked_before_any_long_lived_service_starts() -> None
         if name == "check":
             continue
         assert service["depends_on"]["check"] == {"condition": "service_completed_successfully"}, name
-        for key, value in service["environment"].items():
+        for key, value in service.get("environment", {}).items():
             from_user = value is None or "${" in str(value)  # the rest are constants of this file
             if key.startswith("FL_") and key != "FL_DEVICE" and from_user:
                 assert key in check["environment"], f"{name}: {key} is not validated by check"
@@ -269,6 +269,21 @@ class Stack:
         self.run("down", "--volumes", "--remove-orphans", "--timeout", "10", check=False, timeout=120)
 
 
+def assert_exits_0(container: str, logs, timeout: float = 600) -> None:
+    """Wait for the container (the server) to end; it must exit 0."""
+    deadline = time.monotonic() + timeout
+    while True:
+        state = subprocess.run(
+            ["docker", "inspect", "-f", "{{.State.Status}} {{.State.ExitCode}}", container],
+            capture_output=True, text=True, check=True,
+        ).stdout.split()
+        if state[0] in ("exited", "dead"):
+            break
+        assert time.monotonic() < deadline, f"{container[:12]} still {state[0]} after {timeout:g} s\n{logs()}"
+        time.sleep(2)
+    assert state[1] == "0", f"{container[:12]} exited {state[1]}\n{logs()}"
+
+
 REPLICAS = 8
 EXAMPLE = REPO / "examples" / "quickstart-digits"
 
@@ -303,17 +318,7 @@ def test_compose_up_scale_8_cpu_trains_every_replica_and_proves_memory_returned(
         server = stack.run("ps", "-q", "server").stdout.strip()
         clients = stack.run("ps", "-q", "client").stdout.split()
         assert server and len(clients) == REPLICAS, f"server {server!r}, clients {clients}"
-        deadline = time.monotonic() + 600
-        while True:
-            state = subprocess.run(
-                ["docker", "inspect", "-f", "{{.State.Status}} {{.State.ExitCode}}", server],
-                capture_output=True, text=True, check=True,
-            ).stdout.split()
-            if state[0] in ("exited", "dead"):
-                break
-            assert time.monotonic() < deadline, f"server still {state[0]} after 600 s\n{logs()}"
-            time.sleep(2)
-        assert state[1] == "0", f"server exited {state[1]}\n{logs()}"
+        assert_exits_0(server, logs)
 
         run_dir = results / "smoke"
         rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -379,3 +384,90 @@ def test_a_bad_setting_stops_up_naming_it_and_starts_nothing(tmp_path: Path, imp
         assert len(never) == len(started) - 1, f"only check may have started: {started}"
     finally:
         stack.down()
+
+
+def _state(container: str) -> dict:
+    return json.loads(subprocess.run(["docker", "inspect", "-f", "{{json .State}}", container], capture_output=True, text=True, check=True).stdout)
+
+
+def _wait_for_exit(container: str, timeout: float, logs) -> int:
+    deadline = time.monotonic() + timeout
+    while (state := _state(container))["Status"] not in ("exited", "dead"):
+        assert time.monotonic() < deadline, f"{container[:12]} still {state['Status']} after {timeout:g} s\n{logs()}"
+        time.sleep(2)
+    return state["ExitCode"]
+
+
+@pytest.mark.docker
+@pytest.mark.timeout(1200)
+def test_compose_server_killed_mid_run_resumes_over_tls_with_every_replica_on_its_partition(tmp_path: Path) -> None:
+    """Issue 12, as a user runs it (Compose v2, TLS overlay): `docker kill` the server after
+    round 2, `docker compose up -d server`; the replicas ride it out (never restarted), the run
+    completes with each round once and each replica on its old partition, and the memory
+    sidecar, with no Docker socket, follows the run to its end."""
+    from services.certs import make_certificates
+
+    compose = _docker_ready("v2")
+    results, certs, rounds_wanted, replicas = tmp_path / "results", tmp_path / "certs", 4, 4
+    results.mkdir()
+    make_certificates(certs, ["server"], [])
+    if os.geteuid() == 0:  # as a user would have them: results and certificates owned by one (non-root) user
+        for path in (results, certs, *certs.iterdir()):
+            os.chown(path, 1000, 1000)
+    stack = Stack(compose, results, "resume", FL_DATASET="digits", FL_ROUNDS=str(rounds_wanted), FL_LOCAL_EPOCHS="1",
+                  COMPOSE_FILE="docker-compose.yml:docker-compose.tls.yml", BOUQUET_TLS_DIR=str(certs))
+    logs = stack.logs
+    try:
+        stack.run("up", "--detach", "--no-build", "--scale", f"client={replicas}")
+        server = stack.run("ps", "-q", "server").stdout.strip()
+        clients = stack.run("ps", "-q", "client").stdout.split()
+        deadline = time.monotonic() + 600
+        while not (runs := [p for p in results.iterdir() if p.is_dir()]) or len(_rounds(runs[0])) < 2:
+            assert time.monotonic() < deadline and _state(server)["Running"], f"round 2 not recorded\n{logs()}"
+            time.sleep(1)
+        [run_dir] = runs
+        subprocess.run(["docker", "kill", server], check=True, capture_output=True)
+        killed_at, recorded_before = time.monotonic(), len(_rounds(run_dir))
+        stack.run("up", "--detach", "--no-build", "server")  # the documented resume: the server only
+        while len(_rounds(run_dir)) <= recorded_before:
+            assert time.monotonic() < deadline, f"no round after the restart\n{logs()}"
+            time.sleep(1)
+        print(f"server restart -> next finished round: {time.monotonic() - killed_at:.1f} s")
+        assert _wait_for_exit(server, 600, logs) == 0, logs()
+        for client in clients:
+            assert _wait_for_exit(client, 120, logs) == 0, logs()
+            assert _state(client)["Restarting"] is False
+            restarts = subprocess.run(["docker", "inspect", "-f", "{{.RestartCount}}", client], capture_output=True, text=True, check=True).stdout.strip()
+            assert restarts == "0", f"replica {client[:12]} was restarted: it did not ride out the server's restart"
+
+        records = _rounds(run_dir)
+        summary = json.loads((run_dir / "summary.json").read_text())
+        context = f"\n{json.dumps(summary, indent=1)}\n{logs()}"
+        assert [r["round"] for r in records] == list(range(1, rounds_wanted + 1)), context
+        assert summary["status"] == "completed" and summary["rounds_completed"] == rounds_wanted, context
+        assert [r["from_round"] for r in summary["restarts"]] == [recorded_before + 1], context
+        partition_of = [{c["id"]: c["partition"] for c in r["clients"]} for r in records]
+        assert len(partition_of[0]) == replicas and all(p == partition_of[0] for p in partition_of), "a replica changed partition"
+        assert "with TLS" in stack.run("logs", "--no-color", "server").stdout
+
+        deadline = time.monotonic() + 120
+        while not (run_dir / "memory_summary.json").exists():
+            assert time.monotonic() < deadline, f"the sidecar did not finish after the run\n{logs()}"
+            time.sleep(2)
+        memory = json.loads((run_dir / "memory_summary.json").read_text())
+        print(f"memory verdict across the restart: {memory['verdict']['text']}")
+        assert memory["run_status"] == "completed" and len(memory["run_restarts"]) == 1
+        with open(run_dir / "memory.csv") as rows:
+            named = {row["replica"] for row in csv.DictReader(rows) if row["role"] == "client"}
+        assert named == set(partition_of[0]), f"the sidecar named replicas {named}, the server knows {set(partition_of[0])}"
+        monitor = stack.run("ps", "-a", "-q", "gpu-monitor").stdout.strip()
+        assert "docker.sock" not in json.dumps(json.loads(subprocess.run(["docker", "inspect", monitor], capture_output=True, text=True, check=True).stdout)[0]["Mounts"])
+    finally:
+        stack.down()
+
+
+def _rounds(run_dir: Path) -> list[dict]:
+    try:
+        return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    except FileNotFoundError:
+        return []

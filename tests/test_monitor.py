@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
@@ -18,7 +19,7 @@ import psutil
 import pytest
 
 from services.monitor import csvlog, nvml as nvml_module
-from services.monitor.containers import DockerNames, container_id_from_cgroup
+from services.monitor.containers import ContainerNames, container_id_from_cgroup
 from services.monitor.processes import ProcessTable, ProcProbe, program_of
 from services.monitor.readings import MIB, DeviceReading, ProcessReading, Reading
 from services.monitor.rounds import Round, RoundLog, iso, label
@@ -49,35 +50,61 @@ def test_container_id_from_cgroup(cgroup, expected):
     assert container_id_from_cgroup(cgroup) == expected
 
 
-class FakeDocker:
+API = "http://docker-names:2375"
+
+
+class FakeInspect:
+    """What the inspect-only proxy answers: GET /containers/<id>/json, for known ids only."""
+
     def __init__(self, attrs):
         self.calls = 0
-        self.containers = SimpleNamespace(get=self._get)
         self._attrs = attrs
 
-    def _get(self, container_id):
+    def __call__(self, api, container_id):
         self.calls += 1
         if container_id not in self._attrs:
-            raise LookupError("No such container")
-        return SimpleNamespace(attrs=self._attrs[container_id])
+            raise urllib.error.HTTPError(f"{api}/containers/{container_id}/json", 404, "No such container", {}, None)
+        return self._attrs[container_id]
 
 
-def test_docker_names_uses_compose_labels_once_per_container(tmp_path):
-    sock = tmp_path / "docker.sock"
-    sock.touch()
-    docker = FakeDocker({CID: {"Name": "/bouquet_client_3", "Config": {"Hostname": CID[:12], "Labels": {"com.docker.compose.service": "client", "com.docker.compose.container-number": "3"}}}})
-    names = DockerNames(str(sock), client_factory=lambda path: docker)
-    first = names.lookup(CID)
+def test_without_a_docker_api_containers_are_named_by_hostname_and_docker_is_never_asked():
+    names = ContainerNames(None, inspect=lambda api, cid: pytest.fail("must not ask Docker"))
+    first = names.lookup(CID, lambda: "f00dcafe1234")
+    assert (first.replica, first.hostname, first.named) == ("f00dcafe1234", "f00dcafe1234", False)
+    assert names.lookup(CID, lambda: pytest.fail("read once per container")) is first
+    assert names.lookup("b" * 64, lambda: None).replica == "b" * 12  # hostname unreadable: short id
+
+
+def test_the_docker_api_gives_compose_names_once_per_container():
+    inspect = FakeInspect({CID: {"Name": "/bouquet_client_3", "Config": {"Hostname": CID[:12], "Labels": {"com.docker.compose.service": "client", "com.docker.compose.container-number": "3"}}}})
+    names = ContainerNames(API, inspect=inspect)
+    first = names.lookup(CID, lambda: CID[:12])
     assert (first.replica, first.hostname, first.name) == ("client-3", CID[:12], "bouquet_client_3")
-    assert names.lookup(CID) is first and docker.calls == 1
-    assert names.lookup("a" * 64).replica == "a" * 12  # unknown to Docker: short id
+    assert names.lookup(CID, lambda: CID[:12]) is first and inspect.calls == 1
+    assert names.lookup("a" * 64, lambda: "a" * 12).replica == "a" * 12  # unknown to Docker: its hostname
 
 
-def test_docker_names_without_socket_falls_back_to_short_ids(tmp_path, caplog):
-    names = DockerNames(str(tmp_path / "missing.sock"), client_factory=lambda path: pytest.fail("must not connect"))
-    assert names.lookup(CID).replica == CID[:12]
-    assert names.lookup("b" * 64).replica == "b" * 12
-    assert sum("no Docker socket" in r.getMessage() for r in caplog.records) == 1
+def test_an_unreachable_docker_api_is_said_once_and_asked_again_later(caplog):
+    """The proxy may start after the monitor: hostnames meanwhile, compose names once it answers."""
+    calls, now, up = [], [0.0], [False]
+    attrs = {"Name": "/b_client_3", "Config": {"Labels": {"com.docker.compose.service": "client", "com.docker.compose.container-number": "3"}}}
+
+    def inspect(api, container_id):
+        calls.append(container_id)
+        if not up[0]:
+            raise urllib.error.URLError("connection refused")
+        return attrs
+
+    names = ContainerNames(API, inspect=inspect, clock=lambda: now[0])
+    assert names.lookup(CID, lambda: "h1").replica == "h1"
+    assert names.lookup("b" * 64, lambda: "h2").replica == "h2"
+    assert names.lookup(CID, lambda: "h1").replica == "h1"
+    assert len(calls) == 1  # not asked again before RETRY_S
+    up[0], now[0] = True, ContainerNames.RETRY_S
+    again = names.lookup(CID, lambda: pytest.fail("the hostname is kept"))
+    assert (again.replica, again.hostname) == ("client-3", "h1")
+    assert names.lookup(CID, lambda: "h1") is again and len(calls) == 2
+    assert sum("does not answer" in r.getMessage() for r in caplog.records) == 1
 
 
 # --- processes -----------------------------------------------------------------------------------
@@ -96,6 +123,7 @@ class FakeProbe:
     def __init__(self, table):
         self.table = dict(table)
         self.details_calls = 0
+        self.volumes = {}  # pid -> whether it sees the run volume
 
     def listing(self):
         return {pid: (entry[0], entry[1]) for pid, entry in self.table.items()}
@@ -108,6 +136,14 @@ class FakeProbe:
     def container_id(self, pid):
         entry = self.table.get(pid)
         return entry[4] if entry else None
+
+    def hostname(self, pid):
+        """A container's hostname is its short id, as Docker sets it for a scaled replica."""
+        container = self.container_id(pid)
+        return container[:12] if container else None
+
+    def sees(self, pid, folder):
+        return self.volumes.get(pid, False)
 
 
 def recorded_host():
@@ -132,7 +168,7 @@ def recorded_host():
 
 
 def table(scope, processes, names=None, now=T0):
-    return ProcessTable(scope, names or DockerNames(None), probe=FakeProbe(processes), self_pid=104, root_pid=100, clock=lambda: now)
+    return ProcessTable(scope, names or ContainerNames(None), probe=FakeProbe(processes), self_pid=104, root_pid=100, clock=lambda: now)
 
 
 def test_program_of_recognises_module_and_script_forms():
@@ -206,7 +242,7 @@ def test_a_young_fork_is_a_worker_and_is_looked_at_again_after_exec():
     processes = recorded_host()
     processes[140] = (103, T0 - 0.05, CLIENT, "client-1", None)  # forked, not exec'd yet
     now = [T0]
-    live = ProcessTable("launcher", DockerNames(None), probe=FakeProbe(processes), self_pid=104, root_pid=100, clock=lambda: now[0])
+    live = ProcessTable("launcher", ContainerNames(None), probe=FakeProbe(processes), self_pid=104, root_pid=100, clock=lambda: now[0])
     live.refresh()
     assert (live.describe(140).role, live.describe(140).replica) == ("worker", "client-1")
     live.probe.table[140] = (103, T0 - 0.05, SPAWN, None, None)  # exec'd
@@ -219,11 +255,9 @@ def test_a_young_fork_is_a_worker_and_is_looked_at_again_after_exec():
     assert live.probe.details_calls == calls  # settled: not read again
 
 
-def test_containers_name_replicas_by_compose_service_and_keep_the_hostname_as_identity(tmp_path):
-    sock = tmp_path / "docker.sock"
-    sock.touch()
+def test_containers_name_replicas_by_compose_service_and_keep_the_hostname_as_identity():
     server_id, client_id = "c" * 64, CID
-    docker = FakeDocker(
+    docker = FakeInspect(
         {
             client_id: {"Name": "/b_client_3", "Config": {"Hostname": client_id[:12], "Labels": {"com.docker.compose.service": "client", "com.docker.compose.container-number": "3"}}},
             server_id: {"Name": "/b_server_1", "Config": {"Hostname": "server", "Labels": {"com.docker.compose.service": "server", "com.docker.compose.container-number": "1"}}},
@@ -236,29 +270,17 @@ def test_containers_name_replicas_by_compose_service_and_keep_the_hostname_as_id
         600: (1, T0 - 60, CLIENT, None, client_id),
         601: (600, T0 - 10, SPAWN, None, client_id),
     }
-    host = table("host", processes, names=DockerNames(str(sock), client_factory=lambda path: docker))
+    host = table("host", processes, names=ContainerNames(API, inspect=docker))
     host.refresh()
     worker = host.describe(601)
     assert (worker.role, worker.replica, worker.identity, worker.container) == ("worker", "client-3", client_id[:12], client_id[:12])
     assert (host.describe(501).role, host.describe(501).replica) == ("server-worker", "server-1")
 
 
-def test_in_compose_the_monitor_records_its_own_project_only(tmp_path):
-    """pid: host shows every process of the host; another project's (or a local run's) stay out."""
-    sock = tmp_path / "docker.sock"
-    sock.touch()
+def test_with_a_run_volume_only_processes_that_see_it_are_the_runs():
+    """pid: host shows every process of the host; another project's (or a local run's), which
+    mount another data volume, stay out. No Docker API is needed to tell them apart."""
     mine, theirs, monitor_id = "a" * 64, "b" * 64, "m" * 64
-
-    def labels(project, service):
-        return {"com.docker.compose.project": project, "com.docker.compose.service": service, "com.docker.compose.container-number": "1"}
-
-    docker = FakeDocker(
-        {
-            mine: {"Name": "/p_client_1", "Config": {"Hostname": "h1", "Labels": labels("p", "client")}},
-            theirs: {"Name": "/q_client_1", "Config": {"Hostname": "h2", "Labels": labels("q", "client")}},
-            monitor_id: {"Name": "/p_gpu-monitor_1", "Config": {"Hostname": "m", "Labels": labels("p", "gpu-monitor")}},
-        }
-    )
     processes = {
         1: (0, T0 - 999, ("/sbin/init",), None, None),
         104: (1, T0 - 60, MONITOR, None, monitor_id),
@@ -268,9 +290,20 @@ def test_in_compose_the_monitor_records_its_own_project_only(tmp_path):
         701: (700, T0 - 10, SPAWN, None, theirs),
         800: (1, T0 - 60, CLIENT, "client-0", None),  # a local run on the host
     }
-    host = table("host", processes, names=DockerNames(str(sock), client_factory=lambda path: docker))
+    host = ProcessTable("host", ContainerNames(None), probe=FakeProbe(processes), self_pid=104, root_pid=100, clock=lambda: T0, run_volume="/data")
+    host.probe.volumes = {600: True, 700: False, 800: False}
     host.refresh()
     assert host.tracked() == [600, 601]
+    assert host.describe(601).replica == mine[:12]  # named by its hostname
+
+
+def test_a_run_volume_that_cannot_be_looked_into_is_said_once(caplog):
+    processes = {1: (0, T0 - 999, ("/sbin/init",), None, None), 600: (1, T0 - 60, CLIENT, None, "a" * 64), 700: (1, T0 - 60, CLIENT, None, "b" * 64)}
+    host = ProcessTable("host", ContainerNames(None), probe=FakeProbe(processes), self_pid=104, root_pid=100, clock=lambda: T0, run_volume="/data")
+    host.probe.volumes = {600: None, 700: None}  # no CAP_SYS_PTRACE
+    host.refresh()
+    assert host.tracked() == []
+    assert sum("CAP_SYS_PTRACE" in r.getMessage() for r in caplog.records) == 1
 
 
 # The process tree of a compose deployment, as /proc shows it with pid: host. Each container
@@ -291,7 +324,7 @@ def compose_docker():
         labels = {"com.docker.compose.project": "bouquet", "com.docker.compose.service": service, "com.docker.compose.container-number": number}
         return {"Name": f"/bouquet-{service}-{number}", "Config": {"Hostname": COMPOSE[replica][:12], "Labels": labels}}
 
-    return FakeDocker({cid: attrs(replica) for replica, cid in COMPOSE.items()})
+    return FakeInspect({cid: attrs(replica) for replica, cid in COMPOSE.items()})
 
 
 def compose_tree(init: bool, workers: tuple[int, ...] = ()):
@@ -346,9 +379,7 @@ class TreeReader:
 
 
 def compose_table(tmp_path, now):
-    sock = tmp_path / "docker.sock"
-    sock.touch()
-    names = DockerNames(str(sock), client_factory=lambda path: compose_docker())
+    names = ContainerNames(API, inspect=compose_docker())
     return ProcessTable("host", names, probe=FakeProbe({}), self_pid=4000, root_pid=930, clock=lambda: now[0])
 
 
@@ -605,6 +636,47 @@ def test_summary_names_the_round_and_replica_that_kept_memory():
     assert verdict["text"].endswith("; also rounds 2")
 
 
+def test_a_resumed_run_is_measured_against_the_baseline_of_its_own_stretch():
+    """`down` / `up` mid-run: a new server and new replicas (other processes, other memory)
+    continue from round 3. Measured against round 1's baseline, every new replica would "hold"
+    its whole client process; each stretch has its own baseline, and a real leak after the
+    restart is still caught. A replica Docker restarts later is measured from its own start."""
+    rec = Recording(source="host")
+
+    def owners(server, a, b, *workers):
+        return [(10 if server else 30, "server", "server", 1 if server else 35, 200 if server else 210), *a, *b, *workers]
+
+    old = ((11, "client", "client-a", 2, 100),), ((12, "client", "client-b", 2, 100),)
+    new = ((31, "client", "client-c", 36, 150),), ((32, "client", "client-d", 36, 150),)
+    rec.add(9, 400, owners(True, *old))
+    rec.add(15, 900, owners(True, *old, (13, "worker", "client-a", 10.5, 250), (14, "worker", "client-b", 10.5, 250)))
+    rec.add(20.1, 400, owners(True, *old))
+    rec.add(39, 510, owners(False, *new))  # the resumed run: new server, new replicas
+    rec.add(45, 1010, owners(False, *new, (33, "worker", "client-c", 40.5, 250), (34, "worker", "client-d", 40.5, 250)))
+    rec.add(50.05, 510, owners(False, *new))
+    restarted = ((31, "client", "client-c", 36, 150),), ((42, "client", "client-d", 52, 170),)  # Docker restarted client-d in round 4
+    rec.add(55, 1030, owners(False, *restarted, (35, "worker", "client-c", 50.5, 250)))
+    rec.add(60.1, 530, owners(False, *restarted))
+    rec.add(61, 530, owners(False, *restarted))
+    rec.add(65, 1030, owners(False, *restarted, (36, "worker", "client-c", 62, 250), (43, "worker", "client-d", 62, 250)))
+    leaky = ((31, "client", "client-c", 36, 150),), ((42, "client", "client-d", 52, 270),)
+    rec.add(70.1, 630, owners(False, *leaky))
+    rounds = [make_round(1, 10, 20), make_round(3, 40, 50), make_round(4, 50.01, 60), make_round(5, 62, 70)]
+
+    summary = summarize(rec.rows, rounds, tolerance_mib=64, restarted_at=[3])
+    by_round = {r["round"]: r for r in summary["rounds"]}
+    assert by_round[1]["residual_per_replica_mib"] == {"client-a": 0.0, "client-b": 0.0, "server": 0.0}
+    assert by_round[3]["residual_mib"] == 0.0
+    assert by_round[3]["residual_per_replica_mib"] == {"client-c": 0.0, "client-d": 0.0, "server": 0.0}
+    assert "client-d" not in by_round[4]["residual_per_replica_mib"]  # restarted during round 4: nothing to compare with
+    assert by_round[5]["residual_per_replica_mib"]["client-d"] == 100.0  # measured from before round 5, its first
+    assert [s["from_round"] for s in summary["stretches"]] == [1, 3]
+    assert summary["verdict"]["ok"] is False and summary["verdict"]["first_failed_round"] == 5
+    assert "client-d held 100 MiB" in summary["verdict"]["text"]
+    # Without the restart, the device as a whole is measured against round 1's processes.
+    assert summarize(rec.rows, rounds, tolerance_mib=64)["rounds"][1]["residual_mib"] == 110.0
+
+
 def test_a_worker_still_alive_after_its_round_fails_the_verdict():
     rec = Recording()
     rec.add(9, 500)
@@ -795,8 +867,29 @@ def test_sampler_rows_reach_the_disk_before_close_and_relabel_fills_rounds(tmp_p
     out.close()
     csvlog.relabel(tmp_path / "memory.csv", rounds.refresh())
     assert [(r["round"], r["phase"]) for r in csvlog.read_rows(tmp_path / "memory.csv")][-1] == (1, "after")
-    with pytest.raises(FileExistsError):
-        csvlog.MemoryCsv(tmp_path / "memory.csv")
+
+
+def test_a_second_monitor_continues_memory_csv_where_the_first_stopped_and_drops_its_cut_row(tmp_path):
+    """A resumed run (or a restarted monitor) goes on in the same file: one header, sample
+    numbers and elapsed time continuing, and a row the first monitor's death cut in half gone."""
+    path = tmp_path / "memory.csv"
+    first = csvlog.MemoryCsv(path)
+    assert first.continuation is None
+    first.write([{"time": iso(T0 + s), "elapsed_s": float(s), "sample": s, "kind": "device", "device": "host", "memory_mib": 100.0} for s in range(3)])
+    first.close()
+    with open(path, "a") as crashed:
+        crashed.write(iso(T0 + 3) + ",3.000,3,,,dev")  # killed mid-row
+    second = csvlog.MemoryCsv(path)
+    assert second.continuation == csvlog.Continuation(next_sample=3, first_t=T0)
+    live = table("launcher", recorded_host())
+    clock = iter([T0 + 10])
+    sampler = Sampler(RecordedReader([Reading([DeviceReading("host", "host", 90.0, 1000.0)], [])]), live, RoundLog(tmp_path / "metrics.jsonl"), second.write,
+                      interval=0.2, clock=lambda: next(clock), first_sample=3, first_t=T0)
+    sampler.sample_once()
+    second.close()
+    rows = csvlog.read_rows(path)
+    assert [(r["sample"], r["elapsed_s"]) for r in rows] == [(0, 0.0), (1, 1.0), (2, 2.0), (3, 10.0)]
+    assert path.read_text().count("time,elapsed_s") == 1
 
 
 def free_port():
@@ -865,11 +958,26 @@ def fake_run(folder: Path, rounds=1):
             out.write(json.dumps({"round": number, "started_at": iso(time.time() - 1), "ended_at": iso(time.time()), "accuracy": 0.5, "loss": 1.0, "round_seconds": 1.0}) + "\n")
 
 
+def samples_in(run: Path) -> int:
+    """Samples on disk so far (the monitor writes whole samples, flushed, as it goes)."""
+    try:
+        return len({row["sample"] for row in csvlog.read_rows(run / "memory.csv")})
+    except (FileNotFoundError, KeyError, ValueError):
+        return 0
+
+
+def wait_for_samples(run: Path, count: int, process: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while samples_in(run) < count:
+        assert process.poll() is None, process.communicate()[0]
+        assert time.monotonic() < deadline, f"fewer than {count} samples in {timeout:g} s"
+        time.sleep(0.05)
+
+
 def test_monitor_follows_a_new_run_folder_and_stops_when_the_run_ends(tmp_path):
-    process = monitor("--results-dir", str(tmp_path), "--monitor-source", "host", "--monitor-interval", "0.05", "--docker-socket", "")
-    time.sleep(1.5)
-    fake_run(tmp_path / "run-a")
-    time.sleep(1.0)
+    process = monitor("--results-dir", str(tmp_path), "--monitor-source", "host", "--monitor-interval", "0.05")
+    fake_run(tmp_path / "run-a")  # appears after the monitor started: it finds it by itself
+    wait_for_samples(tmp_path / "run-a", 5, process)
     (tmp_path / "run-a" / "summary.json").write_text(json.dumps({"status": "completed"}))
     output, _ = process.communicate(timeout=30)
     assert process.returncode == 0, output
@@ -882,11 +990,8 @@ def test_monitor_follows_a_new_run_folder_and_stops_when_the_run_ends(tmp_path):
 
 def test_monitor_writes_its_summary_on_sigterm(tmp_path):
     fake_run(tmp_path / "run-b")
-    process = monitor("--results-dir", str(tmp_path), "--run-id", "run-b", "--monitor-source", "host", "--monitor-interval", "0.05", "--docker-socket", "")
-    deadline = time.monotonic() + 30
-    while not (tmp_path / "run-b" / "memory.csv").exists() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    time.sleep(0.5)
+    process = monitor("--results-dir", str(tmp_path), "--run-id", "run-b", "--monitor-source", "host", "--monitor-interval", "0.05")
+    wait_for_samples(tmp_path / "run-b", 2, process)
     process.send_signal(signal.SIGTERM)
     output, _ = process.communicate(timeout=30)
     assert process.returncode == 0, output
@@ -898,13 +1003,70 @@ def test_monitor_writes_its_summary_on_sigterm(tmp_path):
 def test_following_picks_the_running_run_not_finished_or_recorded_ones(tmp_path):
     from services.monitor.follow import running_runs
 
+    from services.monitor.follow import recording_lock
+
     for name in ("done", "recorded", "old", "running"):
         (tmp_path / name).mkdir()
     (tmp_path / "done" / "summary.json").write_text("{}")
-    (tmp_path / "recorded" / "memory.csv").write_text("")
+    lock = recording_lock(tmp_path / "recorded")  # a live monitor records it
+    assert lock.acquire()
+    assert not recording_lock(tmp_path / "recorded").acquire()
     os.utime(tmp_path / "old", (time.time() - 3600, time.time() - 3600))  # a crashed run from an hour ago
     (tmp_path / ".hidden.logs").mkdir()
-    assert running_runs(tmp_path, since=time.time() - 60) == [tmp_path / "running"]
+    try:
+        assert running_runs(tmp_path, since=time.time() - 60) == [tmp_path / "running"]
+    finally:
+        lock.release()
+    os.utime(tmp_path / "running", (time.time() - 30, time.time() - 30))
+    (tmp_path / "recorded" / "memory.csv").write_text("time\n")  # its monitor is gone: a resumed run to follow again
+    assert running_runs(tmp_path, since=time.time() - 60) == [tmp_path / "recorded", tmp_path / "running"]
+
+
+def test_a_new_monitor_follows_a_resumed_run_into_the_same_records(tmp_path):
+    """The server was stopped (summary "interrupted"): the monitor keeps recording. Then the
+    monitor itself is stopped, and the server resumes the run (its summary removed, as
+    RunFolder.reopen does): a monitor started again finds that folder, continues memory.csv and
+    summarises both sessions and the server's restart."""
+    run = tmp_path / "run-r"
+    first = monitor("--results-dir", str(tmp_path), "--monitor-source", "host", "--monitor-interval", "0.05")
+    fake_run(run)
+
+    def last_sample() -> int:
+        rows = csvlog.read_rows(run / "memory.csv") if (run / "memory.csv").exists() else []
+        return max((row["sample"] for row in rows), default=-1)
+
+    deadline = time.monotonic() + 30
+    while last_sample() < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    (run / "summary.json").write_text(json.dumps({"status": "interrupted"}))
+    interrupted_at = last_sample()
+    while last_sample() < interrupted_at + 10:  # 0.5 s of samples after the server stopped
+        assert time.monotonic() < deadline and first.poll() is None, "the monitor ended with the server"
+        time.sleep(0.1)
+    first.send_signal(signal.SIGTERM)
+    output, _ = first.communicate(timeout=30)
+    assert first.returncode == 0, output
+    assert "still recording, for when the run resumes" in output
+    samples_before = last_sample()
+
+    (run / "summary.json").unlink()  # the server resumes the run
+    (run / "state.json").write_text(json.dumps({"restarts": [{"at": iso(time.time()), "from_round": 2, "previous_status": "interrupted"}]}))
+    second = monitor("--results-dir", str(tmp_path), "--monitor-source", "host", "--monitor-interval", "0.05")
+    deadline = time.monotonic() + 30
+    while last_sample() < samples_before + 3:
+        assert time.monotonic() < deadline and second.poll() is None
+        time.sleep(0.1)
+    (run / "summary.json").write_text(json.dumps({"status": "completed"}))
+    output, _ = second.communicate(timeout=30)
+    assert second.returncode == 0, output
+    assert "continuing the recording of run run-r" in output
+    samples = [row["sample"] for row in csvlog.read_rows(run / "memory.csv")]
+    assert samples == sorted(samples) and samples_before + 1 in samples
+    summary = json.loads((run / "memory_summary.json").read_text())
+    sessions = summary["monitor"]["sessions"]
+    assert [s["first_sample"] for s in sessions] == [0, samples_before + 1]
+    assert summary["run_status"] == "completed" and summary["run_restarts"][0]["from_round"] == 2
 
 
 def test_monitor_gives_up_when_the_run_folder_never_appears(tmp_path):
@@ -957,10 +1119,11 @@ def test_report_command_line_says_what_is_missing(tmp_path, command):
 def end_of_run(run: Path):
     """What finish() needs of a recording that just stopped: settings, reader, sampler, CSV."""
     from services.monitor.host import HostReader
+    from services.settings import MonitorSettings
 
-    settings = SimpleNamespace(residual_tolerance_mib=64.0, monitor_scope="launcher", monitor_interval=0.2)
+    settings = MonitorSettings(residual_tolerance_mib=64.0, monitor_scope="launcher", monitor_interval=0.2)
     reader = HostReader(Tracked([]), interval=0.2)
-    sampler = SimpleNamespace(samples=9, busy_s=0.01, max_busy_s=0.002, errors=0)
+    sampler = SimpleNamespace(samples=9, first_sample=0, busy_s=0.01, max_busy_s=0.002, errors=0)
     csv_out = SimpleNamespace(path=run / "memory.csv", rows_written=20)
     return settings, run, reader, sampler, csv_out
 
@@ -1015,7 +1178,8 @@ def test_gpu_check_puts_the_two_modes_side_by_side():
     assert lines[0] == "| | worker ×2 | inprocess ×2 |"
     assert "| held after round 2 (MiB) | 2 | 1200 |" in lines
     assert lines[-1] == "| verdict | ok | not ok |"
-    assert gpu_check.client_counts("2,4") == [2, 4]
+    options, extra = gpu_check.parse(["--clients", "2,4", "--", "--seed", "1"])
+    assert (options.clients, extra) == ([2, 4], ["--seed", "1"])
 
 
 def test_gpu_check_without_a_gpu_says_so():
@@ -1073,4 +1237,5 @@ def test_local_run_with_monitor_shows_workers_coming_and_going(tmp_path):
     assert summary["verdict"]["ok"] is True, summary["verdict"]
     assert "report_error" not in summary and summary.get("host_memory", {"measure": "pss"})["measure"] == "pss"
     page = (run / "report.html").read_text()  # written by the monitor: no second step
-    assert page.count("data:image/png;base64,") == 3 and summary["verdict"]["text"] in page
+    # memory, accuracy and loss, round time, and the workers holding a slot per device
+    assert page.count("data:image/png;base64,") == 4 and "Workers per device" in page and summary["verdict"]["text"] in page

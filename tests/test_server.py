@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 from flwr.common import Code, GetPropertiesRes, Status, ndarrays_to_parameters
 import numpy as np
 
 from services import protocol, worker
 from services.server.flower import BouquetStrategy, ConnectedClients
 from services.server.results import RoundRecorder, RunFolder
+from services.settings import ServerSettings
 
 
 class FakeProxy:
@@ -73,7 +72,7 @@ class FailingEvaluator:
 def test_failed_central_evaluation_is_recorded_and_the_run_goes_on(tmp_path):
     folder = RunFolder(tmp_path, "run")
     recorder = RoundRecorder(folder)
-    settings = SimpleNamespace(fraction_fit=1.0, min_fit_clients=1, min_clients=1, client_eval=False, seed=0, strategy="fedavg", strategy_args={})
+    settings = ServerSettings(fraction_fit=1.0, min_fit_clients=1, min_clients=1, client_eval=False, seed=0, strategy="fedavg", strategy_args={})
     strategy = BouquetStrategy(
         spec=None, settings=settings, membership=None, clients=None, recorder=recorder, evaluator=FailingEvaluator()
     )
@@ -83,3 +82,17 @@ def test_failed_central_evaluation_is_recorded_and_the_run_goes_on(tmp_path):
     recorder.commit(record)
     assert record["accuracy"] is None and "out of GPU memory" in record["evaluation_error"]
     assert folder.metrics_path.read_text().count("\n") == 1
+
+
+def test_sampling_depends_on_the_round_alone_so_a_resumed_run_samples_as_the_uninterrupted_one():
+    """fraction_fit < 1: a restarted server must not start the sampling stream again (it would
+    pick round 1's clients for round 3 after a restart at round 3)."""
+    from services.server.flower import sample_for_round
+    from services.server.membership import Holder
+
+    holders = [Holder(f"cid{p}", f"id{p}", p) for p in range(10)]
+    picks = {r: [h.partition for h in sample_for_round(holders, 3, seed=7, server_round=r)] for r in range(1, 9)}
+    assert all(len(p) == 3 and p == sorted(p) for p in picks.values())
+    # the same round after a restart: same picks, whatever order the clients reconnected in
+    assert [h.partition for h in sample_for_round(list(reversed(holders)), 3, seed=7, server_round=5)] == picks[5]
+    assert len({tuple(p) for p in picks.values()}) > 1, "every round picked the same clients"

@@ -49,7 +49,7 @@ BAD_SERVER_VALUES = [
 
 
 def parse_server(argv, environ=None):
-    return settings.parse(settings.SERVER, argv, environ or {}, program="services.server", validate=validate)
+    return settings.parse(settings.ServerSettings, argv, environ or {}, program="services.server", validate=validate)
 
 
 @pytest.mark.parametrize("argv, env_name, allowed", BAD_SERVER_VALUES)
@@ -87,7 +87,7 @@ def test_good_addresses(good):
 def test_client_bad_settings_exit_2(capsys):
     for argv, env_name in [(["--server-address", "server"], "FL_SERVER_ADDRESS"), (["--connect-timeout", "0"], "FL_CONNECT_TIMEOUT"), (["--client-id", "a b"], "FL_CLIENT_ID")]:
         with pytest.raises(SystemExit) as exit_info:
-            settings.parse(settings.CLIENT, argv, {}, program="services.client")
+            settings.parse(settings.ClientSettings, argv, {}, program="services.client")
         assert exit_info.value.code == 2
         assert env_name in capsys.readouterr().err
 

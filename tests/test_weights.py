@@ -12,7 +12,7 @@ from services.taskspec import TaskSpec
 
 
 def spec(model: str, dataset: str = "digits") -> TaskSpec:
-    return TaskSpec(dataset, model, 1, 16, 0.05, "iid", 0.5, 0, 100, 60.0)
+    return TaskSpec(dataset=dataset, model=model, local_epochs=1, batch_size=16, synthetic_samples=100, worker_timeout=60.0)
 
 
 def build_model(spec: TaskSpec) -> torch.nn.Module:
@@ -34,7 +34,7 @@ def test_model_weights_round_trip(model, dataset):
 
 def test_initial_weights_are_seeded():
     first, again = task.initial_weights(spec("digits-cnn")), task.initial_weights(spec("digits-cnn"))
-    other = task.initial_weights(TaskSpec("digits", "digits-cnn", 1, 16, 0.05, "iid", 0.5, 1, 100, 60.0))
+    other = task.initial_weights(TaskSpec(dataset="digits", model="digits-cnn", local_epochs=1, batch_size=16, seed=1, synthetic_samples=100, worker_timeout=60.0))
     assert all(np.array_equal(a, b) for a, b in zip(first, again))
     assert not all(np.array_equal(a, b) for a, b in zip(first, other))
 

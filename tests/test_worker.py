@@ -10,6 +10,7 @@ import psutil
 import pytest
 
 from services import worker
+from services.monitor.processes import is_worker_process
 
 
 def no_children_left() -> bool:
@@ -57,14 +58,6 @@ def test_failures_name_their_cause_and_leave_no_process(job, kwargs, timeout, ca
     assert no_children_left()
 
 
-def is_worker(process: psutil.Process) -> bool:
-    """A spawned worker (spawn_main, not the forkserver itself) or a child of the forkserver."""
-    cmdline = " ".join(process.cmdline())
-    parent = process.parent()
-    forked = parent is not None and "forkserver" in " ".join(parent.cmdline())
-    return forked or ("spawn_main" in cmdline and "forkserver" not in cmdline)
-
-
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("start_method", ["spawn", "forkserver"])
 def test_worker_killed_while_receiving_large_inputs_does_not_hang_the_caller(start_method):
@@ -79,7 +72,7 @@ def test_worker_killed_while_receiving_large_inputs_does_not_hang_the_caller(sta
         while time.monotonic() < deadline:
             try:  # listing children races with processes exiting: psutil may raise, so just look again
                 for child in me.children(recursive=True):
-                    if child.pid not in before and is_worker(child):
+                    if child.pid not in before and is_worker_process(child):
                         child.kill()
                         return
             except psutil.Error:

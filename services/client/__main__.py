@@ -3,21 +3,22 @@
 from __future__ import annotations
 
 import logging
-import socket
 import sys
 
-from services import logs, roster, worker
+from services import logs, roster, tls, worker
 from services import settings as settings_module
 from services.client.connect import ServerUnreachable, wait_for_server
+from services.client.identity import identity as client_identity
+from services.settings import ClientSettings
 from services.taskspec import Placement
 
 log = logging.getLogger("bouquet.client")
 
 
 def main(argv: list[str] | None = None) -> int:
-    settings = settings_module.parse(settings_module.CLIENT, argv, program="services.client", description=__doc__)
+    settings = settings_module.parse(ClientSettings, argv, program="services.client", description=__doc__, validate=validate)
     logs.setup()
-    identity = settings.client_id or socket.gethostname()
+    identity = client_identity(settings.client_id, settings.identity_source)
     # First, before any slow import: the server settles the federation's size on the replicas
     # that announced themselves (services.roster).
     announcement = roster.announce(settings.data_dir, identity)
@@ -28,13 +29,20 @@ def main(argv: list[str] | None = None) -> int:
             announcement.close()
 
 
-def serve(settings, identity: str) -> int:
+def validate(values: ClientSettings) -> ClientSettings:
+    if values.tls_dir is not None:
+        tls.client_ca(values.tls_dir)
+    return values
+
+
+def serve(settings: ClientSettings, identity: str) -> int:
     """Serve rounds until the server says the run is over. A lost server is waited for again
     (FL_CONNECT_TIMEOUT, with backoff): a restarted server resumes the run, and this client
     rejoins under the same identity, so with the same partition."""
     from services.client import flower  # imported late: validation comes first
 
-    client = flower.WorkerClient(identity, Placement(settings.data_dir, settings.device, settings.torch_threads), settings.worker_start, admitting=settings)
+    client = flower.WorkerClient(identity, Placement.from_settings(settings), settings.worker_start, admitting=settings)
+    ca = tls.client_ca(settings.tls_dir) if settings.tls_dir else None
     prestarted = False
     while True:
         try:
@@ -42,12 +50,16 @@ def serve(settings, identity: str) -> int:
         except ServerUnreachable as problem:
             log.error("%s", problem)
             return 1
+        mismatch = tls.mismatch(settings.server_address, ca)
+        if mismatch is not None:  # gRPC would retry this until the timeout and then say UNAVAILABLE
+            log.error("%s", mismatch)
+            return 1
         if not prestarted:
             worker.prestart(settings.worker_start)  # the forkserver imports torch now, not in round 1
             prestarted = True
-        log.info("client %s connecting to %s (workers: %s)", identity, settings.server_address, settings.worker_start)
+        log.info("client %s connecting to %s (%s, workers: %s)", identity, settings.server_address, "TLS" if ca else "plaintext", settings.worker_start)
         try:
-            flower.run(settings.server_address, client, settings.connect_timeout)
+            flower.run(settings.server_address, client, settings.connect_timeout, ca)
         except KeyboardInterrupt:
             return 130
         except Exception as problem:  # the connection broke: the server died or restarts

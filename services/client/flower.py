@@ -28,13 +28,14 @@ from flwr.common import (
 
 from services import protocol, worker
 from services.admission import config as admission_config, retry
+from services.settings import LocalSettings
 from services.taskspec import Placement, TaskSpec
 
 log = logging.getLogger("bouquet.client")
 
 
 class WorkerClient(Client):
-    def __init__(self, identity: str, placement: Placement, start_method: str, admitting: Any = None) -> None:
+    def __init__(self, identity: str, placement: Placement, start_method: str, admitting: LocalSettings | None = None) -> None:
         """``admitting``: the settings that admit workers to slots (worker_slots, worker_memory_mib,
         slots_dir, data_dir, device); None runs workers without admission."""
         self.identity = identity
@@ -120,9 +121,11 @@ def admission_metrics(result: worker.WorkerResult, retried: bool) -> dict[str, A
     return {**{key: admitted[key] for key in keep if admitted.get(key) is not None}, "retried_after_oom": retried}
 
 
-def run(server_address: str, client: WorkerClient, reconnect_timeout: float) -> None:
-    """Serve the server's rounds until it says the run is over."""
-    start_client(server_address=server_address, client=client, insecure=True, max_wait_time=reconnect_timeout)
+def run(server_address: str, client: WorkerClient, reconnect_timeout: float, ca: bytes | None) -> None:
+    """Serve the server's rounds until it says the run is over (over TLS when ``ca`` is given)."""
+    start_client(
+        server_address=server_address, client=client, insecure=ca is None, root_certificates=ca, max_wait_time=reconnect_timeout
+    )
 
 
 def describe_loss(problem: Exception) -> str:

@@ -2,8 +2,10 @@
 
 Samples GPU memory through NVML (or, without a GPU, the PSS of the run's processes) every
 --monitor-interval seconds into <run folder>/memory.csv, attributing every process to its
-replica and every sample to its round. When the server writes summary.json (the run is over),
-or on SIGTERM / Ctrl-C, it writes memory_summary.json, then report.html, and exits 0.
+replica and every sample to its round. When the server writes summary.json (the run is over;
+a server stopped by a signal writes "interrupted" and is followed into its resume), or on
+SIGTERM / Ctrl-C, it writes memory_summary.json, then report.html, and exits 0. A monitor
+started for a run that an earlier monitor recorded continues its memory.csv.
 """
 
 from __future__ import annotations
@@ -20,20 +22,22 @@ from typing import Any
 
 from services import logs
 from services import settings as settings_module
-from services.monitor.containers import DockerNames
+from services.monitor.containers import ContainerNames
 from services.monitor.csvlog import MemoryCsv, read_rows, relabel
-from services.monitor.follow import wait_for_run_folder
+from services.monitor.follow import recording_lock, wait_for_run_folder
 from services.monitor.host import HostReader
 from services.monitor.nvml import NvmlUnavailable, open_nvml
 from services.monitor.processes import ProcessTable
 from services.monitor.readings import MemoryReader
 from services.monitor.rounds import RoundLog
 from services.monitor.sampler import Sampler
+from services.settings import MonitorSettings
 from services.monitor.summary import summarize
-from services.files import write_json_atomically
+from services.files import METRICS, write_json_atomically
 
 log = logging.getLogger("bouquet.monitor")
 PROGRAM = "services.monitor"
+INTERRUPTED = "interrupted"  # summary.json of a server stopped by a signal (services.server)
 
 
 def choose_reader(source: str, table: ProcessTable, interval: float) -> MemoryReader:
@@ -65,13 +69,13 @@ def open_exporter(port: int | None) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    settings = settings_module.parse(settings_module.MONITOR, argv, program=PROGRAM, description=__doc__)
+    settings = settings_module.parse(MonitorSettings, argv, program=PROGRAM, description=__doc__)
     logs.setup()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
 
-    table = ProcessTable(settings.monitor_scope, DockerNames(settings.docker_socket))
+    table = ProcessTable(settings.monitor_scope, ContainerNames(settings.docker_api), run_volume=settings.run_volume)
     reader = choose_reader(settings.monitor_source, table, settings.monitor_interval)
     exporter = None
     try:
@@ -82,34 +86,50 @@ def main(argv: list[str] | None = None) -> int:
             wanted = f"{results_dir / settings.run_id}" if settings.run_id else f"a new run folder under {results_dir}"
             log.error("gave up: %s did not appear within %g s (FL_RUN_WAIT)", wanted, settings.run_wait)
             return 1
+        lock = recording_lock(run_path)
+        if not lock.acquire():
+            log.error("%s is being recorded by another monitor", run_path)
+            return 1
         try:
             csv_out = MemoryCsv(run_path / "memory.csv")
-        except FileExistsError:
-            log.error("%s already exists: this run was recorded by another monitor", run_path / "memory.csv")
-            return 1
-        give_to_folder_owner(csv_out.path)
-        return record(settings, run_path, reader, table, csv_out, exporter, stop)
+            give_to_folder_owner(csv_out.path)
+            return record(settings, run_path, reader, table, csv_out, exporter, stop)
+        finally:
+            lock.release()
     finally:
         reader.close()
         if exporter is not None:
             exporter.close()
 
 
-def record(settings: Any, run_path: Path, reader: MemoryReader, table: ProcessTable, csv_out: MemoryCsv, exporter: Any, stop: threading.Event) -> int:
-    rounds = RoundLog(run_path / "metrics.jsonl")
+def record(settings: MonitorSettings, run_path: Path, reader: MemoryReader, table: ProcessTable, csv_out: MemoryCsv, exporter: Any, stop: threading.Event) -> int:
+    rounds = RoundLog(run_path / METRICS)
 
     def write(rows: list[dict[str, Any]]) -> None:
         csv_out.write(rows)
         if exporter is not None:
             exporter.update(rows, len(rounds.rounds))
 
-    sampler = Sampler(reader, table, rounds, write, settings.monitor_interval)
+    continued = csv_out.continuation
+    sampler = Sampler(
+        reader, table, rounds, write, settings.monitor_interval,
+        first_sample=continued.next_sample if continued else 0, first_t=continued.first_t if continued else None,
+    )
+    if continued:
+        log.info("continuing the recording of run %s from sample %d (the run resumed, or its monitor was restarted)", run_path.name, continued.next_sample)
     log.info("recording %s memory of run %s every %g s (scope %s) into %s", reader.source, run_path.name, settings.monitor_interval, settings.monitor_scope, csv_out.path)
     sampler.start()
     ended = "stopped by signal"
+    interrupted_seen = False
     try:
         while not stop.wait(0.2):
             if (run_path / "summary.json").exists():
+                if _read_json(run_path / "summary.json").get("status") == INTERRUPTED:
+                    # The server was stopped, not the run: it resumes when the server starts again.
+                    if not interrupted_seen:
+                        log.info("the server stopped (summary: interrupted); still recording, for when the run resumes")
+                    interrupted_seen = True
+                    continue
                 ended = "the run ended"
                 seen = time.time()  # one more sample after the end, so the last round has its "after" sample
                 deadline = time.monotonic() + 5 * settings.monitor_interval + 1
@@ -124,18 +144,20 @@ def record(settings: Any, run_path: Path, reader: MemoryReader, table: ProcessTa
     return 0
 
 
-def finish(settings: Any, run_path: Path, reader: MemoryReader, sampler: Sampler, csv_out: MemoryCsv) -> dict[str, Any]:
-    rounds = RoundLog(run_path / "metrics.jsonl").refresh()
+def finish(settings: MonitorSettings, run_path: Path, reader: MemoryReader, sampler: Sampler, csv_out: MemoryCsv) -> dict[str, Any]:
+    rounds = RoundLog(run_path / METRICS).refresh()
     relabel(csv_out.path, rounds)
     give_to_folder_owner(csv_out.path)  # the relabelled file is a new file
     rows = read_rows(csv_out.path)
-    summary = summarize(rows, rounds, settings.residual_tolerance_mib)
+    restarts = _read_json(run_path / "state.json").get("restarts", [])  # the server's, from the run's own state
+    summary = summarize(rows, rounds, settings.residual_tolerance_mib, restarted_at=[restart["from_round"] for restart in restarts])
     run_summary = run_path / "summary.json"
     summary.update(
         run_id=run_path.name,
         source=reader.source,
         scope=settings.monitor_scope,
-        run_status=_run_status(run_summary),
+        run_status=_read_json(run_summary).get("status"),
+        run_restarts=restarts,
         monitor={
             "interval_s": settings.monitor_interval,
             "samples": sampler.samples,
@@ -144,6 +166,7 @@ def finish(settings: Any, run_path: Path, reader: MemoryReader, sampler: Sampler
             "max_sample_ms": round(1000 * sampler.max_busy_s, 2),
             "failed_samples": sampler.errors,
             "cpu_seconds": round(sum(os.times()[:2]), 2),  # the monitor's own CPU time, start-up included
+            "sessions": sessions(run_path, sampler),
         },
     )
     summary.update(reader.facts())  # devices; on the host, which measure (PSS, RSS) the numbers are
@@ -182,11 +205,21 @@ def give_to_folder_owner(path: Path) -> None:
         os.chown(path, folder.st_uid, folder.st_gid)
 
 
-def _run_status(path: Path) -> str | None:
+def sessions(run_path: Path, sampler: Sampler) -> list[dict[str, Any]]:
+    """Every monitor that recorded this run, oldest first: more than one when the run resumed
+    after its server stopped, or the monitor itself was restarted (memory.csv goes on)."""
+    earlier = _read_json(run_path / "memory_summary.json").get("monitor", {}).get("sessions") or []
+    earlier = [session for session in earlier if session["first_sample"] < sampler.first_sample]
+    if sampler.first_sample > 0 and not earlier:  # the earlier monitor died before writing its summary
+        earlier = [{"first_sample": 0, "samples": sampler.first_sample}]
+    return [*earlier, {"first_sample": sampler.first_sample, "samples": sampler.samples}]
+
+
+def _read_json(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text()).get("status")
+        return json.loads(path.read_text())
     except (OSError, ValueError):
-        return None
+        return {}
 
 
 if __name__ == "__main__":

@@ -1,19 +1,29 @@
-"""Which container a host PID runs in (its cgroup) and what that container is called (Docker).
+"""Which container a host PID runs in, and what to call it, without the keys to the host.
 
 With ``pid: host`` the monitor sees every process of the host. /proc/<pid>/cgroup names the
 container by its 64-hex id (cgroup v1 ``/docker/<id>``, v2 ``/system.slice/docker-<id>.scope``,
-containerd ``cri-containerd-<id>.scope``, or ``/../<id>`` across cgroup namespaces). The Docker
-API, reached through the socket mounted into the monitor only, turns the id into the compose
-service and replica number, and the hostname a replica uses as its client identity.
+containerd ``cri-containerd-<id>.scope``, or ``/../<id>`` across cgroup namespaces), and the
+container's own /etc/hostname, read through /proc/<pid>/root, is the identity a replica
+reports to the server (its hostname: the short container id in compose, the pod name in
+Kubernetes). Both need only CAP_SYS_PTRACE, never the Docker API.
+
+Compose's own names (``client-3``) live only in Docker's labels. A user who wants them runs the
+inspect-only proxy (services.monitor.inspect_proxy: compose service docker-names, COMPOSE_PROFILES=names) and sets
+``FL_DOCKER_API``: the monitor then asks it ``GET /containers/<id>/json``, the one call the
+proxy lets through, once per container.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
+import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
 log = logging.getLogger("bouquet.monitor")
 
@@ -39,74 +49,96 @@ def read_container_id(pid: int, proc: str = "/proc") -> str | None:
         return None
 
 
+def read_hostname(pid: int, proc: str = "/proc") -> str | None:
+    """The hostname of the container ``pid`` runs in (its /etc/hostname), or None when it cannot
+    be read (the process exited, or the monitor lacks CAP_SYS_PTRACE)."""
+    try:
+        with open(os.path.join(proc, str(pid), "root", "etc", "hostname")) as hostname:
+            return hostname.read().strip() or None
+    except OSError:
+        return None
+
+
 @dataclass(frozen=True)
 class Container:
     id: str
-    name: str | None = None
+    hostname: str | None = None  # what a client replica reports as its identity
+    name: str | None = None  # the rest only through FL_DOCKER_API
     service: str | None = None  # com.docker.compose.service
     number: str | None = None  # com.docker.compose.container-number
-    hostname: str | None = None  # what a client replica reports as its identity
-    project: str | None = None  # com.docker.compose.project
+
+    @property
+    def named(self) -> bool:
+        """Whether Docker gave its compose names (reads better than a hostname)."""
+        return self.service is not None or self.name is not None
 
     @property
     def replica(self) -> str:
         if self.service and self.number:
             return f"{self.service}-{self.number}"
-        return self.name or self.id[:12]
+        return self.name or self.hostname or self.id[:12]
 
 
-def _docker_client(socket_path: str) -> Any:
-    import docker  # the SDK is needed only where the socket is mounted
+def inspect_over_http(api: str, container_id: str) -> dict:
+    """``GET <api>/containers/<id>/json``: the only Docker call the monitor makes, and only
+    to the inspect-only proxy the user set up."""
+    with urllib.request.urlopen(f"{api.rstrip('/')}/containers/{container_id}/json", timeout=3) as response:
+        return json.load(response)
 
-    return docker.DockerClient(base_url=f"unix://{socket_path}", timeout=3)
 
+class ContainerNames:
+    """Describes each container once: its hostname from /proc, and with ``docker_api`` set,
+    its compose names from Docker's labels. An API that does not answer (the proxy still
+    starting, or not started) is said once and asked again after RETRY_S; containers described
+    meanwhile are described again then."""
 
-class DockerNames:
-    """Names containers through the Docker API, once per container; without the socket, by short id.
+    RETRY_S = 30.0
 
-    Only ``inspect`` (GET) calls are made.
-    """
-
-    def __init__(self, socket_path: str | None, client_factory: Callable[[str], Any] = _docker_client) -> None:
-        self.socket_path = socket_path
-        self._factory = client_factory
-        self._client: Any = None
-        self._disabled = socket_path is None
+    def __init__(
+        self, docker_api: str | None = None, inspect: Callable[[str, str], dict] = inspect_over_http, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.docker_api = docker_api
+        self._inspect = inspect
+        self._clock = clock
         self._known: dict[str, Container] = {}
+        self._unnamed: set[str] = set()  # described while the API did not answer
+        self._failed_at: float | None = None
 
-    def lookup(self, container_id: str) -> Container:
-        if container_id not in self._known:
-            self._known[container_id] = self._ask(container_id)
+    def lookup(self, container_id: str, hostname: Callable[[], str | None]) -> Container:
+        """``hostname`` reads it from one of the container's processes (called once per container)."""
+        known = self._known.get(container_id)
+        if known is not None and not (container_id in self._unnamed and self._api_ready()):
+            return known
+        self._unnamed.discard(container_id)
+        labels = self._labels(container_id)
+        if labels is None:
+            self._unnamed.add(container_id)
+        self._known[container_id] = Container(container_id, known.hostname if known else hostname(), **(labels or {}))
         return self._known[container_id]
 
-    def _ask(self, container_id: str) -> Container:
-        client = self._connect()
-        if client is None:
-            return Container(container_id)
-        try:
-            attrs = client.containers.get(container_id).attrs
-        except Exception as error:  # a container that already went away, or an API error
-            log.warning("Docker could not describe container %s: %s", container_id[:12], error)
-            return Container(container_id)
-        labels = (attrs.get("Config") or {}).get("Labels") or {}
-        return Container(
-            container_id,
-            name=(attrs.get("Name") or "").lstrip("/") or None,
-            service=labels.get("com.docker.compose.service"),
-            number=labels.get("com.docker.compose.container-number"),
-            hostname=(attrs.get("Config") or {}).get("Hostname"),
-            project=labels.get("com.docker.compose.project"),
-        )
+    def _api_ready(self) -> bool:
+        return self.docker_api is not None and (self._failed_at is None or self._clock() - self._failed_at >= self.RETRY_S)
 
-    def _connect(self) -> Any:
-        if self._client is None and not self._disabled:
-            if not os.path.exists(self.socket_path):
-                log.warning("no Docker socket at %s: containers are named by their short id", self.socket_path)
-                self._disabled = True
-                return None
-            try:
-                self._client = self._factory(self.socket_path)
-            except Exception as error:
-                log.warning("cannot use the Docker socket %s (%s): containers are named by their short id", self.socket_path, error)
-                self._disabled = True
-        return self._client
+    def _labels(self, container_id: str) -> dict[str, str | None] | None:
+        """Compose names from the API; {} when it has none for this container; None when it did not answer."""
+        if self.docker_api is None:
+            return {}
+        if not self._api_ready():
+            return None
+        try:
+            attrs = self._inspect(self.docker_api, container_id)
+        except urllib.error.HTTPError as error:  # e.g. a container that already went away
+            log.warning("FL_DOCKER_API %s could not describe container %s: HTTP %s", self.docker_api, container_id[:12], error.code)
+            return {}
+        except (OSError, ValueError) as error:
+            if self._failed_at is None:
+                log.warning("FL_DOCKER_API %s does not answer (%s): replicas are named by their hostnames until it does", self.docker_api, error)
+            self._failed_at = self._clock()
+            return None
+        config = attrs.get("Config") or {}
+        labels = config.get("Labels") or {}
+        return {
+            "name": (attrs.get("Name") or "").lstrip("/") or None,
+            "service": labels.get("com.docker.compose.service"),
+            "number": labels.get("com.docker.compose.container-number"),
+        }

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -40,13 +41,26 @@ INTS = ("sample", "round", "pid", "ppid")
 SYNC_EVERY_S = 1.0
 
 
+@dataclass(frozen=True)
+class Continuation:
+    """Where an earlier monitor of the same run stopped: the next sample number, and the time
+    elapsed_s counts from (the first sample's)."""
+
+    next_sample: int
+    first_t: float
+
+
 class MemoryCsv:
     def __init__(self, path: Path) -> None:
-        """Refuses to append to an existing file: another monitor already recorded this run."""
+        """A new file, or the end of the one an earlier monitor of this run left (a resumed run,
+        or a monitor that was restarted): a row cut by that monitor's death is dropped and the
+        samples go on from where it stopped (``continuation``)."""
         self.path = Path(path)
-        self._file = open(self.path, "x", newline="")
+        self.continuation = _continue(self.path)
+        self._file = open(self.path, "a" if self.continuation else "x", newline="")
         self._writer = csv.DictWriter(self._file, fieldnames=COLUMNS, extrasaction="raise")
-        self._writer.writeheader()
+        if self.continuation is None:
+            self._writer.writeheader()
         self._synced = time.monotonic()
         self.rows_written = 0
 
@@ -64,6 +78,33 @@ class MemoryCsv:
             self._file.flush()
             os.fsync(self._file.fileno())
             self._file.close()
+
+
+def _continue(path: Path) -> Continuation | None:
+    """Cut a partial last row, then read the first row's time and the last row's sample number
+    (the first and last lines only: the file may be large). None when there is nothing to
+    continue (no file, or an empty one)."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return None
+    if size == 0:
+        path.unlink()
+        return None
+    with open(path, "r+b") as existing:
+        head = existing.read(64 * 1024).split(b"\n")
+        existing.seek(max(0, size - 64 * 1024))
+        tail = existing.read()
+        complete = tail[: tail.rfind(b"\n") + 1]
+        if len(complete) != len(tail):
+            existing.truncate(size - (len(tail) - len(complete)))
+    header = head[0].decode()
+    first = next(csv.DictReader([header, head[1].decode()]), None) if len(head) > 2 else None
+    if first is None:  # the header only
+        return Continuation(0, time.time())
+    last_line = complete.rstrip(b"\n").rsplit(b"\n", 1)[-1].decode()
+    last = next(csv.DictReader([header, last_line]))
+    return Continuation(int(last["sample"]) + 1, epoch(first["time"]))
 
 
 def _format(value: Any) -> str:

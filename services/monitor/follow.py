@@ -1,18 +1,29 @@
-"""Finding the run folder to record: a named one, or, without a run id, the run that starts
-around the monitor (compose starts the monitor beside a server whose run id is generated, and
-either may create its files first)."""
+"""Finding the run folder to record, and holding it: a named one, or, without a run id, the run
+that starts (or resumes) around the monitor. Compose starts the monitor beside a server whose
+run id is generated, either may create its files first, and a resumed run's folder is an old
+one that comes back to life; a lock file says which folder a live monitor is recording."""
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
 
-RECENT_S = 60.0  # a run folder created this long before the monitor started still counts as new
+from services.locks import HeldLock, is_held
+
+RECENT_S = 60.0  # a run folder created (or resumed) this long before the monitor started still counts
+LOCK_NAME = ".monitor.lock"
+
+
+def recording_lock(run_path: Path) -> HeldLock:
+    """Held by the monitor recording the run, for as long as it records it; a new monitor can
+    take over once that one is gone, however it went."""
+    return HeldLock(Path(run_path) / LOCK_NAME)
 
 
 def running_runs(results_dir: Path, since: float) -> list[Path]:
-    """Run folders still running (no summary.json), not yet recorded (no memory.csv), and
-    created after ``since``; newest first."""
+    """Run folders still running (no summary.json), recorded by no live monitor, and created
+    or brought back (a resume rewrites files at the folder's top level) after ``since``;
+    newest first."""
     try:
         entries = [entry for entry in results_dir.iterdir() if entry.is_dir() and not entry.name.startswith(".")]
     except FileNotFoundError:
@@ -20,11 +31,11 @@ def running_runs(results_dir: Path, since: float) -> list[Path]:
     candidates = []
     for entry in entries:
         try:
-            created = entry.stat().st_mtime  # while a run goes on nothing new appears at its top level
+            changed = entry.stat().st_mtime
         except FileNotFoundError:
             continue
-        if created >= since and not (entry / "summary.json").exists() and not (entry / "memory.csv").exists():
-            candidates.append((created, entry))
+        if changed >= since and not (entry / "summary.json").exists() and not is_held(entry / LOCK_NAME):
+            candidates.append((changed, entry))
     return [entry for _, entry in sorted(candidates, reverse=True)]
 
 

@@ -9,11 +9,13 @@ Roles: ``client`` and ``server`` (the Python interpreter running ``-m services.c
 a short-lived subprocess), ``monitor`` and ``other`` (anything else, e.g. another program on the GPU).
 A worker belongs to the replica of the client or server above it. A client's replica is its
 identity: FL_CLIENT_ID from its environment (the local launcher sets client-0..N-1), else
-its container (compose service and number, via Docker), else its pid.
+its container's hostname (or compose names, where FL_DOCKER_API is set), else its pid.
 
 Scope ``launcher`` keeps the processes started by the monitor's parent (scripts/run_local.py
 starts server, clients and monitor side by side), so other runs on the same machine stay
-out; scope ``host`` takes every Bouquet process on the host (containers with ``pid: host``).
+out; scope ``host`` takes every Bouquet process on the host (containers with ``pid: host``),
+and with a run volume (compose: the data volume, FL_RUN_VOLUME) only those that see that very
+folder, so another compose project on the same host stays out.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import Protocol
 
 import psutil
 
-from services.monitor.containers import Container, DockerNames, read_container_id
+from services.monitor.containers import Container, ContainerNames, read_container_id, read_hostname
 
 log = logging.getLogger("bouquet.monitor")
 
@@ -109,18 +111,30 @@ def is_forkserver(cmdline: tuple[str, ...]) -> bool:
     return target is not None and target[0] == "command" and FORKSERVER in target[1]
 
 
-def is_worker(cmdline: tuple[str, ...], parent_cmdline: tuple[str, ...], owner_program: str) -> bool:
+def is_worker(cmdline: tuple[str, ...], parent_cmdline: tuple[str, ...], owner_program: str | None) -> bool:
     """The one rule for "this process under a client or server does one job and exits":
     forked by the forkserver (it keeps the forkserver's command line, so only its parent tells),
     spawned by multiprocessing (``... --multiprocessing-fork``), or a fork of its owner that has
-    not exec'd yet (it still shows the owner's command line). Anything else under an owner
-    (resource tracker, the forkserver itself, other subprocesses) is a helper."""
+    not exec'd yet (it still shows the owner's command line; only when the owner's program is
+    known). Anything else under an owner (resource tracker, the forkserver itself, other
+    subprocesses) is a helper."""
     if is_forkserver(parent_cmdline):
         return True
     target = python_target(cmdline)
     if target is not None and target[0] == "command" and cmdline[-1] == SPAWNED:
         return True
-    return program_of(cmdline) == owner_program
+    return owner_program is not None and program_of(cmdline) == owner_program
+
+
+def is_worker_process(process: psutil.Process) -> bool:
+    """``is_worker`` for a live process whose owner's program is not known (e.g. the benchmark's
+    process trees); False once it has exited."""
+    try:
+        parent = process.parent()
+        parent_cmdline = tuple(parent.cmdline()) if parent is not None else ()
+        return is_worker(tuple(process.cmdline()), parent_cmdline, None)
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return False
 
 
 class Probe(Protocol):
@@ -131,6 +145,10 @@ class Probe(Protocol):
     def details(self, pid: int) -> tuple[tuple[str, ...], str | None]: ...  # (cmdline, the identity its environment sets)
 
     def container_id(self, pid: int) -> str | None: ...
+
+    def hostname(self, pid: int) -> str | None: ...  # of the container the process runs in
+
+    def sees(self, pid: int, folder: str) -> bool | None: ...  # whether it sees our ``folder`` at that path; None: cannot tell
 
 
 def boot_time(proc: str = "/proc") -> float:
@@ -184,6 +202,24 @@ class ProcProbe:
     def container_id(self, pid: int) -> str | None:
         return read_container_id(pid, self.proc)
 
+    def hostname(self, pid: int) -> str | None:
+        return read_hostname(pid, self.proc)
+
+    def sees(self, pid: int, folder: str) -> bool | None:
+        """The same folder (device and inode) at the same path in the process's mount
+        namespace: true for every container that mounts the same volume there."""
+        try:
+            ours = os.stat(folder)
+        except OSError:
+            return None
+        try:
+            theirs = os.stat(os.path.join(self.proc, str(pid), "root", folder.lstrip("/")))
+        except FileNotFoundError:
+            return False
+        except OSError:  # PermissionError without CAP_SYS_PTRACE; or the process just exited
+            return None
+        return (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino)
+
 
 class ProcessTable:
     """Refreshed once per sample; remembers what never changes (command line, identity, owner),
@@ -196,11 +232,12 @@ class ProcessTable:
     def __init__(
         self,
         scope: str,
-        names: DockerNames,
+        names: ContainerNames,
         probe: Probe | None = None,
         self_pid: int | None = None,
         root_pid: int | None = None,
         clock=time.time,
+        run_volume: str | None = None,
     ) -> None:
         if scope not in ("host", "launcher"):
             raise ValueError(f"scope must be host or launcher, got {scope!r}")
@@ -210,6 +247,8 @@ class ProcessTable:
         self.self_pid = os.getpid() if self_pid is None else self_pid
         self.root_pid = os.getppid() if root_pid is None else root_pid
         self.clock = clock
+        self.run_volume = run_volume
+        self._unseen_warned = False
         self._listing: dict[int, tuple[int | None, float | None]] = {}
         self._details: dict[tuple[int, float | None], tuple[tuple[str, ...], str | None]] = {}
         self._settled: dict[tuple[int, float | None], Attribution] = {}
@@ -305,16 +344,15 @@ class ProcessTable:
         _, env_identity = self._cmdline(owner)
         container = self._container(owner)
         if owner_role == "server":
-            return (container.replica if container else "server"), "", container
+            return (container.replica if container and container.named else "server"), "", container
         if container is not None:  # compose names ("client-3") read better than hostnames (container ids)
             identity = env_identity or container.hostname or ""
-            named = container.service is not None or container.name is not None
-            return (container.replica if named or not identity else identity), identity, container
+            return (container.replica if container.named or not identity else identity), identity, container
         return env_identity or f"client-pid{owner}", env_identity or "", None
 
     def _container(self, pid: int) -> Container | None:
         container_id = self.probe.container_id(pid)
-        return self.names.lookup(container_id) if container_id else None
+        return self.names.lookup(container_id, lambda: self.probe.hostname(pid)) if container_id else None
 
     def _belongs(self, pid: int) -> bool:
         if pid == self.self_pid:
@@ -325,21 +363,14 @@ class ProcessTable:
         role, owner = self._role(pid)
         if role not in RUN_ROLES:
             return False
-        project = self._own_project()
-        if project is None:
+        if self.run_volume is None:
             return True
-        container = self._container(owner if owner is not None else pid)
-        return container is not None and container.project == project
-
-    def _own_project(self) -> str | None:
-        """The compose project of the monitor's own container: in compose, the run is the
-        processes of that project, not every Bouquet process on the host."""
-        if not hasattr(self, "_project"):
-            own = self._container(self.self_pid)
-            self._project = own.project if own else None
-            if self._project:
-                log.info("recording the processes of compose project %r", self._project)
-        return self._project
+        sees = self.probe.sees(owner if owner is not None else pid, self.run_volume)
+        if sees is None and not self._unseen_warned:
+            self._unseen_warned = True
+            log.warning("cannot look into another process's mounts (/proc/<pid>/root needs CAP_SYS_PTRACE): "
+                        "processes whose view of %s is unknown are left out of the run", self.run_volume)
+        return bool(sees)
 
     def _full_ancestors(self, pid: int) -> list[int]:
         chain, current = [], self._listing.get(pid, (None, None))[0]

@@ -30,7 +30,7 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from services.files import atomic_write
+from services.files import METRICS, atomic_write
 from services.monitor.admission import settled_slots, workers_alive
 from services.monitor.csvlog import read_rows
 from services.monitor.rounds import Round, RoundLog
@@ -45,11 +45,11 @@ class ReportError(RuntimeError):
 
 
 def load(run_path: Path, tolerance_mib: float = DEFAULT_TOLERANCE_MIB, rows: list[dict[str, Any]] | None = None) -> tuple[list[Round], list[dict[str, Any]], dict[str, Any], dict[str, Any]]:
-    if not (run_path / "metrics.jsonl").is_file():
+    if not (run_path / METRICS).is_file():
         raise ReportError(f"{run_path} has no metrics.jsonl: is it a Bouquet run folder?")
     if not (run_path / "memory.csv").is_file():
         raise ReportError(f"{run_path} has no memory.csv: run with --monitor (or python -m services.monitor) to record memory")
-    rounds = RoundLog(run_path / "metrics.jsonl").refresh()
+    rounds = RoundLog(run_path / METRICS).refresh()
     rows = read_rows(run_path / "memory.csv") if rows is None else rows
     summary_path = run_path / "memory_summary.json"
     memory = json.loads(summary_path.read_text()) if summary_path.is_file() else summarize(rows, rounds, tolerance_mib)

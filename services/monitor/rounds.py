@@ -8,10 +8,11 @@ can live and relabels memory.csv once the run is over.
 from __future__ import annotations
 
 import datetime as dt
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from services.files import read_json_lines
 
 SETUP, ROUND, BETWEEN, AFTER = "setup", "round", "between", "after"
 
@@ -41,18 +42,9 @@ class RoundLog:
         self._offset = 0
 
     def refresh(self) -> list[Round]:
-        try:
-            with open(self.path, "rb") as lines:
-                lines.seek(self._offset)
-                chunk = lines.read()
-        except FileNotFoundError:
-            return self.rounds
-        complete = chunk[: chunk.rfind(b"\n") + 1]
-        self._offset += len(complete)
-        for line in complete.decode().splitlines():
-            if line.strip():
-                record = json.loads(line)
-                self.rounds.append(Round(int(record["round"]), epoch(record["started_at"]), epoch(record["ended_at"]), record))
+        records, self._offset = read_json_lines(self.path, self._offset)
+        for record in records:
+            self.rounds.append(Round(int(record["round"]), epoch(record["started_at"]), epoch(record["ended_at"]), record))
         return self.rounds
 
 

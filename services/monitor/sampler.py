@@ -1,9 +1,12 @@
-"""Samples memory at a fixed interval in a background thread (like nvitop's collector), so the
-main thread stays free to follow the run and to stop cleanly. Each sample becomes rows of
-memory.csv: one per device and one per process, attributed to replica and round."""
+"""Sampling at a fixed interval in a background thread (like nvitop's collector), so the main
+thread stays free to follow the run and to stop cleanly. ``Periodic`` is that loop, shared by
+the monitor's ``Sampler`` (each sample becomes rows of memory.csv: one per device and one per
+process, attributed to replica and round) and the benchmark's per-member ``TreeSampler``
+(services.monitor.trees)."""
 
 from __future__ import annotations
 
+import abc
 import logging
 import threading
 import time
@@ -16,32 +19,29 @@ from services.monitor.rounds import RoundLog, iso, label
 log = logging.getLogger("bouquet.monitor")
 
 
-class Sampler:
-    def __init__(
-        self,
-        reader: MemoryReader,
-        table: ProcessTable,
-        rounds: RoundLog,
-        write: Callable[[list[dict[str, Any]]], None],
-        interval: float,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        self.reader, self.table, self.rounds, self.write = reader, table, rounds, write
+class Periodic(abc.ABC):
+    """Calls ``sample_once()`` every ``interval`` seconds, the first time at once, until
+    ``stop()`` (or the end of a ``with`` block). A sample that fails (a driver hiccup, a process
+    list read mid-change) is counted and reported once per message, and the recording goes on;
+    a sample that overran the interval makes the loop skip ahead instead of bursting."""
+
+    thread_name = "memory-sampler"
+
+    def __init__(self, interval: float) -> None:
         self.interval = interval
-        self.clock = clock
-        self.samples = 0
-        self.first_t: float | None = None
-        self.last_t: float | None = None
-        self.busy_s = 0.0  # time spent sampling: the monitor's own overhead
+        self.busy_s = 0.0  # time spent sampling: the sampler's own overhead
         self.max_busy_s = 0.0
         self.errors = 0
-        self.latest: list[dict[str, Any]] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._reported: set[str] = set()
 
+    @abc.abstractmethod
+    def sample_once(self) -> Any:
+        """Take one sample (the loop calls it; tests call it directly)."""
+
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="memory-sampler", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name=self.thread_name, daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
@@ -49,13 +49,20 @@ class Sampler:
         if self._thread is not None:
             self._thread.join()
 
+    def __enter__(self) -> "Periodic":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
     def _loop(self) -> None:
         next_at = time.monotonic()
         while not self._stop.is_set():
             began = time.monotonic()
             try:
                 self.sample_once()
-            except Exception as error:  # one bad sample (a driver hiccup) must not end the recording
+            except Exception as error:  # one bad sample must not end the recording
                 self.errors += 1
                 message = f"{type(error).__name__}: {error}"
                 if message not in self._reported:
@@ -69,6 +76,30 @@ class Sampler:
                 next_at = time.monotonic()
             self._stop.wait(max(0.0, next_at - time.monotonic()))
 
+
+class Sampler(Periodic):
+    """The monitor's: every sample, the process table, one reading and the round it falls in."""
+
+    def __init__(
+        self,
+        reader: MemoryReader,
+        table: ProcessTable,
+        rounds: RoundLog,
+        write: Callable[[list[dict[str, Any]]], None],
+        interval: float,
+        clock: Callable[[], float] = time.time,
+        first_sample: int = 0,
+        first_t: float | None = None,
+    ) -> None:
+        """``first_sample`` and ``first_t`` continue an earlier monitor's numbering and clock."""
+        super().__init__(interval)
+        self.reader, self.table, self.rounds, self.write = reader, table, rounds, write
+        self.clock = clock
+        self.samples = 0  # taken by this monitor
+        self.first_sample = first_sample
+        self.first_t: float | None = first_t
+        self.last_t: float | None = None
+
     def sample_once(self) -> list[dict[str, Any]]:
         when = self.clock()
         self.table.refresh()
@@ -80,7 +111,7 @@ class Sampler:
         common = {
             "time": iso(when),
             "elapsed_s": when - self.first_t,
-            "sample": self.samples,
+            "sample": self.first_sample + self.samples,
             "round": number,
             "phase": phase,
             "source": self.reader.source,
@@ -109,5 +140,4 @@ class Sampler:
         self.write(rows)
         self.samples += 1
         self.last_t = when
-        self.latest = rows
         return rows

@@ -12,6 +12,11 @@ Definitions (docs/monitor.md explains them for users):
 - residual after round N: memory at the first sample at or after the round ended, counting only
   processes that already existed when it ended (a worker of round N+1 that started a few
   milliseconds later is not memory round N left behind), minus the baseline.
+- a run the server resumed has one baseline per stretch: after a restart the processes are new
+  (a new server; after `down` / `up` new replicas too), so the rounds from the restart on are
+  measured against the last sample before the first of them started. A replica whose own
+  process is not the one in its stretch's baseline (it joined, or Docker restarted it) is
+  measured against the last sample before the first round that started after its process did.
 """
 
 from __future__ import annotations
@@ -81,12 +86,14 @@ def baseline_sample(samples: list[Sample], rounds: list[Round]) -> Sample | None
     return before[-1] if before else samples[0]
 
 
-def summarize(rows: list[dict[str, Any]], rounds: list[Round], tolerance_mib: float) -> dict[str, Any]:
+def summarize(rows: list[dict[str, Any]], rounds: list[Round], tolerance_mib: float, restarted_at: Iterable[int] = ()) -> dict[str, Any]:
+    """``restarted_at``: the rounds a resumed run continued from (state.json's restarts)."""
     samples = samples_of(rows)
     if not samples:
         return {"samples": 0, "rounds": [], "verdict": {"ok": None, "text": "no samples were recorded: nothing to judge", "tolerance_mib": tolerance_mib}}
     base = baseline_sample(samples, rounds)
     base_overall, base_replicas = base.overall(held=True, without_workers=True), base.by_replica(held=True, without_workers=True)
+    baselines = Baselines(samples, rounds, restarted_at)
     peak = max(samples, key=lambda s: s.overall())
     crowded = max(samples, key=lambda s: len(s.workers()))
     summary: dict[str, Any] = {
@@ -97,8 +104,13 @@ def summarize(rows: list[dict[str, Any]], rounds: list[Round], tolerance_mib: fl
         "peak": {"at": iso(peak.t), "round": label(rounds, peak.t, final=True)[0], "overall_mib": _mib(peak.overall()), "above_baseline_mib": _mib(peak.overall() - base_overall)},
         "max_workers_alive": {"count": len(crowded.workers()), "at": iso(crowded.t), "round": label(rounds, crowded.t, final=True)[0]},
         "replicas": _replicas(samples, base.t),
-        "rounds": [_round(samples, current, base_overall, base_replicas) for current in rounds],
+        "rounds": [_round(samples, current, baselines) for current in rounds],
     }
+    if len(baselines.stretches) > 1:
+        summary["stretches"] = [
+            {"from_round": number, "baseline_at": iso(sample.t), "overall_mib": _mib(sample.overall(held=True, without_workers=True))}
+            for number, sample in baselines.stretches
+        ]
     summary["verdict"] = verdict(summary["rounds"], tolerance_mib)
     return summary
 
@@ -130,7 +142,60 @@ def _replicas(samples: list[Sample], since: float) -> dict[str, Any]:
     }
 
 
-def _round(samples: list[Sample], current: Round, base_overall: float, base_replicas: dict[str, float]) -> dict[str, Any]:
+OWNERS = ("client", "server")
+
+
+class Baselines:
+    """What each round's residuals are measured against (the module's docstring says how)."""
+
+    def __init__(self, samples: list[Sample], rounds: list[Round], restarted_at: Iterable[int]) -> None:
+        self.samples = samples
+        self.starts = sorted(current.started for current in rounds)
+        begins = ({rounds[0].number} if rounds else set()) | set(restarted_at)
+        self.stretches = [
+            (current.number, before) for current in rounds if current.number in begins and (before := self._before(current.started)) is not None
+        ]
+        if not self.stretches or self.stretches[0][0] != (rounds[0].number if rounds else 0):
+            # no sample before the first round (the monitor started late): the first one stands in
+            self.stretches.insert(0, (rounds[0].number if rounds else 0, baseline_sample(samples, rounds)))
+
+    def _before(self, when: float) -> Sample | None:
+        before = [sample for sample in self.samples if sample.t < when]
+        return before[-1] if before else None
+
+    def stretch(self, current: Round) -> Sample:
+        """The baseline sample of the stretch ``current`` belongs to."""
+        return next(sample for number, sample in reversed(self.stretches) if number <= current.number or number == self.stretches[0][0])
+
+    def overall(self, current: Round) -> float:
+        return self.stretch(current).overall(held=True, without_workers=True)
+
+    def replicas(self, current: Round, after: Sample) -> tuple[dict[str, float], set[str]]:
+        """Per replica: its held memory before its stretch began, or, for a replica whose own
+        process started later, before the first round that started after it did. A replica
+        whose process started during this round has nothing to compare with: (baselines, those)."""
+        base_sample = self.stretch(current)
+        out, unjudged = base_sample.by_replica(held=True, without_workers=True), set()
+        for replica in after.by_replica():
+            started = _owner_started(after, replica)
+            if started is None or started < base_sample.t:
+                continue
+            start = next((start for start in self.starts if start >= started), None)
+            base = self._before(start) if start is not None and start <= current.started else None
+            if base is None:
+                out.pop(replica, None)
+                unjudged.add(replica)
+            else:
+                out[replica] = base.by_replica(held=True, without_workers=True).get(replica, 0.0)
+        return out, unjudged
+
+
+def _owner_started(sample: Sample, replica: str) -> float | None:
+    """When the replica's own process (client or server) started, if the sample shows it."""
+    return next((row["started_t"] for row in sample.processes if row["replica"] == replica and row["role"] in OWNERS and row["started_t"]), None)
+
+
+def _round(samples: list[Sample], current: Round, baselines: Baselines) -> dict[str, Any]:
     inside = [s for s in samples if current.started <= s.t <= current.ended]
     after = next((s for s in samples if s.t >= current.ended), None)
     record: dict[str, Any] = {
@@ -146,10 +211,11 @@ def _round(samples: list[Sample], current: Round, base_overall: float, base_repl
         record.update(measured_at=None, residual_mib=None, residual_per_replica_mib={}, workers_left=None)
         return record
     held = after.by_replica(cutoff=current.ended, held=True)
+    base_replicas, unjudged = baselines.replicas(current, after)
     record.update(
         measured_at=iso(after.t),
-        residual_mib=_mib(after.overall(cutoff=current.ended, held=True) - base_overall),
-        residual_per_replica_mib={name: _mib(held.get(name, 0.0) - base_replicas.get(name, 0.0)) for name in sorted(set(held) | set(base_replicas))},
+        residual_mib=_mib(after.overall(cutoff=current.ended, held=True) - baselines.overall(current)),
+        residual_per_replica_mib={name: _mib(held.get(name, 0.0) - base_replicas.get(name, 0.0)) for name in sorted((set(held) | set(base_replicas)) - unjudged)},
         workers_left=len(after.workers(cutoff=current.ended)),
     )
     return record

@@ -11,36 +11,43 @@ import logging
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
+from typing import TypeVar
 
-from services import logs, roster, worker
+from services import logs, roster, tls, worker
 from services import settings as settings_module
 from services.server import resume
 from services.server.central import CentralEvaluator
 from services.server.membership import Membership
 from services.server.registry import PartitionRegistry
-from services.server.results import RoundRecorder, RunFolder, RunState, load_checkpoint, utc_now
+from services.server.results import RoundRecorder, RunFolder, RunInUse, RunState, load_checkpoint, utc_now
+from services.settings import ServerSettings
 from services.taskspec import Placement, TaskSpec, check_model_fits
 
 log = logging.getLogger("bouquet.server")
 
 
-def validate(values: SimpleNamespace) -> None:
+S = TypeVar("S", bound=ServerSettings)
+
+
+def validate(values: S) -> S:
     """Checks across settings, before anything starts (the task module itself is checked in a
-    worker by ``check_task``). Leaves FL_STRATEGY_ARGS converted to the strategy's types."""
+    worker by ``check_task``). Returns them with FL_STRATEGY_ARGS converted to the strategy's types."""
     from services.server import strategies  # imports flwr: only once the single values are fine
 
     if values.task == "builtin":
         check_model_fits(values.dataset, values.model)
-    values.strategy_args = strategies.parse_args(values.strategy, values.strategy_args)
+    values = dataclasses.replace(values, strategy_args=strategies.parse_args(values.strategy, values.strategy_args))
+    if values.tls_dir is not None:
+        tls.server_files(values.tls_dir)
     if values.min_fit_clients > values.min_clients:
         raise settings_module.SettingError(
             f"--min-fit-clients / FL_MIN_FIT_CLIENTS = {values.min_fit_clients}: must not exceed "
             f"--min-clients / FL_MIN_CLIENTS = {values.min_clients}, or no round could ever start"
         )
+    return values
 
 
-def check_task(settings: SimpleNamespace, evaluator: CentralEvaluator) -> dict:
+def check_task(settings: ServerSettings, evaluator: CentralEvaluator) -> dict:
     """FL_TASK imported and checked once, in a worker (torch never enters this process). A task
     that cannot run, or FedProx with a train() that cannot take its proximal term, is a bad
     setting: exit 2 with the line naming it."""
@@ -58,14 +65,14 @@ def check_task(settings: SimpleNamespace, evaluator: CentralEvaluator) -> dict:
     return info
 
 
-def fingerprint(settings: SimpleNamespace, spec: TaskSpec) -> dict:
+def fingerprint(settings: ServerSettings, spec: TaskSpec) -> dict:
     """What must be equal for a run to be continued: the task (its settings and its file's hash)
     and the strategy. FL_ROUNDS is not part of it: it may be raised to train further."""
     task = {key: value for key, value in spec.to_config().items() if key != "worker_timeout"}
     return {**task, "strategy": settings.strategy, "strategy_args": settings.strategy_args}
 
 
-def open_run(settings: SimpleNamespace, spec: TaskSpec) -> tuple[RunState, resume.Progress | None]:
+def open_run(settings: ServerSettings, spec: TaskSpec) -> tuple[RunState, resume.Progress | None]:
     """The run folder: an unfinished run to continue (FL_RESUME=auto), or a new one."""
     wanted = fingerprint(settings, spec)
     resumed = resume.choose(Path(settings.results_dir), settings.run_id, wanted, settings.rounds) if settings.resume == "auto" else None
@@ -86,11 +93,11 @@ def open_run(settings: SimpleNamespace, spec: TaskSpec) -> tuple[RunState, resum
 
 def main(argv: list[str] | None = None) -> int:
     settings = settings_module.parse(
-        settings_module.SERVER, argv, program="services.server", description=__doc__, validate=validate
+        ServerSettings, argv, program="services.server", description=__doc__, validate=validate
     )
     logs.setup()
     spec = TaskSpec.from_settings(settings)
-    placement = Placement(settings.data_dir, settings.device, settings.torch_threads)
+    placement = Placement.from_settings(settings)
     worker.prestart(settings.worker_start)  # the forkserver imports torch now, not in round 1
     try:
         task = check_task(settings, CentralEvaluator(spec, placement, settings.worker_start))
@@ -105,11 +112,12 @@ def main(argv: list[str] | None = None) -> int:
         log.info("the task has no load_centralized_dataset(): no server-side evaluation; the clients evaluate on their validation data after every round")
     try:
         state, resumed = open_run(settings, spec)
-    except (FileExistsError, OSError, resume.NotResumable) as problem:
+    except (FileExistsError, OSError, resume.NotResumable, RunInUse) as problem:
         print(f"services.server: error: {problem}", file=sys.stderr)
         return settings_module.EXIT_BAD_SETTING
     folder = state.folder
     log.info("run %s: results in %s", folder.run_id, folder.path)
+    log.info("gRPC on %s with %s", settings.listen_address, f"TLS (certificates from {settings.tls_dir})" if settings.tls_dir else "no TLS (plaintext; FL_TLS_DIR unset)")
 
     recorder = RoundRecorder(folder, rounds=resumed.rounds if resumed else None, initial=state.data.get("initial"))
     registry = PartitionRegistry()

@@ -11,13 +11,14 @@ import numpy as np
 
 from services import worker
 from services.admission import config as admission_config, retry
+from services.settings import LocalSettings
 from services.taskspec import Placement, TaskSpec
 
 log = logging.getLogger("bouquet.server")
 
 
 class CentralEvaluator:
-    def __init__(self, spec: TaskSpec, placement: Placement, start_method: str, admitting: Any = None) -> None:
+    def __init__(self, spec: TaskSpec, placement: Placement, start_method: str, admitting: LocalSettings | None = None) -> None:
         """``admitting``: the server's settings; its evaluation workers take slots like the
         clients' (None: no admission)."""
         self.spec = spec

@@ -33,17 +33,19 @@ from flwr.server.client_manager import ClientManager, SimpleClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
-from services import protocol, worker
+from services import protocol, tls, worker
 from services.server.central import CentralEvaluator
 from services.server import strategies
 from services.server.membership import Holder, Membership
 from services.server.results import RoundRecorder, RunState
+from services.settings import ServerSettings
 from services.taskspec import TaskSpec
 
 log = logging.getLogger("bouquet.server")
 
 IDENTITY_TIMEOUT_S = 30.0
 HOLDERS_POLL_S = 0.5
+LOST_ROUND_RETRIES = 3  # attempts of one round that may end with every client's connection lost
 
 
 class ConnectedClients:
@@ -120,6 +122,14 @@ class ChosenClients(ClientManager):
         return list(self.proxies)
 
 
+def sample_for_round(holders: list[Holder], wanted: int, seed: int, server_round: int) -> list[Holder]:
+    """The holders that train this round, by partition. Seeded by (seed, round) rather than by
+    one stream begun at start, so a resumed run samples each round as the uninterrupted run
+    would have (a stream would start again and repeat its first picks)."""
+    by_partition = sorted(holders, key=lambda holder: holder.partition)
+    return sorted(random.Random(f"{seed}:{server_round}").sample(by_partition, wanted), key=lambda holder: holder.partition)
+
+
 class BouquetStrategy(Strategy):
     """Bouquet's duties around whichever Flower strategy aggregates (FL_STRATEGY): who trains and
     on which partition, the round records, the central evaluation in workers, the client-eval
@@ -130,7 +140,7 @@ class BouquetStrategy(Strategy):
         self,
         *,
         spec: TaskSpec,
-        settings: Any,
+        settings: ServerSettings,
         membership: Membership,
         clients: ConnectedClients,
         recorder: RoundRecorder,
@@ -149,8 +159,9 @@ class BouquetStrategy(Strategy):
         self.recorder = recorder
         self.evaluator = evaluator
         self.inner: Strategy | None = None
-        self._rng = random.Random(settings.seed)
+        self.seed = settings.seed
         self._sampled: dict[str, tuple[str, int]] = {}
+        self.every_connection_lost = False  # in the last round's training: nobody answered at all
 
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
         """The seeded initial model, built in a worker once the port is already open (or a resumed
@@ -178,7 +189,7 @@ class BouquetStrategy(Strategy):
         for gap in missing:
             log.warning("round %d: partition %d will not train: %s%s", server_round, gap["partition"], gap["reason"], f" (client {gap['id']})" if gap["id"] else "")
         wanted = min(len(holders), max(int(len(holders) * self.fraction_fit), self.min_fit_clients))
-        chosen = sorted(self._rng.sample(holders, wanted), key=lambda holder: holder.partition)
+        chosen = sample_for_round(holders, wanted, self.seed, server_round)
         self._sampled = {holder.cid: (holder.identity, holder.partition) for holder in chosen}
         base = self._base_config(server_round)
         log.info("round %d: training on %d of %d partition holders", server_round, len(chosen), len(holders))
@@ -237,6 +248,7 @@ class BouquetStrategy(Strategy):
             if cid not in answered:  # lost connection or round timeout: Flower reports these without a client
                 cause = "; ".join(errors) or "no reply"
                 failed.append({"id": identity, "partition": partition, "cause": f"no result from client ({cause})"})
+        self.every_connection_lost = bool(self._sampled) and not answered
         for failure in failed:
             log.warning("round %d: client %s (partition %s) failed: %s", server_round, failure["id"], failure["partition"], failure["cause"])
         self.recorder.fit_finished(clients, failed, self.membership.registry.num_partitions or 0)
@@ -329,14 +341,27 @@ class RecordingServer(Server):
             log.info("resuming at round %d of %d from the last checkpoint", self.first_round, num_rounds)
         self.strategy.settle()
         for server_round in range(self.first_round, num_rounds + 1):
-            self.recorder.round_started(server_round)
-            trained = self.fit_round(server_round, timeout)
+            trained = self._train(server_round, timeout)
             self.state.update(num_partitions=self.membership.registry.num_partitions, partitions=self.membership.registry.assignments)
             if trained is not None and trained[0] is not None:
                 self.parameters = trained[0]
             self.strategy.evaluate(server_round, self.parameters)
             self.evaluate_round(server_round, timeout)
             self._close(server_round)
+
+    def _train(self, server_round: int, timeout: float | None) -> Any:
+        """One round's training. When every sampled client's connection was lost mid-round (the
+        replicas stopped before the server, as `docker compose down` stops them, or restart), the
+        attempt is not the round: it is run again once partition holders are back (configure_fit
+        waits for them, up to FL_JOIN_TIMEOUT), at most LOST_ROUND_RETRIES times. A server stopped
+        meanwhile leaves the round unrecorded, so a resumed run trains it."""
+        for lost in range(LOST_ROUND_RETRIES + 1):
+            self.recorder.round_started(server_round, lost_attempts=lost)
+            trained = self.fit_round(server_round, timeout)
+            if not self.strategy.every_connection_lost or lost == LOST_ROUND_RETRIES:
+                return trained
+            log.warning("round %d: every client's connection was lost during training; running the round again", server_round)
+        return trained
 
     def _close(self, server_round: int) -> None:
         record = self.recorder.round_ended()
@@ -356,7 +381,7 @@ class RecordingServer(Server):
 
 
 def run(
-    settings: Any, spec: TaskSpec, state: RunState, recorder: RoundRecorder, evaluator: CentralEvaluator, membership: Membership,
+    settings: ServerSettings, spec: TaskSpec, state: RunState, recorder: RoundRecorder, evaluator: CentralEvaluator, membership: Membership,
     central_evaluation: bool, resume_from: list[np.ndarray] | None = None,
 ) -> None:
     """Serve the rounds after the last recorded one; returns when the last is recorded, raises
@@ -379,6 +404,7 @@ def run(
         server=server,
         # A client always answers within its worker timeout; the margin covers start-up and transfer.
         config=ServerConfig(num_rounds=settings.rounds, round_timeout=settings.worker_timeout + 120),
+        certificates=tls.server_files(settings.tls_dir).for_flower() if settings.tls_dir else None,
     )
     if server.error is not None:
         raise server.error

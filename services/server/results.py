@@ -17,7 +17,9 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from services.files import atomic_write, json_safe, write_json_atomically
+from services.admission.records import workers_alive
+from services.files import METRICS, atomic_write, json_safe, write_json_atomically
+from services.locks import HeldLock, is_held
 
 
 def utc_now() -> str:
@@ -28,8 +30,20 @@ def new_run_id() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
 
 
+SERVER_LOCK = ".server.lock"  # held by the server writing the run, for its whole life
+
+
+class RunInUse(RuntimeError):
+    """Another live server is writing this run folder."""
+
+
+def in_use(path: Path) -> bool:
+    return is_held(Path(path) / SERVER_LOCK)
+
+
 class RunFolder:
-    """Owns ``<results-dir>/<run-id>/`` for one run."""
+    """Owns ``<results-dir>/<run-id>/`` for one run: one server at a time writes it (a lock
+    file it holds while it lives), so two servers never resume, or write, the same run."""
 
     def __init__(self, results_dir: str | Path, run_id: str | None) -> None:
         self.run_id = run_id or new_run_id()
@@ -42,9 +56,19 @@ class RunFolder:
                 f"--run-id / FL_RUN_ID = {self.run_id!r}: {self.path} already exists and is never reused; "
                 "choose another run id or leave it unset"
             ) from None
+        self._hold()
         (self.path / "checkpoints").mkdir()
-        self.metrics_path = self.path / "metrics.jsonl"
+        self.metrics_path = self.path / METRICS
         self.metrics_path.touch()
+
+    def release(self) -> None:
+        """Let another server take the run (the end of this process does it too)."""
+        self._lock.release()
+
+    def _hold(self) -> None:
+        self._lock = HeldLock(self.path / SERVER_LOCK)
+        if not self._lock.acquire():
+            raise RunInUse(f"run {self.run_id} ({self.path}) is being written by another running server; nothing was changed")
 
     @classmethod
     def reopen(cls, path: Path) -> "RunFolder":
@@ -52,11 +76,9 @@ class RunFolder:
         (it was never a recorded round), so the next round's line starts on a line of its own."""
         folder = cls.__new__(cls)
         folder.path, folder.run_id = Path(path), Path(path).name
-        folder.metrics_path = folder.path / "metrics.jsonl"
+        folder._hold()  # before any change to the folder
+        folder.metrics_path = folder.path / METRICS
         (folder.path / "checkpoints").mkdir(exist_ok=True)
-        # The last attempt's summary (e.g. "interrupted") is not this run's: the restart entry in
-        # state.json keeps its status, and a new summary is written when this attempt ends.
-        (folder.path / "summary.json").unlink(missing_ok=True)
         # The last attempt's summary (e.g. "interrupted") is not this run's: the restart entry in
         # state.json keeps its status, and a new summary is written when this attempt ends.
         (folder.path / "summary.json").unlink(missing_ok=True)
@@ -122,10 +144,13 @@ class RoundRecorder:
     def initial_evaluation(self, loss: float, metrics: dict[str, Any]) -> None:
         self.initial = {"loss": loss, "accuracy": metrics["accuracy"], "metrics": metrics}
 
-    def round_started(self, server_round: int) -> None:
+    def round_started(self, server_round: int, lost_attempts: int = 0) -> None:
+        """Opens the round's record (again, after an attempt in which every client's connection
+        was lost: ``lost_attempts`` counts those, and the record says so)."""
         self._started = time.monotonic()
         self._current = {
             "round": server_round,
+            **({"lost_attempts": lost_attempts} if lost_attempts else {}),
             "started_at": utc_now(),
             "clients": [],
             "failures": [],
@@ -224,17 +249,4 @@ def slots_per_device(clients: list[dict[str, Any]]) -> dict[str, Any]:
 def concurrent_workers_peak(clients: list[dict[str, Any]]) -> dict[str, int]:
     """Per device, the most training workers that held a slot at the same time (from the
     workers' own start and end times)."""
-    events: dict[str, list[tuple[float, int]]] = {}
-    for client in clients:
-        start, end, device = client.get("worker_started_at"), client.get("worker_ended_at"), client.get("device")
-        if start is None or end is None or device is None:
-            continue
-        events.setdefault(device, []).extend([(float(start), 1), (float(end), -1)])
-    peaks = {}
-    for device, changes in events.items():
-        alive = peak = 0
-        for _, change in sorted(changes, key=lambda e: (e[0], e[1])):  # an end before a start at the same instant
-            alive += change
-            peak = max(peak, alive)
-        peaks[device] = peak
-    return peaks
+    return {device: max(alive for _, alive in steps) for device, steps in workers_alive(clients).items()}

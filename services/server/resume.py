@@ -18,6 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from services.files import read_rounds
+from services.server.results import in_use
+
 log = logging.getLogger("bouquet.server")
 
 STATE = "state.json"
@@ -36,16 +39,6 @@ class Progress:
     @property
     def last_round(self) -> int:
         return self.rounds[-1]["round"] if self.rounds else 0
-
-
-def read_rounds(run_path: Path) -> list[dict[str, Any]]:
-    """metrics.jsonl's complete lines (a line cut by a crash is not a round)."""
-    try:
-        text = (run_path / "metrics.jsonl").read_text()
-    except FileNotFoundError:
-        return []
-    complete = text[: text.rfind("\n") + 1]
-    return [json.loads(line) for line in complete.splitlines() if line.strip()]
 
 
 def status_of(run_path: Path) -> str | None:
@@ -85,6 +78,8 @@ def choose(results_dir: Path, run_id: str | None, fingerprint: dict[str, Any], r
             return None
         if status_of(path) == FINISHED:
             raise NotResumable(f"--run-id / FL_RUN_ID = {run_id!r}: {path} is a completed run and is never touched; choose another run id")
+        if in_use(path):
+            raise NotResumable(f"--run-id / FL_RUN_ID = {run_id!r}: {path} is being written by another running server; choose another run id")
 
         state = read_state(path)
         if state is None or state.get("fingerprint") != fingerprint:
@@ -102,6 +97,9 @@ def choose(results_dir: Path, run_id: str | None, fingerprint: dict[str, Any], r
             continue
         state = read_state(path)
         if state is None:
+            continue
+        if in_use(path):
+            log.info("not resuming run %s: another running server is writing it", path.name)
             continue
         if state.get("fingerprint") != fingerprint:
             log.info("not resuming unfinished run %s: other task settings (%s)", path.name, _difference(state, fingerprint))

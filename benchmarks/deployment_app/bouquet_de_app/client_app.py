@@ -16,7 +16,7 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from services import task  # imports torch
-from bouquet_de_app.spec import placement, task_spec
+from benchmarks.deployment_config import placement, task_spec
 
 app = ClientApp()
 

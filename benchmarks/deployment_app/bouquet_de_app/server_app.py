@@ -16,7 +16,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
 from services import task  # imports torch
-from bouquet_de_app.spec import placement, task_spec
+from benchmarks.deployment_config import placement, task_spec
 
 app = ServerApp()
 
