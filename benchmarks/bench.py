@@ -9,6 +9,7 @@
     .venv/bin/python scripts/bench.py              # full: synthetic + digits, N = 2,5,10,20
     .venv/bin/python scripts/bench.py --quick      # tiny smoke run (CI)
     .venv/bin/python scripts/bench.py --clients 2,5 --datasets digits --rounds 3 --repeats 2
+    .venv/bin/python scripts/bench.py --admission  # 20 clients, worker slots auto vs unlimited
 
 (``scripts/bench.py`` runs this module, ``benchmarks.bench``.) Runs are interleaved (see
 benchmarks/plan.py). Writes bench.md (tables with ratios to spawn,
@@ -54,8 +55,9 @@ class BenchSettings(CommandLineOnly, TrainingSettings):
     some with shorter defaults to keep runs short. The defaults are the full plan."""
 
     quick: bool = setting(boolean, False, "tiny run for CI: digits, N=2, 2 rounds, all four configurations")
+    admission: bool = setting(boolean, False, "the admission case: 20 clients of digits, forkserver workers with FL_WORKER_SLOTS=auto versus unlimited, 3 rounds")
     render: str | None = setting(optional(path), None, "only rewrite bench.md/bench.png next to an existing bench.json (no runs)")
-    configs: list[str] = setting(comma_list(choice(*plan.CONFIGS), ", ".join(plan.CONFIGS)), list(plan.CONFIGS), "configurations to run")
+    configs: list[str] = setting(comma_list(choice(*plan.CONFIGS, *plan.EXTRA_CONFIGS), ", ".join(plan.CONFIGS + plan.EXTRA_CONFIGS)), list(plan.CONFIGS), "configurations to run")
     datasets: list[str] = setting(comma_list(choice(*plan.DATASETS), ", ".join(plan.DATASETS)), list(plan.DATASETS), "data sets")
     clients: list[int] = setting(comma_list(positive_int, "integers >= 1"), [2, 5, 10, 20], "client counts N")
     rounds: int = reuse(ServerSettings, "rounds", default=4)
@@ -73,6 +75,8 @@ class BenchSettings(CommandLineOnly, TrainingSettings):
 
 
 QUICK = {"datasets": ["digits"], "clients": [2], "rounds": 2}  # --quick: these defaults instead
+# --admission: 20 clients with FL_WORKER_SLOTS=auto (the default) versus unlimited.
+ADMISSION = {"configs": ["forkserver", "forkserver-unlimited"], "datasets": ["digits"], "clients": [20], "rounds": 3, "repeats": 1}
 
 
 def validate(options: BenchSettings) -> BenchSettings:
@@ -83,9 +87,9 @@ def validate(options: BenchSettings) -> BenchSettings:
 
 def parse(argv: list[str] | None) -> BenchSettings:
     quick = settings_module.peek(BenchSettings, "quick", argv, program=PROGRAM)
-    return settings_module.parse(
-        BenchSettings, argv, program=PROGRAM, description=__doc__, validate=validate, defaults=QUICK if quick else None
-    )
+    admission = settings_module.peek(BenchSettings, "admission", argv, program=PROGRAM)
+    defaults = QUICK if quick else ADMISSION if admission else None
+    return settings_module.parse(BenchSettings, argv, program=PROGRAM, description=__doc__, validate=validate, defaults=defaults)
 
 
 def task_for(options: BenchSettings, dataset: str) -> TaskSpec:
@@ -130,8 +134,10 @@ def run_one(run: plan.Run, options: BenchSettings, out: Path) -> tuple[list[dict
             def started_bouquet(members: Callable[[], dict[str, int]]) -> None:
                 source["members"] = members
 
+            start, slots = plan.start_and_slots(run.config)
             rounds = bouquet.run(
-                work, run.clients, options.rounds, spec, dataclasses.replace(local, worker_start=run.config), started_bouquet, options.run_timeout
+                work, run.clients, options.rounds, spec, dataclasses.replace(local, worker_start=start, worker_slots=slots), started_bouquet,
+                options.run_timeout,
             )
     return rounds, sampler
 
@@ -180,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
             rounds, sampler = run_one(run, options, out)
             entry.update(rounds=rounds, summary=summarize(run.config, rounds, sampler.samples, gpu))
             s = entry["summary"]
-            status = f"round {s['round_seconds']:.2f} s, worker start {s['worker_start_seconds'] if s['worker_start_seconds'] is None else round(s['worker_start_seconds'], 3)} s, peak RSS·PSS/client {s['peak_rss_mib'] or 0:.0f}·{s['peak_pss_mib'] or 0:.0f} MiB, idle PSS {s['idle_pss_mib'] or 0:.0f} MiB"
+            status = f"round {s['round_seconds']:.2f} s, peak total RSS {s['peak_total_rss_mib'] or 0:.0f} MiB, worker start {s['worker_start_seconds'] if s['worker_start_seconds'] is None else round(s['worker_start_seconds'], 3)} s, peak RSS·PSS/client {s['peak_rss_mib'] or 0:.0f}·{s['peak_pss_mib'] or 0:.0f} MiB, idle PSS {s['idle_pss_mib'] or 0:.0f} MiB"
         except KeyboardInterrupt:
             print("bench.py: interrupted; writing what was measured so far", file=sys.stderr)
             break

@@ -11,6 +11,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 CONFIGS = ("inprocess", "spawn", "forkserver", "deployment")
+# Asked for by name only (--configs, --admission): forkserver workers with FL_WORKER_SLOTS=unlimited,
+# to compare with the default admission (auto).
+EXTRA_CONFIGS = ("forkserver-unlimited",)
+
+
+def start_and_slots(config: str) -> tuple[str, str]:
+    """A Bouquet configuration -> (FL_WORKER_START, FL_WORKER_SLOTS)."""
+    start, _, slots = config.partition("-")
+    return start, slots or "auto"
 DATASETS = ("synthetic", "digits")
 
 

@@ -14,6 +14,7 @@ CONFIG_LABELS = {
     "spawn": "(b) spawn worker",
     "forkserver": "(c) forkserver worker",
     "deployment": "(d) Deployment Engine",
+    "forkserver-unlimited": "(c') forkserver worker, unlimited slots",
 }
 BASELINE = "spawn"
 
@@ -110,12 +111,29 @@ def markdown(meta: dict[str, Any], cells: list[dict[str, Any]], gpu: bool) -> st
                     f"{_cell(s['peak_rss_mib'], base.get('peak_rss_mib'), 0)} · {_cell(s.get('peak_pss_mib'), base.get('peak_pss_mib'), 0)} |{gpu_cells} {_fmt(s['final_accuracy'], 3)} | {s['clients_failed']:g} |"
                 )
         lines.append("")
+    lines += _federation_peaks(meta, cells)
     lines += _scaling(meta, cells)
     lines += ["## Headline ratios (median over data sets and client counts)", ""]
     for key, value in headline(cells).items():
         lines.append(f"- `{key}`: {_fmt(value, 3)}")
     lines.append("")
     return "\n".join(lines)
+
+
+def _federation_peaks(meta: dict[str, Any], cells: list[dict[str, Any]]) -> list[str]:
+    """The whole federation's host memory at its highest (all members summed per sampling pass)
+    and the most workers alive at once: what worker admission (FL_WORKER_SLOTS) bounds."""
+    lines = ["## Whole federation: peak host memory and workers alive at once", "",
+             "| data set | clients | configuration | round s | peak RSS MiB (all) | peak PSS MiB (all) | most workers alive |", "|---|---:|---|---:|---:|---:|---:|"]
+    for cell in cells:
+        s = cell["summary"]
+        if "error" in s or s.get("peak_total_rss_mib") is None:
+            continue
+        lines.append(
+            f"| {cell['dataset']} | {cell['clients']} | {CONFIG_LABELS[cell['config']]} | {_fmt(s['round_seconds'])} | "
+            f"{_fmt(s['peak_total_rss_mib'], 0)} | {_fmt(s.get('peak_total_pss_mib'), 0)} | {_fmt(s.get('most_workers_alive'), 0)} |"
+        )
+    return lines + [""]
 
 
 def _scaling(meta: dict[str, Any], cells: list[dict[str, Any]]) -> list[str]:

@@ -64,6 +64,9 @@ def summarize(config: str, rounds: list[dict[str, Any]], samples: list[Sample], 
         "peak_rss_mib_max": max((_peak(s, "rss_bytes") or 0 for s in client_series), default=None),
         "server_peak_rss_mib": _peak(server_series, "rss_bytes"),
         "server_peak_pss_mib": _peak(server_series, "pss_bytes"),
+        "peak_total_rss_mib": _peak_total(samples, "rss_bytes"),  # the whole federation (server + clients) at once
+        "peak_total_pss_mib": _peak_total(samples, "pss_bytes"),
+        "most_workers_alive": max(_totals(samples, "workers").values(), default=None),
         "samples": len(samples),
     }
     if gpu:
@@ -72,6 +75,24 @@ def summarize(config: str, rounds: list[dict[str, Any]], samples: list[Sample], 
         residual = [v for v in summary["residual_gpu_mib_per_round"] if v is not None]
         summary["residual_gpu_mib"] = max(residual) if residual else None
     return summary
+
+
+def _totals(samples: list[Sample], field: str) -> dict[float, float]:
+    """Per sampling pass (one time stamp), the field summed over members; passes where a member lacks it are left out."""
+    totals: dict[float, float] = {}
+    missing: set[float] = set()
+    for sample in samples:
+        value = getattr(sample, field)
+        if value is None:
+            missing.add(sample.time)
+        else:
+            totals[sample.time] = totals.get(sample.time, 0) + value
+    return {when: value for when, value in totals.items() if when not in missing}
+
+
+def _peak_total(samples: list[Sample], field: str) -> float | None:
+    totals = _totals(samples, field)
+    return max(totals.values()) / MIB if totals else None
 
 
 def _peak(series: list[Sample], field: str) -> float | None:

@@ -88,6 +88,7 @@ def parse(argv: list[str] | None) -> LauncherSettings:
         data_dir=str(Path(values.data_dir).resolve()),
         task=str(Path(values.task).resolve()) if values.task.endswith(".py") else values.task,
         tls_dir=None if values.tls_dir is None else str(Path(values.tls_dir).resolve()),
+        slots_dir=None if values.slots_dir is None else str(Path(values.slots_dir).resolve()),
     )
 
 

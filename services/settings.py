@@ -42,6 +42,8 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Mapping, Sequence, TypeVar
 
+from services.admission.slots import MAX_SLOTS
+
 EXIT_BAD_SETTING = 2
 
 DATASETS = ("digits", "cifar10", "synthetic")
@@ -116,6 +118,13 @@ def comma_list(parse: Callable[[str], T], allowed: str) -> Callable[[str], list[
         return list(dict.fromkeys(values))
 
     return parse_list
+
+
+def slot_count(raw: str) -> str | int:
+    """auto, unlimited, or a number of slots per device."""
+    if raw in ("auto", "unlimited"):
+        return raw
+    return _number(raw, int, lambda v: 1 <= v <= MAX_SLOTS, f"must be auto, unlimited or an integer in 1-{MAX_SLOTS}")
 
 
 def boolean(raw: str) -> bool:
@@ -472,6 +481,9 @@ class LocalSettings:
     # forkserver by default: a fresh worker per round in ~0.1 s instead of seconds, with the same
     # per-round process and CUDA context; costs ~400 MiB host memory per idle client (docs/benchmarks.md).
     worker_start: str = setting(choice(*WORKER_STARTS), "forkserver", "how workers start: forkserver (forked from this process's forkserver, spawned once with torch preloaded, never touching CUDA), spawn (a fresh interpreter per job: slower, least idle host memory), inprocess (no worker and no timeout: the memory problem, for comparison only)")
+    worker_slots: str | int = setting(slot_count, "auto", "workers that may run at once per device, counted over every replica and the server on this host (a shared slots folder): auto (GPU: free memory / one worker's measured need, at least 1; CPU: the cores the host gives the container), a number, or unlimited (no admission)")
+    worker_memory_mib: float | None = setting(optional(positive_float), None, "GPU memory one worker needs (CUDA context + peak), in MiB; overrides what workers measured (unset: measured and remembered in the slots folder)")
+    slots_dir: str | None = setting(optional(path), None, "folder of the slot lock files, shared by the server and every replica of a host (compose: the slots volume; unset: <data dir>/slots)")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -8,7 +8,8 @@ the caller, which is the memory problem Bouquet exists to avoid (kept for compar
 
 Parent and worker share one duplex pipe (no Manager process): the parent sends the job and
 its inputs (the weights) down it from a helper thread, the worker answers on it with
-"started" and then its result or its exception. Whatever happens, the worker is reaped
+"admitted" (when it was given an ``Admission``: it waited for a slot on a device, see
+services.admission), "started" and then its result or its exception. Whatever happens, the worker is reaped
 before ``run`` returns: a job that raises, dies from a signal (the kernel's OOM killer sends
 SIGKILL) or outlives its timeout becomes a ``WorkerFailed`` naming why.
 """
@@ -25,9 +26,12 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from services.settings import WORKER_STARTS
+
+if TYPE_CHECKING:  # the worker imports services.admission.gate itself, only when admitted
+    from services.admission.gate import Admission
 
 # Modules the forkserver imports once so forked workers start warm. None of them touches CUDA:
 # importing torch loads its CUDA libraries but neither initialises CUDA nor counts devices.
@@ -40,18 +44,21 @@ FORKSERVER_PRELOAD = ["torch", "torch._dynamo", "services.task", "services.built
 class WorkerFailed(RuntimeError):
     """The job did not produce a result; ``cause`` says why in one line."""
 
-    def __init__(self, cause: str, pid: int | None) -> None:
+    def __init__(self, cause: str, pid: int | None, out_of_memory: bool = False, admitted: dict[str, Any] | None = None) -> None:
         super().__init__(cause)
         self.cause = cause
         self.pid = pid
+        self.out_of_memory = out_of_memory  # a CUDA out-of-memory: services.admission.retry runs it again
+        self.admitted = admitted  # where it had been admitted (device, slots, share), if it was
 
 
 @dataclass(frozen=True)
 class WorkerResult:
     value: Any
     pid: int
-    start_seconds: float  # from asking for the process until the job was imported and about to run
+    start_seconds: float  # from asking for the process until the job was imported and about to run (slot wait excluded)
     total_seconds: float
+    admitted: dict[str, Any] | None = None  # device, slots, slot_wait_seconds, worker_started_at/ended_at (epoch s)
 
 
 def _context(start_method: str) -> multiprocessing.context.BaseContext:
@@ -101,23 +108,44 @@ def resolve(job: str) -> Callable[..., Any]:
 
 
 def _worker_main(connection: multiprocessing.connection.Connection, forked: bool = False) -> None:
-    """Entry point inside the worker: receive the job, import it, report readiness, run it, send its outcome."""
+    """Entry point inside the worker: receive the job, wait for its slot (before anything can
+    initialise CUDA), import the job, report readiness, run it, send its outcome."""
     try:
-        job, kwargs = connection.recv()
+        job, kwargs, admission = connection.recv()
         if forked:
             _refuse_poisoned_fork()
+        ticket = None
+        if admission is not None:
+            from services.admission import gate
+
+            ticket = gate.admit(admission)
+            connection.send(("admitted", ticket.record()))
+            gate.enter(ticket)
         function = resolve(job)
         connection.send(("started", os.getpid()))
-        connection.send(("ok", function(**kwargs)))
+        value = function(**kwargs)
+        if ticket is not None:
+            gate.remember(admission, ticket)
+        connection.send(("ok", value, time.time()))  # the slot is held until this process exits, just after
     except BaseException as error:  # the parent must learn about every failure, even KeyboardInterrupt
-        connection.send(("error", _describe_exception(error), traceback.format_exc()))
+        connection.send(("error", _describe_exception(error), traceback.format_exc(), is_out_of_memory(error)))
     finally:
         connection.close()
 
 
+def is_out_of_memory(error: BaseException) -> bool:
+    """A CUDA out-of-memory, known by type name (torch.cuda.OutOfMemoryError) or by the message
+    torch and the driver give (CUDA_ERROR_OUT_OF_MEMORY, cudaErrorMemoryAllocation); the
+    caller never imports torch to check the type."""
+    text = str(error).lower()
+    if isinstance(error, MemoryError):  # the host's, not the GPU's
+        return False
+    return type(error).__name__ == "OutOfMemoryError" or any(mark in text for mark in ("out of memory", "cuda_error_out_of_memory", "cudaerrormemoryallocation"))
+
+
 def _describe_exception(error: BaseException) -> str:
     kind = type(error).__name__
-    if kind == "OutOfMemoryError" or "out of memory" in str(error).lower():
+    if is_out_of_memory(error):
         return f"out of GPU memory ({kind}: {str(error).splitlines()[0] if str(error) else ''})"
     first_line = str(error).splitlines()[0] if str(error) else ""
     return f"{kind}: {first_line}" if first_line else kind
@@ -132,8 +160,11 @@ def _describe_exit(exitcode: int | None) -> str:
     return f"exited with code {exitcode} without sending a result"
 
 
-def run(job: str, kwargs: dict[str, Any], *, timeout: float, start_method: str = "spawn") -> WorkerResult:
-    """Run the job ('module:function') with ``kwargs`` in a new process; return its value or raise WorkerFailed."""
+def run(job: str, kwargs: dict[str, Any], *, timeout: float, start_method: str = "spawn", admission: "Admission | None" = None) -> WorkerResult:
+    """Run the job ('module:function') with ``kwargs`` in a new process; return its value or raise WorkerFailed.
+
+    With ``admission`` the worker first waits for a slot (services.admission); the timeout
+    counts from when it holds one, and the wait for it is bounded by the same timeout."""
     if start_method not in WORKER_STARTS:
         raise ValueError(f"start_method must be one of {WORKER_STARTS}, got {start_method!r}")
     if start_method == "inprocess":
@@ -144,7 +175,9 @@ def run(job: str, kwargs: dict[str, Any], *, timeout: float, start_method: str =
     receiver, worker_end = context.Pipe()
     process = context.Process(target=_worker_main, args=(worker_end, start_method == "forkserver"), name=f"bouquet-worker-{job.partition(':')[2]}", daemon=True)
     started_at: float | None = None
-    handover = threading.Thread(target=_hand_over, args=(receiver, job, kwargs), daemon=True)
+    admitted: dict[str, Any] | None = None
+    waited = 0.0  # for a slot: not part of the worker's start or run time
+    handover = threading.Thread(target=_hand_over, args=(receiver, job, kwargs, admission), daemon=True)
     try:
         _start(process, start_method)
         worker_end.close()  # only the worker holds its end now: we see EOF once it is gone
@@ -153,7 +186,8 @@ def run(job: str, kwargs: dict[str, Any], *, timeout: float, start_method: str =
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise WorkerFailed(f"timed out after {timeout:g} s (FL_WORKER_TIMEOUT)", process.pid)
+                waiting = " waiting for a slot (FL_WORKER_SLOTS)" if admission is not None and admitted is None else ""
+                raise WorkerFailed(f"timed out after {timeout:g} s{waiting} (FL_WORKER_TIMEOUT)", process.pid, admitted=admitted)
             ready = multiprocessing.connection.wait([receiver, process.sentinel], timeout=remaining)
             if not ready:
                 continue
@@ -162,18 +196,22 @@ def run(job: str, kwargs: dict[str, Any], *, timeout: float, start_method: str =
                     message = receiver.recv()
                 except (EOFError, OSError):  # a worker killed with our inputs unread resets the socket
                     process.join(timeout=5)
-                    raise WorkerFailed(_describe_exit(process.exitcode), process.pid) from None
-                if message[0] == "started":
-                    started_at = time.monotonic()
+                    raise WorkerFailed(_describe_exit(process.exitcode), process.pid, admitted=_ended(admitted, time.time())) from None
+                if message[0] == "admitted":
+                    admitted = message[1]
+                    deadline = time.monotonic() + timeout  # the job's own time starts now
+                    waited = admitted["slot_wait_seconds"]  # as the worker measured it: its own start is not waiting
+                elif message[0] == "started":
+                    started_at = time.monotonic() - waited
                 elif message[0] == "ok":
-                    finished = time.monotonic()
+                    finished = time.monotonic() - waited
                     process.join(timeout=30)
-                    return WorkerResult(message[1], process.pid, (started_at or finished) - asked, finished - asked)
+                    return WorkerResult(message[1], process.pid, (started_at or finished) - asked, finished - asked, _ended(admitted, message[2]))
                 else:
-                    raise WorkerFailed(message[1], process.pid)
+                    raise WorkerFailed(message[1], process.pid, out_of_memory=message[3], admitted=_ended(admitted, time.time()))
             else:  # the process ended and nothing is left in the pipe
                 process.join(timeout=5)
-                raise WorkerFailed(_describe_exit(process.exitcode), process.pid)
+                raise WorkerFailed(_describe_exit(process.exitcode), process.pid, admitted=_ended(admitted, time.time()))
     finally:
         if process.is_alive():
             process.kill()
@@ -186,7 +224,11 @@ def run(job: str, kwargs: dict[str, Any], *, timeout: float, start_method: str =
             process.close()
 
 
-def _hand_over(connection: multiprocessing.connection.Connection, job: str, kwargs: dict[str, Any]) -> None:
+def _ended(admitted: dict[str, Any] | None, ended_at: float) -> dict[str, Any] | None:
+    return None if admitted is None else {**admitted, "worker_ended_at": round(ended_at, 4)}
+
+
+def _hand_over(connection: multiprocessing.connection.Connection, job: str, kwargs: dict[str, Any], admission: Any) -> None:
     """Send the job and its inputs over our own pipe, from a thread.
 
     The inputs (weights) do not travel as Process arguments: multiprocessing writes those
@@ -194,7 +236,7 @@ def _hand_over(connection: multiprocessing.connection.Connection, job: str, kwar
     worker killed before it read them all would block the parent forever. Here a dead worker
     only makes this send fail, and the main loop reports why the worker died."""
     try:
-        connection.send((job, kwargs))
+        connection.send((job, kwargs, admission))
     except OSError:
         pass
 

@@ -91,6 +91,8 @@ def test_client_is_scalable_and_server_is_private() -> None:
     for name in ("server", "client"):
         assert services[name]["init"] is True
         assert "data:/data" in services[name]["volumes"]
+        # one slots folder for the server's and every replica's workers: admission is host-wide
+        assert "slots:/slots" in services[name]["volumes"] and services[name]["environment"]["FL_SLOTS_DIR"] == "/slots"
 
 
 def test_every_passed_through_setting_is_documented_in_dotenv() -> None:
@@ -308,7 +310,8 @@ def test_compose_up_scale_8_cpu_trains_every_replica_and_proves_memory_returned(
     results = tmp_path / "results"
     results.mkdir()
     own_task = {"BOUQUET_TASK_DIR": str(user_task_folder(tmp_path)), "FL_TASK": "/task/task.py"} if task == "user" else {}
-    stack = Stack(compose, results, f"smoke{implementation}", FL_DATASET="digits", FL_ROUNDS="2", FL_RUN_ID="smoke", **own_task)
+    # One worker slot for the whole host: the replicas' workers (separate containers) take turns.
+    stack = Stack(compose, results, f"smoke{implementation}", FL_DATASET="digits", FL_ROUNDS="2", FL_RUN_ID="smoke", FL_WORKER_SLOTS="1", **own_task)
     logs = stack.logs
     try:
         stack.run("up", "--detach", "--no-build", "--scale", f"client={REPLICAS}")
@@ -330,6 +333,10 @@ def test_compose_up_scale_8_cpu_trains_every_replica_and_proves_memory_returned(
             assert (record["clients_ok"], record["clients_failed"], record["missing"]) == (REPLICAS, 0, []), context
             assert sorted(c["partition"] for c in record["clients"]) == list(range(REPLICAS)), context
             assert all(c["num_examples"] > 0 for c in record["clients"]), context
+            assert record["slots_per_device"] == {"cpu": 1} and record["concurrent_workers_peak"] == {"cpu": 1}, context
+            assert all(c["slot_wait_seconds"] >= 0 for c in record["clients"]), context
+            spans = sorted((c["worker_started_at"], c["worker_ended_at"]) for c in record["clients"])
+            assert all(end <= following for (_, end), (following, _) in zip(spans, spans[1:])), f"two workers at once{context}"
         identities = {c["id"] for c in rounds[0]["clients"]}
         assert len(identities) == REPLICAS and identities == {c["id"] for c in rounds[1]["clients"]}, context
         partition_of = {c["id"]: c["partition"] for c in rounds[0]["clients"]}

@@ -1237,4 +1237,5 @@ def test_local_run_with_monitor_shows_workers_coming_and_going(tmp_path):
     assert summary["verdict"]["ok"] is True, summary["verdict"]
     assert "report_error" not in summary and summary.get("host_memory", {"measure": "pss"})["measure"] == "pss"
     page = (run / "report.html").read_text()  # written by the monitor: no second step
-    assert page.count("data:image/png;base64,") == 3 and summary["verdict"]["text"] in page
+    # memory, accuracy and loss, round time, and the workers holding a slot per device
+    assert page.count("data:image/png;base64,") == 4 and "Workers per device" in page and summary["verdict"]["text"] in page

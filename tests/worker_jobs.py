@@ -51,3 +51,35 @@ def inherited_cuda_state() -> dict:
         "bad_fork": bool(torch.cuda._is_in_bad_fork()),
         "cuda_initialized": torch.cuda.is_initialized(),
     }
+
+
+def hold(seconds: float, log_dir: str = "") -> dict:
+    """Hold the slot a while and say which device this worker was confined to."""
+    time.sleep(seconds)
+    return {"pid": os.getpid(), "visible": os.environ.get("CUDA_VISIBLE_DEVICES")}
+
+
+class OutOfMemoryError(RuntimeError):
+    """Named like torch.cuda.OutOfMemoryError: the worker recognises it by its type name."""
+
+
+def out_of_memory_once(marker: str) -> str:
+    """Run out of memory the first time (no marker yet), succeed the second."""
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        raise OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    return "trained"
+
+
+def out_of_memory_always() -> None:
+    raise RuntimeError("CUDA error: out of memory")
+
+
+def announce_and_hold(address: str, seconds: float) -> int:
+    """Tell the test (over a socket it listens on) that this worker holds its slot, then hold it."""
+    from multiprocessing.connection import Client
+
+    with Client(address) as connection:
+        connection.send(os.getpid())
+    time.sleep(seconds)
+    return os.getpid()

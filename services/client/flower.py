@@ -27,16 +27,21 @@ from flwr.common import (
 )
 
 from services import protocol, worker
+from services.admission import config as admission_config, retry
+from services.settings import LocalSettings
 from services.taskspec import Placement, TaskSpec
 
 log = logging.getLogger("bouquet.client")
 
 
 class WorkerClient(Client):
-    def __init__(self, identity: str, placement: Placement, start_method: str) -> None:
+    def __init__(self, identity: str, placement: Placement, start_method: str, admitting: LocalSettings | None = None) -> None:
+        """``admitting``: the settings that admit workers to slots (worker_slots, worker_memory_mib,
+        slots_dir, data_dir, device); None runs workers without admission."""
         self.identity = identity
         self.placement = placement
         self.start_method = start_method
+        self.admitting = admitting
 
     def get_properties(self, ins: GetPropertiesIns) -> GetPropertiesRes:
         return GetPropertiesRes(status=Status(Code.OK, ""), properties={protocol.IDENTITY_PROPERTY: self.identity})
@@ -45,12 +50,14 @@ class WorkerClient(Client):
         result = self._run("services.task:train", ins, with_round=True)
         if isinstance(result, str):
             return FitRes(status=Status(Code.FIT_NOT_IMPLEMENTED, result), parameters=Parameters([], ""), num_examples=0, metrics={})
+        result, retried = result
         trained = result.value
         metrics = {
             **trained["metrics"],
             "client_pid": os.getpid(),
             "worker_start_seconds": round(result.start_seconds, 4),
             "worker_seconds": round(result.total_seconds, 4),
+            **admission_metrics(result, retried),
         }
         log.info(
             "round %s: partition %s trained on %d examples in worker pid %d (%.2f s, start %.2f s), loss %.4f",
@@ -63,15 +70,16 @@ class WorkerClient(Client):
         result = self._run("services.task:evaluate", ins, with_round=False)
         if isinstance(result, str):
             return EvaluateRes(status=Status(Code.EVALUATE_NOT_IMPLEMENTED, result), loss=0.0, num_examples=0, metrics={})
+        result, retried = result
         scored = result.value
         return EvaluateRes(
             status=Status(Code.OK, ""),
             loss=float(scored["loss"]),
             num_examples=scored["num_examples"],
-            metrics={**protocol.scalars(scored["metrics"]), **scored["job"], "client_pid": os.getpid()},
+            metrics={**protocol.scalars(scored["metrics"]), **scored["job"], "client_pid": os.getpid(), **admission_metrics(result, retried)},
         )
 
-    def _run(self, job: str, ins: FitIns | EvaluateIns, with_round: bool) -> worker.WorkerResult | str:
+    def _run(self, job: str, ins: FitIns | EvaluateIns, with_round: bool) -> tuple[worker.WorkerResult, bool] | str:
         """The worker's result, or the failure message (JSON) to send back instead of one.
 
         Flower's legacy gRPC client crashes its process on an exception, so everything that can
@@ -89,8 +97,9 @@ class WorkerClient(Client):
         except (KeyError, TypeError, ValueError) as problem:
             log.error("round %s: unreadable round config: %s: %s", server_round, type(problem).__name__, problem)
             return protocol.encode_failure(f"unreadable round config: {type(problem).__name__}: {problem}", client_pid=os.getpid())
+        admission = admission_config.admission_for(self.admitting, job, spec) if self.admitting is not None else None
         try:
-            return worker.run(job, inputs, timeout=spec.worker_timeout, start_method=self.start_method)
+            return retry.run(job, inputs, timeout=spec.worker_timeout, start_method=self.start_method, admission=admission)
         except worker.WorkerFailed as failure:
             log.error("round %s: %s worker (pid %s) failed: %s", server_round, job.partition(":")[2], failure.pid, failure.cause)
             return protocol.encode_failure(failure.cause, worker_pid=failure.pid, client_pid=os.getpid())
@@ -103,6 +112,13 @@ class WorkerClient(Client):
             int(config[protocol.NUM_PARTITIONS]),
             int(config[protocol.SERVER_ROUND]),
         )
+
+
+def admission_metrics(result: worker.WorkerResult, retried: bool) -> dict[str, Any]:
+    """Where the worker ran and how long it waited for its slot (metrics.jsonl, per client)."""
+    admitted = result.admitted or {}
+    keep = ("device", "slots", "slot_wait_seconds", "worker_started_at", "worker_ended_at")
+    return {**{key: admitted[key] for key in keep if admitted.get(key) is not None}, "retried_after_oom": retried}
 
 
 def run(server_address: str, client: WorkerClient, reconnect_timeout: float, ca: bytes | None) -> None:

@@ -31,6 +31,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from services.files import METRICS, atomic_write
+from services.monitor.admission import settled_slots, workers_alive
 from services.monitor.csvlog import read_rows
 from services.monitor.rounds import Round, RoundLog
 from services.monitor.summary import samples_of, summarize
@@ -153,6 +154,26 @@ def round_time_figure(rounds: list[Round]) -> str:
     return png(figure)
 
 
+def workers_figure(rounds: list[Round], start: float) -> str | None:
+    """Training workers holding a slot, per device, with the settled slots as dashed lines."""
+    series = workers_alive(rounds)
+    if not series:
+        return None
+    slots = settled_slots(rounds)
+    figure = figure_of(figsize=(11, 2.8))
+    axis = figure.subplots()
+    for index, current in enumerate(rounds):
+        axis.axvspan(current.started - start, current.ended - start, color=("#dbe9f6" if index % 2 == 0 else "#eaf2fa"), zorder=0)
+    for device, steps in sorted(series.items()):
+        line, = axis.step([t - start for t, _ in steps], [n for _, n in steps], where="post", label=f"{device} workers")
+        if isinstance(slots.get(device), int):
+            axis.axhline(slots[device], color=line.get_color(), linestyle="--", linewidth=0.9, label=f"{device} slots ({slots[device]})")
+    axis.set(xlabel="seconds since the monitor's first sample", ylabel="workers", title="Training workers holding a slot, per device (dashed: slots in force)")
+    axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    axis.grid(alpha=0.3)
+    return png(figure)
+
+
 def _mean(values: list[Any]) -> float | None:
     numbers = [v for v in values if isinstance(v, (int, float))]
     return sum(numbers) / len(numbers) if numbers else None
@@ -200,12 +221,16 @@ def render(run_path: Path, tolerance_mib: float = DEFAULT_TOLERANCE_MIB, rows: l
     status = {True: "ok", False: "bad"}.get(verdict.get("ok"), "unknown")
     source = "GPU memory (NVML)" if rows[0]["source"] == "nvml" else f"host memory ({measure(rows, memory)}; no GPU was visible)"
     crowd = memory.get("max_workers_alive", {})
+    slots = settled_slots(rounds)
+    workers = workers_figure(rounds, samples_of(rows)[0].t)
     facts = [
         f"run <b>{html.escape(run_path.name)}</b>: {html.escape(str(run.get('status', 'still running or no summary.json')))}, "
         f"{len(rounds)} round(s) recorded, final accuracy {_accuracy(run.get('final_accuracy'))}",
         f"recorded: {source}, {memory.get('samples', 0)} samples",
         f"most workers alive at once: {_cell(crowd.get('count'))} (round {_cell(crowd.get('round'))})",
+        "worker slots per device (FL_WORKER_SLOTS): " + (", ".join(f"{html.escape(d)} {_cell(n)}" for d, n in sorted(slots.items())) or "not recorded"),
     ]
+    workers_section = f'<h2>Workers per device</h2>\n<img alt="workers alive per device over time" src="data:image/png;base64,{workers}">' if workers else ""
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>Bouquet run {html.escape(run_path.name)}</title>
 <style>
@@ -221,6 +246,7 @@ img {{ max-width: 100%; }} .row {{ display: flex; gap: 1em; flex-wrap: wrap; }}
 <ul>{''.join(f'<li>{fact}</li>' for fact in facts)}</ul>
 <h2>Memory over time</h2>
 <img alt="memory per replica over time" src="data:image/png;base64,{memory_figure(rows, rounds, memory)}">
+{workers_section}
 <div class="row">
 <div><h2>Accuracy and loss</h2><img alt="accuracy and loss per round" src="data:image/png;base64,{quality_figure(rounds, run)}"></div>
 <div><h2>Round time</h2><img alt="round time" src="data:image/png;base64,{round_time_figure(rounds)}"></div>

@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         registry, settings.min_clients, settings.join_grace, settings.join_timeout,
         announced=lambda: roster.live(settings.data_dir), saved=saved,
     )
-    evaluator = CentralEvaluator(spec, placement, settings.worker_start)
+    evaluator = CentralEvaluator(spec, placement, settings.worker_start, admitting=settings)
     resume_from = load_checkpoint(resumed.checkpoint) if resumed and resumed.checkpoint else None
     started_at, started = utc_now(), time.monotonic()
     status, error = "failed", None

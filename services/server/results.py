@@ -17,6 +17,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from services.admission.records import workers_alive
 from services.files import METRICS, atomic_write, json_safe, write_json_atomically
 from services.locks import HeldLock, is_held
 
@@ -172,6 +173,8 @@ class RoundRecorder:
             clients_ok=len(clients),
             clients_failed=len(failures),
             num_partitions=num_partitions,
+            slots_per_device=slots_per_device(clients),
+            concurrent_workers_peak=concurrent_workers_peak(clients),
         )
 
     def aggregated(self, seconds: float) -> None:
@@ -228,3 +231,22 @@ class RoundRecorder:
                 if client.get("partition") is not None:
                     counts[str(client["partition"])] = counts.get(str(client["partition"]), 0) + 1
         return counts
+
+
+def slots_per_device(clients: list[dict[str, Any]]) -> dict[str, Any]:
+    """The slots in force on each device this round, as the clients' workers were admitted
+    (the largest seen: a device's count can settle upwards once a worker measured its need)."""
+    slots: dict[str, Any] = {}
+    for client in clients:
+        device, count = client.get("device"), client.get("slots")
+        if device is None or count is None:
+            continue
+        earlier = slots.get(device)
+        slots[device] = count if earlier is None or (isinstance(count, int) and isinstance(earlier, int) and count > earlier) else earlier
+    return slots
+
+
+def concurrent_workers_peak(clients: list[dict[str, Any]]) -> dict[str, int]:
+    """Per device, the most training workers that held a slot at the same time (from the
+    workers' own start and end times)."""
+    return {device: max(alive for _, alive in steps) for device, steps in workers_alive(clients).items()}
