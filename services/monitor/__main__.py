@@ -198,8 +198,9 @@ def draw_report(run_path: Path, tolerance_mib: float, rows: list[dict[str, Any]]
 
 
 def give_to_folder_owner(path: Path) -> None:
-    """In compose the monitor runs as root (Docker socket, other users' /proc entries); its
-    files should still belong to whoever owns the run folder, like the server's."""
+    """Where the monitor runs as root (the Kubernetes DaemonSet: Kubernetes gives a non-root
+    container no capabilities), its files should still belong to whoever owns the run folder,
+    like the server's. (Compose steps it down to that owner before it starts.)"""
     if os.geteuid() == 0:
         folder = path.parent.stat()
         os.chown(path, folder.st_uid, folder.st_gid)
