@@ -19,6 +19,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
+from services.client.connect import split_address
 from services.settings import SettingError
 
 CA_FILE = "ca.crt"
@@ -94,8 +95,7 @@ def mismatch(address: str, ca: bytes | None, timeout: float = 5.0) -> str | None
     answer with a certificate the CA signed for the host it dials; a plaintext client (``ca``
     None) must find a server that does not answer TLS at all. gRPC itself would retry either
     mismatch until its timeout and then report an unrelated-looking UNAVAILABLE."""
-    host, _, port = address.rpartition(":")
-    host = host.strip("[]")
+    host, port = split_address(address)
     if ca is not None:
         context = ssl.create_default_context(cadata=ca.decode("ascii", "replace"))
     else:  # only asking whether the server speaks TLS at all
@@ -104,7 +104,7 @@ def mismatch(address: str, ca: bytes | None, timeout: float = 5.0) -> str | None
         context.verify_mode = ssl.CERT_NONE
     context.set_alpn_protocols(["h2"])
     try:
-        raw = socket.create_connection((host, int(port)), timeout=timeout)
+        raw = socket.create_connection((host, port), timeout=timeout)
     except OSError:
         return None  # not reachable (any more): the caller's wait for the server handles that
     try:

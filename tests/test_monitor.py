@@ -933,6 +933,8 @@ def monitor(*args, **env):
         (["--monitor-source", "gpu"], "--monitor-source / FL_MONITOR_SOURCE = 'gpu'"),
         (["--monitor-scope", "everything"], "--monitor-scope / FL_MONITOR_SCOPE = 'everything'"),
         (["--residual-tolerance-mib", "-1"], "--residual-tolerance-mib / FL_RESIDUAL_TOLERANCE_MIB = '-1'"),
+        (["--docker-api", "docker-names:2375"], "--docker-api / FL_DOCKER_API = 'docker-names:2375'"),
+        (["--run-volume", " "], "--run-volume / FL_RUN_VOLUME = ' '"),
     ],
 )
 def test_bad_settings_exit_2_with_one_line(args, named):

@@ -45,7 +45,21 @@ BAD_SERVER_VALUES = [
     (["--run-id", "../escape"], "FL_RUN_ID", "letters, digits"),
     (["--model", "cifar-cnn"], "FL_MODEL", "digits-cnn"),
     (["--min-fit-clients", "3", "--min-clients", "2"], "FL_MIN_FIT_CLIENTS", "must not exceed"),
+    (["--tls-dir", " "], "FL_TLS_DIR", "non-empty path"),
+    (["--worker-slots", "0"], "FL_WORKER_SLOTS", "auto, unlimited or an integer in 1-64"),
+    (["--worker-slots", "lots"], "FL_WORKER_SLOTS", "auto, unlimited or an integer in 1-64"),
+    (["--worker-memory-mib", "0"], "FL_WORKER_MEMORY_MIB", "> 0"),
+    (["--slots-dir", " "], "FL_SLOTS_DIR", "non-empty path"),
 ]
+
+
+@pytest.mark.parametrize("argv, env_name, allowed", [(["--identity-source", "mac"], "FL_IDENTITY_SOURCE", "hostname, container")])
+def test_bad_client_setting_exits_2_naming_it(argv, env_name, allowed, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        settings.parse(settings.ClientSettings, argv, {}, program="services.client")
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err.strip()
+    assert len(message.splitlines()) == 1 and env_name in message and allowed in message
 
 
 def parse_server(argv, environ=None):

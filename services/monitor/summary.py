@@ -21,6 +21,7 @@ Definitions (docs/monitor.md explains them for users):
 
 from __future__ import annotations
 
+import bisect
 from collections import defaultdict
 from itertools import groupby
 from typing import Any, Iterable
@@ -150,6 +151,7 @@ class Baselines:
 
     def __init__(self, samples: list[Sample], rounds: list[Round], restarted_at: Iterable[int]) -> None:
         self.samples = samples
+        self.times = [sample.t for sample in samples]  # in order: samples are taken one after another
         self.starts = sorted(current.started for current in rounds)
         begins = ({rounds[0].number} if rounds else set()) | set(restarted_at)
         self.stretches = [
@@ -160,8 +162,8 @@ class Baselines:
             self.stretches.insert(0, (rounds[0].number if rounds else 0, baseline_sample(samples, rounds)))
 
     def _before(self, when: float) -> Sample | None:
-        before = [sample for sample in self.samples if sample.t < when]
-        return before[-1] if before else None
+        index = bisect.bisect_left(self.times, when)
+        return self.samples[index - 1] if index else None
 
     def stretch(self, current: Round) -> Sample:
         """The baseline sample of the stretch ``current`` belongs to."""
