@@ -71,18 +71,19 @@ def write_token(path: Path) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m services.joining PATH [GROUP]``: compose's one-shot join-secret service. Makes
-    the deployment's token once (a later `up` keeps it) and gives it to GROUP (default bouquet);
-    prints whether it made one, never the token."""
+    the deployment's token once (a later `up` keeps it) and, given GROUP, gives the file to it
+    (compose: bouquet, which the server and every replica run with); prints whether it made
+    one, never the token."""
     args = sys.argv[1:] if argv is None else argv
     if not 1 <= len(args) <= 2:
         print("usage: python -m services.joining PATH [GROUP]", file=sys.stderr)
         return 2
-    path, group = Path(args[0]), args[1] if len(args) > 1 else "bouquet"
+    path, group = Path(args[0]), args[1] if len(args) > 1 else None
     created = write_token(path)
-    if os.geteuid() == 0:
+    if group is not None:
         import grp
 
-        os.chown(path, 0, grp.getgrnam(group).gr_gid)
+        os.chown(path, -1, grp.getgrnam(group).gr_gid)
         os.chmod(path, 0o440)
     print(f"services.joining: join token {'created' if created else 'kept'} in {path} (mode {path.stat().st_mode & 0o777:o})", file=sys.stderr)
     return 0

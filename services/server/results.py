@@ -179,7 +179,7 @@ class RoundRecorder:
         self._current.update(
             clients=sorted(clients, key=lambda c: (c.get("partition") is None, c.get("partition"))),
             failures=failures,
-            rejected=rejected,
+            rejected=sorted(rejected, key=lambda r: (r.get("partition") is None, r.get("partition"))),
             clients_ok=len(clients),
             clients_failed=len(failures),
             clients_rejected=len(rejected),
