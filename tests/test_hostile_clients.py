@@ -175,6 +175,7 @@ def test_a_dropping_client_is_survived_and_each_foreign_connection_logged_once(f
     ignored = [line for line in logs["server"].splitlines() if "ignoring connection" in line]
     connections = [line.split("ignoring connection ")[1].split(":")[0] for line in ignored]
     assert len(connections) == len(set(connections)), "a connection was logged more than once"
+    assert "any client that reaches" not in logs["server"]  # it has a token
 
 
 def test_the_token_is_never_written_down(federation):
