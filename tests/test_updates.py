@@ -55,6 +55,7 @@ def test_the_number_of_examples_must_be_a_positive_integer(examples, reason):
 
 def test_numeric_metrics_must_be_finite_and_text_is_left_alone():
     assert updates.update_problem(LAYOUT, model(), 10, {"train_loss": float("inf")}) == "metric 'train_loss' is inf"
+    assert updates.update_problem(LAYOUT, model(), 10, {"per_class": [0.5, float("nan")]}) == "metric 'per_class' is [0.5, nan]"
     assert updates.update_problem(LAYOUT, model(), np.int64(10), {"train_loss": 0.3, "note": "nan", "steps": 12}) is None
 
 
@@ -130,6 +131,17 @@ def test_bad_updates_are_left_out_and_recorded_and_the_rest_averaged(tmp_path):
         {"id": "client-2", "partition": 2, "reason": "num_examples -1, expected a positive integer"},
     ]
     assert [a.dtype for a in parameters_to_ndarrays(aggregated)] == [np.float32, np.float32, np.int64]
+    recorder.commit(record)  # what a client sent as metrics cannot break the record either
+
+
+def test_a_client_metric_of_any_flower_type_is_recorded(tmp_path):
+    bouquet, recorder = strategy(tmp_path, 1)
+    proxy, res = answer(0, model())
+    res.metrics = {"blob": b"\x00\xff", "steps": [1, 2], "train_loss": 0.2}
+    bouquet.aggregate_fit(1, [(proxy, res)], [])
+    recorder.commit(recorder.round_ended())
+    [client] = json.loads((tmp_path / "unit" / "metrics.jsonl").read_text())["clients"]
+    assert (client["blob"], client["steps"]) == ("00ff", [1, 2])
 
 
 def test_far_updates_are_clipped_to_the_bound_and_recorded(tmp_path):

@@ -62,8 +62,9 @@ def update_problem(layout: Layout, weights: Sequence[np.ndarray], num_examples: 
 def metrics_problem(metrics: Mapping[str, Any]) -> str | None:
     """Numeric metrics must be finite (they are averaged and plotted); text is left alone."""
     for key, value in metrics.items():
-        if isinstance(value, float) and not math.isfinite(value):
-            return f"metric {key!r} is {value}"
+        for item in value if isinstance(value, list) else [value]:  # Flower metrics may be lists of scalars
+            if isinstance(item, float) and not math.isfinite(item):
+                return f"metric {key!r} is {value}"
     return None
 
 
