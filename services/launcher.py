@@ -32,12 +32,13 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from services import joining
 from services import settings as settings_module
 from services.certs import make_certificates
 from services.client.connect import free_port, wait_until_listening
 from services.files import read_rounds, tail
 from services.server.results import new_run_id
-from services.settings import ClientSettings, LocalSettings, ServerSettings, boolean, positive_int, reuse, setting
+from services.settings import ClientSettings, JoinSettings, LocalSettings, ServerSettings, boolean, positive_int, reuse, setting
 
 # The server, clients and monitor run from the folder that holds the package (the repository,
 # where scripts/bootstrap.sh installs it in editable mode).
@@ -107,6 +108,17 @@ def throwaway_certificates() -> Path:
     return folder
 
 
+def join_token_file(token: str | None) -> Path:
+    """The run's join token (--join-token, else a new one) in a private temporary folder, passed
+    to the server and the clients as FL_JOIN_TOKEN_FILE: never on a command line (`ps` shows
+    those to every user) nor in the logs; deleted at the end."""
+    folder = Path(tempfile.mkdtemp(prefix="bouquet-join-"))  # mode 0700
+    path = folder / "join-token"
+    path.write_text((token or joining.new_token()) + "\n")
+    path.chmod(0o600)
+    return path
+
+
 def _die_with_launcher() -> None:
     """In each child before exec: get SIGTERM if the launcher dies, even by SIGKILL (Linux)."""
     import ctypes
@@ -122,6 +134,7 @@ class Federation:
         self.run_path = Path(values.results_dir) / self.run_id
         self.log_dir = Path(values.results_dir) / f".{self.run_id}.logs"  # moved into the run folder at the end
         self.processes: dict[str, tuple[subprocess.Popen, Path]] = {}
+        self.join_env: dict[str, str] = {}  # FL_JOIN_TOKEN_FILE for the server and every client (main sets it)
 
     def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
         log_path = self.log_dir / f"{name}.log"
@@ -131,7 +144,8 @@ class Federation:
             cwd=REPO,
             stdout=log_file,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+            # FL_JOIN_TOKEN stays out: the run's token reaches the processes as FL_JOIN_TOKEN_FILE.
+            env={**{key: value for key, value in os.environ.items() if key != "FL_JOIN_TOKEN"}, "PYTHONUNBUFFERED": "1", **(env or {})},
             start_new_session=True,  # Ctrl-C reaches the launcher only; it stops the others in order
             preexec_fn=_die_with_launcher,
         )
@@ -141,8 +155,9 @@ class Federation:
     def run(self) -> int:
         v = self.values
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        server_names = [s.name for s in settings_module.declared(ServerSettings)]
-        self.start("server", ["-m", "services.server", *settings_module.as_flags(v, server_names)])
+        joins = {s.name for s in settings_module.declared(JoinSettings)}  # the token goes as a file, in the environment
+        server_names = [s.name for s in settings_module.declared(ServerSettings) if s.name not in joins]
+        self.start("server", ["-m", "services.server", *settings_module.as_flags(v, server_names)], self.join_env)
         host_port = v.listen_address.replace("0.0.0.0", "127.0.0.1").replace("[::]", "127.0.0.1")
         try:
             wait_until_listening(host_port, self.processes["server"][0], 120, "server")
@@ -153,7 +168,7 @@ class Federation:
         client_names = [s.name for s in settings_module.declared(LocalSettings)] + ["connect_timeout"]
         client_flags = ["--server-address", host_port, *settings_module.as_flags(v, client_names)]
         for index in range(v.clients):
-            self.start(f"client-{index}", ["-m", "services.client", *client_flags], {"FL_CLIENT_ID": f"client-{index}"})
+            self.start(f"client-{index}", ["-m", "services.client", *client_flags], {"FL_CLIENT_ID": f"client-{index}", **self.join_env})
         return self._follow()
 
     def _follow(self) -> int:
@@ -237,7 +252,10 @@ def main(argv: list[str] | None = None) -> int:
     certificates = throwaway_certificates() if values.tls else None
     if certificates is not None:
         values = dataclasses.replace(values, tls_dir=str(certificates))
+    token = join_token_file(values.join_token)
+    values = dataclasses.replace(values, join_token=None, join_token_file=None)
     federation = Federation(values)
+    federation.join_env = {"FL_JOIN_TOKEN_FILE": str(token)}
     started = time.monotonic()
     try:
         code = federation.run()
@@ -246,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if certificates is not None:
             shutil.rmtree(certificates, ignore_errors=True)
+        shutil.rmtree(token.parent, ignore_errors=True)
     federation._collect_logs()
     summary = federation.run_path / "summary.json"
     if summary.exists():

@@ -12,6 +12,9 @@ SERVER_ROUND = "server_round"
 PARTITION_ID = "partition_id"
 NUM_PARTITIONS = "num_partitions"
 PROXIMAL_MU = "proximal_mu"  # what Flower's FedProx puts in each round's fit config
+JOIN_NONCE = "join-nonce"  # get_properties config: the server's challenge (services.joining)
+JOIN_PROOF = "join-proof"  # get_properties answer: HMAC of the nonce and identity under the join token
+JOIN_REFUSED = "join-refused"  # get_properties config: the server refuses this connection, and why
 
 
 def encode_failure(cause: str, **details: Any) -> str:

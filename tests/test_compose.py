@@ -124,8 +124,11 @@ def test_every_setting_is_checked_before_any_long_lived_service_starts() -> None
     services = _load(BASE)["services"]
     check = services["check"]
     assert check["command"][:3] == ["python", "-m", "services.preflight"]
+    # join-secret comes first (check validates the token file it makes); it takes no setting.
+    assert check["depends_on"]["join-secret"] == {"condition": "service_completed_successfully"}
+    assert not any(key.startswith("FL_") for key in services["join-secret"].get("environment", {}))
     for name, service in services.items():
-        if name == "check":
+        if name in ("check", "join-secret"):
             continue
         assert service["depends_on"]["check"] == {"condition": "service_completed_successfully"}, name
         for key, value in service.get("environment", {}).items():
@@ -346,6 +349,13 @@ def test_compose_up_scale_8_cpu_trains_every_replica_and_proves_memory_returned(
         for identity in identities:
             assert pid_of[0][identity] != pid_of[1][identity], f"{identity}: same worker pid in both rounds{context}"
         assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["round-0001.npz", "round-0002.npz"]
+        # Issue 19: the deployment's join token, made once by join-secret, let every replica in;
+        # it is in no environment (docker inspect), no log and not in summary.json.
+        assert summary["joins_refused"] == 0 and summary["settings"]["join_token"] == "(set)", context
+        token = stack.run("run", "--rm", "--no-deps", "-T", "--entrypoint", "cat", "server", "/secrets/join-token").stdout.strip()
+        assert len(token) == 64
+        inspected = subprocess.run(["docker", "inspect", server, *clients], capture_output=True, text=True, check=True).stdout
+        assert token not in inspected and token not in logs() and token not in (run_dir / "summary.json").read_text()
 
         # The gpu-monitor sidecar (host memory here: no GPU) ends by itself after the run and
         # leaves its files in the same run folder on the host: every replica named, the verdict

@@ -26,7 +26,7 @@ from flwr.common import (
     parameters_to_ndarrays,
 )
 
-from services import protocol, worker
+from services import joining, protocol, worker
 from services.admission import config as admission_config, retry
 from services.settings import LocalSettings
 from services.taskspec import Placement, TaskSpec
@@ -35,16 +35,31 @@ log = logging.getLogger("bouquet.client")
 
 
 class WorkerClient(Client):
-    def __init__(self, identity: str, placement: Placement, start_method: str, admitting: LocalSettings | None = None) -> None:
+    def __init__(
+        self, identity: str, placement: Placement, start_method: str, admitting: LocalSettings | None = None, join_token: str | None = None
+    ) -> None:
         """``admitting``: the settings that admit workers to slots (worker_slots, worker_memory_mib,
-        slots_dir, data_dir, device); None runs workers without admission."""
+        slots_dir, data_dir, device); None runs workers without admission. ``join_token``: the
+        secret this client proves when the server asks (services.joining)."""
         self.identity = identity
         self.placement = placement
         self.start_method = start_method
         self.admitting = admitting
+        self.join_token = join_token
+        self.refused: str | None = None  # why the server refused this client, once it said so
 
     def get_properties(self, ins: GetPropertiesIns) -> GetPropertiesRes:
-        return GetPropertiesRes(status=Status(Code.OK, ""), properties={protocol.IDENTITY_PROPERTY: self.identity})
+        """The identity, and the proof of the join token when the server sends a nonce. The
+        server also uses this message to say that it refuses the client, and why."""
+        refused = ins.config.get(protocol.JOIN_REFUSED)
+        if isinstance(refused, str):
+            self.refused = refused
+            return GetPropertiesRes(status=Status(Code.OK, ""), properties={})
+        properties: dict[str, Any] = {protocol.IDENTITY_PROPERTY: self.identity}
+        nonce = ins.config.get(protocol.JOIN_NONCE)
+        if isinstance(nonce, str) and self.join_token is not None:
+            properties[protocol.JOIN_PROOF] = joining.proof(self.join_token, nonce, self.identity)
+        return GetPropertiesRes(status=Status(Code.OK, ""), properties=properties)
 
     def fit(self, ins: FitIns) -> FitRes:
         result = self._run("services.task:train", ins, with_round=True)

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import TypeVar
 
-from services import logs, roster, tls, worker
+from services import joining, logs, roster, tls, worker
 from services import settings as settings_module
 from services.server import resume
 from services.server.central import CentralEvaluator
@@ -39,6 +39,7 @@ def validate(values: S) -> S:
     values = dataclasses.replace(values, strategy_args=strategies.parse_args(values.strategy, values.strategy_args))
     if values.tls_dir is not None:
         tls.server_files(values.tls_dir)
+    values = dataclasses.replace(values, join_token=joining.token_of(values.join_token, values.join_token_file))
     if values.min_fit_clients > values.min_clients:
         raise settings_module.SettingError(
             f"--min-fit-clients / FL_MIN_FIT_CLIENTS = {values.min_fit_clients}: must not exceed "
@@ -118,6 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     folder = state.folder
     log.info("run %s: results in %s", folder.run_id, folder.path)
     log.info("gRPC on %s with %s", settings.listen_address, f"TLS (certificates from {settings.tls_dir})" if settings.tls_dir else "no TLS (plaintext; FL_TLS_DIR unset)")
+    if settings.join_token is None:
+        log.warning("no join token (FL_JOIN_TOKEN / FL_JOIN_TOKEN_FILE unset): any client that reaches %s may join the run", settings.listen_address)
+    else:
+        log.info("clients must prove the join token to join (challenge-response; the token never travels)")
 
     recorder = RoundRecorder(folder, rounds=resumed.rounds if resumed else None, initial=state.data.get("initial"))
     registry = PartitionRegistry()
@@ -154,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
                 "rounds_recorded": len(recorder.rounds),
                 "rounds_without_training": [r["round"] for r in recorder.rounds if not r["trained"]],
                 "rounds_trained_by_partition": recorder.rounds_trained_by_partition(registry.num_partitions),
+                "updates_rejected": recorder.updates_rejected,
+                "updates_clipped": recorder.updates_clipped,
+                "joins_refused": recorder.joins_refused,
                 "initial_accuracy": recorder.initial.get("accuracy"),
                 "initial_loss": recorder.initial.get("loss"),
                 "final_accuracy": last.get("accuracy"),
