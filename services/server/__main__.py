@@ -154,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
                 "rounds_recorded": len(recorder.rounds),
                 "rounds_without_training": [r["round"] for r in recorder.rounds if not r["trained"]],
                 "rounds_trained_by_partition": recorder.rounds_trained_by_partition(registry.num_partitions),
+                "rounds_missed_by_partition": recorder.rounds_missed_by_partition(),
                 "initial_accuracy": recorder.initial.get("accuracy"),
                 "initial_loss": recorder.initial.get("loss"),
                 "final_accuracy": last.get("accuracy"),
