@@ -3,9 +3,10 @@
 - TLS: `scripts/make_certs.py --out certs --name server ...` as whoever runs it (root in CI),
   and as another user with a private umask, while Docker creates ./results (so the server
   steps down to uid 1000, not the key's owner): the run completes over TLS either way.
-- Following a run to its end: `docker compose up --abort-on-container-failure --exit-code-from
-  server` returns the server's exit status: 0 for a completed run, 1 for a run whose rounds all
-  failed (a task whose train raises), without being cut short by the one-shot `check` exiting 0.
+- Following a run to its end: `docker compose up --attach server --attach gpu-monitor
+  --abort-on-container-failure --exit-code-from server` returns the server's exit status: 0 for
+  a completed run (with report.html written), 1 for a run whose rounds all failed (a task whose
+  train raises), without being cut short by the one-shot `check` exiting 0.
 
 Marked ``docker``; they skip without Docker and the CPU images unless BOUQUET_REQUIRE_DOCKER=1.
 """
@@ -25,8 +26,9 @@ import pytest
 from test_compose import REPO, Stack, _docker_ready
 
 # The command docs/containers.md gives for following a run to its end (issue 20: the usual
-# `--abort-on-container-exit` also aborts when `check` exits 0).
-FOLLOW = ("up", "--abort-on-container-failure", "--exit-code-from", "server")
+# `--abort-on-container-exit` also aborts when `check` exits 0; `--abort-on-container-failure`
+# alone also when a replica crashes, which Docker would restart).
+FOLLOW = ("up", "--attach", "server", "--attach", "gpu-monitor", "--abort-on-container-failure", "--exit-code-from", "server")
 MAKE_CERTS = ("scripts/make_certs.py", "--out", "certs", "--name", "server", "--name", "localhost", "--ip", "127.0.0.1")
 OTHER_USER = 1001  # a host user who is neither root nor the image's uid 1000
 
@@ -77,6 +79,7 @@ def test_tls_exactly_as_documented_completes(project_folder: Path, maker: str) -
         assert up.returncode == 0, f"exit {up.returncode}\n{said[-4000:]}"
         summary = _summary(results)
         assert summary["status"] == "completed" and summary["num_partitions"] == 2, summary
+        assert (results / summary["run_id"] / "report.html").exists(), "the command returned before the sidecar wrote the report"
         server_log = stack.run("logs", "--no-color", "server").stdout
         assert "with TLS" in server_log, server_log[-2000:]
     finally:
