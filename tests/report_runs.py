@@ -23,6 +23,9 @@ SLOTS = 2
 ROUND_SECONDS = 20.0
 
 
+SERVER = "server-1"  # the names proxy names every service's containers so, the server's too
+
+
 def name(replica: int) -> str:
     return f"client-{replica + 1}"  # as the names proxy gives them: compose service and number
 
@@ -53,7 +56,7 @@ def write_run(folder: Path, replicas: int, rounds: int = 3, leaky: int | None = 
     samples, records = Samples(), []
 
     def standing(after_round: int) -> list[tuple]:
-        out = [(10, 1, 0.0, "server", "server", "", SERVER_MIB), (11, 10, 1.0, "helper", "server", "", FORKSERVER_MIB)]
+        out = [(10, 1, 0.0, "server", SERVER, "", SERVER_MIB), (11, 10, 1.0, "helper", SERVER, "", FORKSERVER_MIB)]
         for r in range(replicas):
             base = 1000 + 10 * r
             own = CLIENT_MIB + (SETTLE_MIB if after_round else 0.0) + (90.0 * after_round if r == leaky else 0.0)
@@ -83,7 +86,7 @@ def write_run(folder: Path, replicas: int, rounds: int = 3, leaky: int | None = 
                 running = client["worker_started_at"] - T0 <= now
                 workers.append((pid + r, 1000 + 10 * r + 1, start + 0.4, "worker", name(r), identity(r), WORKER_MIB if running else WAITING_MIB))
             samples.add(now, standing(number - 1) + workers)
-        samples.add(end - 0.5, standing(number - 1) + [(pid + 999, 11, end - 2.0, "server-worker", "server", "", EVALUATION_MIB)])
+        samples.add(end - 0.5, standing(number - 1) + [(pid + 999, 11, end - 2.0, "server-worker", SERVER, "", EVALUATION_MIB)])
         samples.add(end + 0.1, standing(number))
         pid += 1000
         record = {

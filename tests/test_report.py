@@ -39,7 +39,7 @@ def test_replicas_are_rows_named_as_compose_names_them_in_counting_order(page_20
     rows = table(page_20, "replicas")
     assert rows[0][:5] == ["replica", "partition", "baseline MiB", "peak MiB", "forkserver + tracker MiB"]
     names = [row[0] for row in rows[1:]]
-    assert names == ["server"] + [f"client-{n}" for n in range(1, 21)]
+    assert names == ["server-1"] + [f"client-{n}" for n in range(1, 21)]
     assert not any(f">{identity(r)}<" in page_20 for r in range(20)), "a replica shown by its container id"
     partition = {row[0]: row[1] for row in rows[1:]}
     assert partition["client-1"] == "0" and partition["client-20"] == "19"
@@ -72,7 +72,7 @@ def test_the_helpers_memory_is_its_own_figure_and_adds_up_to_what_docker_stats_c
     assert f"{helpers:,.0f} MiB in 41 helper processes" in page_20
     assert "left out of the baseline, the residuals, the chart and the peaks below" in page_20
     rows = {row[0]: row for row in table(page_20, "replicas")[1:]}
-    assert rows["client-3"][4] == f"{FORKSERVER_MIB + TRACKER_MIB:,.1f}" and rows["server"][4] == f"{FORKSERVER_MIB:,.1f}"
+    assert rows["client-3"][4] == f"{FORKSERVER_MIB + TRACKER_MIB:,.1f}" and rows["server-1"][4] == f"{FORKSERVER_MIB:,.1f}"
 
 
 def test_workers_alive_are_explained_against_the_slots(page_20):

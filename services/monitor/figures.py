@@ -45,7 +45,8 @@ def measure(rows: list[dict[str, Any]], memory: dict[str, Any]) -> str:
     return {"pss": "PSS", "pss+rss": "PSS (RSS where unreadable)"}.get(memory.get("host_memory", {}).get("measure"), "RSS")
 
 
-def memory_figure(rows: list[dict[str, Any]], rounds: list[Round], memory: dict[str, Any]) -> str:
+def memory_figure(rows: list[dict[str, Any]], rounds: list[Round], memory: dict[str, Any], servers: frozenset[str] = frozenset({"server"})) -> str:
+    """``servers``: the server's replica names, drawn with a legend entry of their own among many replicas."""
     samples = samples_of(rows)
     start = samples[0].t
     times = [s.t - start for s in samples]
@@ -69,10 +70,10 @@ def memory_figure(rows: list[dict[str, Any]], rounds: list[Round], memory: dict[
             series[name].append(held.get(name, 0.0))
             long_lived[name].append(own.get(name, float("nan")))
     crowd = len(replicas) > LEGEND_REPLICAS
-    first_thin = next((index for index, name in enumerate(replicas) if name != "server"), 0)
-    thin_count = sum(1 for name in replicas if name != "server")
+    first_thin = next((index for index, name in enumerate(replicas) if name not in servers), 0)
+    thin_count = sum(1 for name in replicas if name not in servers)
     for index, name in enumerate(replicas):
-        thin = crowd and name != "server"
+        thin = crowd and name not in servers
         style = {"linewidth": 0.6, "color": "tab:blue", "alpha": 0.45} if thin else {"linewidth": 1.1}
         label = (f"each thin line: one client replica ({thin_count})" if index == first_thin else "_nolegend_") if thin else name
         line, = axis.plot(times, series[name], label=label, **style)

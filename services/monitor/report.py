@@ -29,7 +29,7 @@ from services.monitor.figures import measure, memory_figure, quality_figure, rou
 from services.monitor.rounds import Round, RoundLog
 from services.monitor.summary import samples_of, summarize
 from services.monitor.tables import (
-    accuracy, missed_table, names_by_identity, partitions_by_identity, refusal_facts, replicas_table, rounds_table,
+    accuracy, missed_table, names_by_identity, partitions_by_identity, refusal_facts, replicas_table, rounds_table, server_replicas,
 )
 
 DEFAULT_TOLERANCE_MIB = 64.0
@@ -102,7 +102,7 @@ def render(run_path: Path, tolerance_mib: float = DEFAULT_TOLERANCE_MIB, rows: l
     verdict = memory.get("verdict", {})
     tolerance = verdict.get("tolerance_mib", tolerance_mib)
     status = {True: "ok", False: "bad"}.get(verdict.get("ok"), "unknown")
-    identities = names_by_identity(rows)
+    identities, servers = names_by_identity(rows), server_replicas(rows)
     workers = workers_figure(rounds, samples_of(rows)[0].t)
     workers_section = f'<h2>Workers per device</h2>\n<img alt="workers alive per device over time" src="data:image/png;base64,{workers}">' if workers else ""
     missed = missed_table(rounds, identities)
@@ -125,7 +125,7 @@ img {{ max-width: 100%; }} .row {{ display: flex; gap: 1em; flex-wrap: wrap; }} 
 <p class="verdict {status}">{html.escape(verdict.get('text', 'no verdict'))}</p>
 <ul>{''.join(f'<li>{fact}</li>' for fact in facts(run_path, rounds, rows, memory, run))}</ul>
 <h2>Memory over time</h2>
-<img alt="memory per replica over time" src="data:image/png;base64,{memory_figure(rows, rounds, memory)}">
+<img alt="memory per replica over time" src="data:image/png;base64,{memory_figure(rows, rounds, memory, servers)}">
 {workers_section}
 <div class="row">
 <div><h2>Accuracy and loss</h2><img alt="accuracy and loss per round" src="data:image/png;base64,{quality_figure(rounds, run)}"></div>
@@ -140,7 +140,7 @@ cell is over it, and a round marked red failed the verdict. "Worker processes al
 {missed_section}
 <h2>Replicas ({replicas})</h2>
 <details{" open" if replicas <= OPEN_REPLICAS else ""}><summary>baseline, peak, helpers and what each round left, per replica (MiB)</summary>
-{replicas_table(memory, tolerance, partitions_by_identity(rounds, run), identities)}
+{replicas_table(memory, tolerance, partitions_by_identity(rounds, run), identities, servers)}
 </details>
 </body></html>
 """

@@ -22,9 +22,14 @@ REFUSALS = (("updates_rejected", "updates rejected"), ("updates_clipped", "updat
 LISTED = 5  # entries of a list-valued refusal shown before "and N more"
 
 
-def natural_key(name: str) -> tuple:
+def server_replicas(rows: list[dict[str, Any]]) -> frozenset[str]:
+    """The names the server's processes go by: "server", or "server-1" where the names proxy named them."""
+    return frozenset(row["replica"] for row in rows if row.get("role") in ("server", "server-worker"))
+
+
+def natural_key(name: str, servers: frozenset[str] = frozenset({"server"})) -> tuple:
     """The server first, then names in the order a person counts them: client-2 before client-10."""
-    return (name != "server", [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)])
+    return (name not in servers, [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)])
 
 
 def cell(value: Any, bad: bool = False) -> str:
@@ -108,12 +113,12 @@ def rounds_table(memory: dict[str, Any], rounds: list[Round], tolerance: float, 
     return '<div class="scroll"><table class="rounds">' + "\n".join(lines) + "</table></div>"
 
 
-def replicas_table(memory: dict[str, Any], tolerance: float, partitions: dict[str, Any], identities: dict[str, str]) -> str:
+def replicas_table(memory: dict[str, Any], tolerance: float, partitions: dict[str, Any], identities: dict[str, str], servers: frozenset[str]) -> str:
     """The replicas as rows: partition, baseline, peak, helpers, and what each round left."""
     baseline = memory.get("baseline", {}).get("per_replica_mib", {})
     info = memory.get("replicas", {})
     rounds = memory.get("rounds", [])
-    names = sorted(set(baseline) | set(info) | {n for r in rounds for n in r.get("residual_per_replica_mib", {})}, key=natural_key)
+    names = sorted(set(baseline) | set(info) | {n for r in rounds for n in r.get("residual_per_replica_mib", {})}, key=lambda name: natural_key(name, servers))
     partition_of = {identities.get(identity, identity): partition for identity, partition in partitions.items()}
     head = ["replica", "partition", "baseline MiB", "peak MiB", "forkserver + tracker MiB"] + [f"held after round {r['round']}" for r in rounds]
     lines = ["<tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"]
