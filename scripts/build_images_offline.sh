@@ -218,3 +218,8 @@ docker image prune --force --filter "label=$vendor_label" >/dev/null
 say "done:"
 # (filter in docker, indent with sed: the CLI strips a --format's leading spaces)
 docker image ls --filter 'reference=bouquet/*' --format '{{.Repository}}:{{.Tag}}  {{.ID}}  {{.Size}}' | sed 's/^/  /'
+if [ "$flavour" = cpu ] && [ -z "$tag" ]; then
+    # .env's COMPOSE_FILE lists the GPU overlay, whose bouquet/*:gpu tags this run did not make: without
+    # the switch, `up` fails with "No such image: bouquet/server:gpu" or a registry error (docs/containers.md)
+    say "to run these cpu images: export COMPOSE_FILE=docker-compose.yml (the CPU switch), then docker compose up --no-build"
+fi

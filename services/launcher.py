@@ -247,6 +247,38 @@ class Federation:
         return 130
 
 
+MAX_LISTED_PARTITIONS = 5
+
+
+def missed_rounds_lines(result: dict[str, Any]) -> list[str]:
+    """One line per partition that missed rounds (summary.json's rounds_missed_by_partition),
+    the first few of them: a run can complete while a partition trained 2 of 6 rounds."""
+    missed = result.get("rounds_missed_by_partition") or {}
+    asked = result.get("rounds_recorded") or result.get("rounds_requested")
+    lines = []
+    for partition, counts in list(missed.items())[:MAX_LISTED_PARTITIONS]:
+        why = ", ".join(f"{reason.replace('_', ' ')} {count}" for reason, count in counts.items() if reason != "missed")
+        lines.append(f"partition {partition} missed {counts['missed']} of {asked} rounds ({why})")
+    if len(missed) > MAX_LISTED_PARTITIONS:
+        lines.append(f"... and {len(missed) - MAX_LISTED_PARTITIONS} more: summary.json rounds_missed_by_partition")
+    return lines
+
+
+def final_line(result: dict[str, Any], seconds: float) -> str:
+    """The launcher's last line before the run folder: short enough for an 80-column terminal,
+    accuracy rounded, and the partitions that missed rounds counted (a completed run may have some)."""
+    accuracy = result.get("final_accuracy")
+    parts = [
+        f"{result['status']}: {result['rounds_completed']}/{result['rounds_requested']} rounds",
+        f"accuracy {accuracy:.4f}" if isinstance(accuracy, (int, float)) else "no accuracy",
+        f"{seconds:.1f} s",
+    ]
+    missed = len(result.get("rounds_missed_by_partition") or {})
+    if missed:
+        parts.insert(1, f"{missed} partition{'s' if missed > 1 else ''} missed rounds")
+    return ", ".join(parts)
+
+
 def main(argv: list[str] | None = None) -> int:
     values = parse(argv)
     certificates = throwaway_certificates() if values.tls else None
@@ -269,10 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = federation.run_path / "summary.json"
     if summary.exists():
         result = json.loads(summary.read_text())
-        console.print(
-            f"run {result['run_id']}: {result['status']}, {result['rounds_completed']}/{result['rounds_requested']} rounds, "
-            f"final accuracy {result['final_accuracy']}, {time.monotonic() - started:.1f} s"
-        )
+        for line in (*missed_rounds_lines(result), final_line(result, time.monotonic() - started)):
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
     print(federation.run_path if federation.run_path.exists() else "(no run folder was created)")
     return code
 

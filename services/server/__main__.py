@@ -162,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
                 "updates_rejected": recorder.updates_rejected,
                 "updates_clipped": recorder.updates_clipped,
                 "joins_refused": recorder.joins_refused,
+                "rounds_missed_by_partition": recorder.rounds_missed_by_partition(),
                 "initial_accuracy": recorder.initial.get("accuracy"),
                 "initial_loss": recorder.initial.get("loss"),
                 "final_accuracy": last.get("accuracy"),

@@ -252,6 +252,27 @@ class RoundRecorder:
     def updates_clipped(self) -> int:
         return sum(1 for record in self.rounds for client in record["clients"] if "clipped_from_norm" in client)
 
+    def rounds_missed_by_partition(self) -> dict[str, dict[str, int]]:
+        """The partitions that missed rounds, and why: its holder was not connected when the round
+        was sampled (``missing``), its worker failed (``failures``), or its update was refused
+        (``rejected``, where recorded). A partition missed a round at most once, whatever the
+        reasons; one never sampled (FL_FRACTION_FIT below 1) missed nothing. Partitions that
+        missed nothing are left out, so an empty dict says every partition trained when asked."""
+        reasons = (("missing", "not_connected"), ("failures", "failed"), ("rejected", "rejected"))
+        out: dict[str, dict[str, int]] = {}
+        for record in self.rounds:
+            missed: dict[str, set[str]] = {}
+            for field, reason in reasons:
+                for entry in record.get(field) or []:
+                    if entry.get("partition") is not None:
+                        missed.setdefault(str(entry["partition"]), set()).add(reason)
+            for partition, why in missed.items():
+                counts = out.setdefault(partition, {"missed": 0})
+                counts["missed"] += 1
+                for reason in why:
+                    counts[reason] = counts.get(reason, 0) + 1
+        return dict(sorted(out.items(), key=lambda item: int(item[0])))
+
     def rounds_trained_by_partition(self, num_partitions: int | None) -> dict[str, int]:
         """How many rounds each partition trained in (0 for one that never did)."""
         counts = {str(partition): 0 for partition in range(num_partitions or 0)}
