@@ -34,7 +34,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from services import settings as settings_module
 from services.certs import make_certificates
-from services.client.connect import free_port, wait_until_listening
+from services.net import free_port, wait_until_listening
 from services.files import read_rounds, tail
 from services.server.results import new_run_id
 from services.settings import ClientSettings, LocalSettings, ServerSettings, boolean, positive_int, reuse, setting

@@ -8,8 +8,8 @@ the caller, which is the memory problem Bouquet exists to avoid (kept for compar
 
 Parent and worker share one duplex pipe (no Manager process): the parent sends the job and
 its inputs (the weights) down it from a helper thread, the worker answers on it with
-"admitted" (when it was given an ``Admission``: it waited for a slot on a device, see
-services.admission), "started" and then its result or its exception. Whatever happens, the worker is reaped
+"admitted" (when it was given a ``BeforeJob``: something to wait for and set up before the job,
+such as a slot on a device, see services.admission), "started" and then its result or its exception. Whatever happens, the worker is reaped
 before ``run`` returns: a job that raises, dies from a signal (the kernel's OOM killer sends
 SIGKILL) or outlives its timeout becomes a ``WorkerFailed`` naming why.
 """
@@ -26,12 +26,9 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable, Protocol
 
 from services.settings import WORKER_STARTS
-
-if TYPE_CHECKING:  # the worker imports services.admission.gate itself, only when admitted
-    from services.admission.gate import Admission
 
 # Modules the forkserver imports once so forked workers start warm. None of them touches CUDA:
 # importing torch loads its CUDA libraries but neither initialises CUDA nor counts devices.
@@ -39,6 +36,27 @@ if TYPE_CHECKING:  # the worker imports services.admission.gate itself, only whe
 # use the GPU; _refuse_poisoned_fork turns that into a clear failure, tests/test_forkserver.py
 # checks it never happens.
 FORKSERVER_PRELOAD = ["torch", "torch._dynamo", "services.task", "services.builtin_task"]
+
+
+class Entered(Protocol):
+    """What ``BeforeJob.enter`` hands back: held until the worker exits."""
+
+    def record(self) -> dict[str, Any]:
+        """What the parent is told (``WorkerResult.admitted``); must hold ``slot_wait_seconds``."""
+
+    def after_job(self) -> None:
+        """Called once the job returned, before its value is sent (e.g. to remember what it used)."""
+
+
+class BeforeJob(Protocol):
+    """The seam before the job: a picklable object that travels with the job to the worker, which
+    calls ``enter()`` after it started and before it imports the job (so before anything can
+    initialise CUDA). The worker knows nothing else of it; services.admission provides one."""
+
+    waiting_for: str  # what enter() waits for, for the timeout's message, e.g. "a slot (FL_WORKER_SLOTS)"
+
+    def enter(self) -> Entered:
+        """Wait (as long as needed: the parent bounds it) and prepare this process for the job."""
 
 
 class WorkerFailed(RuntimeError):
@@ -108,24 +126,22 @@ def resolve(job: str) -> Callable[..., Any]:
 
 
 def _worker_main(connection: multiprocessing.connection.Connection, forked: bool = False) -> None:
-    """Entry point inside the worker: receive the job, wait for its slot (before anything can
-    initialise CUDA), import the job, report readiness, run it, send its outcome."""
+    """Entry point inside the worker: receive the job, pass the seam before it (e.g. wait for a
+    slot, before anything can initialise CUDA), import the job, report readiness, run it, send
+    its outcome."""
     try:
-        job, kwargs, admission = connection.recv()
+        job, kwargs, before_job = connection.recv()
         if forked:
             _refuse_poisoned_fork()
-        ticket = None
-        if admission is not None:
-            from services.admission import gate
-
-            ticket = gate.admit(admission)
-            connection.send(("admitted", ticket.record()))
-            gate.enter(ticket)
+        entered = None
+        if before_job is not None:
+            entered = before_job.enter()
+            connection.send(("admitted", entered.record()))
         function = resolve(job)
         connection.send(("started", os.getpid()))
         value = function(**kwargs)
-        if ticket is not None:
-            gate.remember(admission, ticket)
+        if entered is not None:
+            entered.after_job()
         connection.send(("ok", value, time.time()))  # the slot is held until this process exits, just after
     except BaseException as error:  # the parent must learn about every failure, even KeyboardInterrupt
         connection.send(("error", _describe_exception(error), traceback.format_exc(), is_out_of_memory(error)))
@@ -160,11 +176,11 @@ def _describe_exit(exitcode: int | None) -> str:
     return f"exited with code {exitcode} without sending a result"
 
 
-def run(job: str, kwargs: dict[str, Any], *, timeout: float, start_method: str = "spawn", admission: "Admission | None" = None) -> WorkerResult:
+def run(job: str, kwargs: dict[str, Any], *, timeout: float, start_method: str = "spawn", admission: BeforeJob | None = None) -> WorkerResult:
     """Run the job ('module:function') with ``kwargs`` in a new process; return its value or raise WorkerFailed.
 
-    With ``admission`` the worker first waits for a slot (services.admission); the timeout
-    counts from when it holds one, and the wait for it is bounded by the same timeout."""
+    With ``admission`` (any ``BeforeJob``, e.g. services.admission's Admission) the worker first
+    passes it; the timeout counts from when it has, and the wait is bounded by the same timeout."""
     if start_method not in WORKER_STARTS:
         raise ValueError(f"start_method must be one of {WORKER_STARTS}, got {start_method!r}")
     if start_method == "inprocess":
@@ -186,7 +202,7 @@ def run(job: str, kwargs: dict[str, Any], *, timeout: float, start_method: str =
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                waiting = " waiting for a slot (FL_WORKER_SLOTS)" if admission is not None and admitted is None else ""
+                waiting = f" waiting for {admission.waiting_for}" if admission is not None and admitted is None else ""
                 raise WorkerFailed(f"timed out after {timeout:g} s{waiting} (FL_WORKER_TIMEOUT)", process.pid, admitted=admitted)
             ready = multiprocessing.connection.wait([receiver, process.sentinel], timeout=remaining)
             if not ready:
@@ -228,7 +244,7 @@ def _ended(admitted: dict[str, Any] | None, ended_at: float) -> dict[str, Any] |
     return None if admitted is None else {**admitted, "worker_ended_at": round(ended_at, 4)}
 
 
-def _hand_over(connection: multiprocessing.connection.Connection, job: str, kwargs: dict[str, Any], admission: Any) -> None:
+def _hand_over(connection: multiprocessing.connection.Connection, job: str, kwargs: dict[str, Any], before_job: BeforeJob | None) -> None:
     """Send the job and its inputs over our own pipe, from a thread.
 
     The inputs (weights) do not travel as Process arguments: multiprocessing writes those
@@ -236,7 +252,7 @@ def _hand_over(connection: multiprocessing.connection.Connection, job: str, kwar
     worker killed before it read them all would block the parent forever. Here a dead worker
     only makes this send fail, and the main loop reports why the worker died."""
     try:
-        connection.send((job, kwargs, admission))
+        connection.send((job, kwargs, before_job))
     except OSError:
         pass
 

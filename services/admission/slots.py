@@ -17,7 +17,7 @@ import fcntl
 import os
 from pathlib import Path
 
-MAX_SLOTS = 64  # per device; an exclusive holder takes all of them
+from services.settings import MAX_SLOTS  # an exclusive holder takes all of them
 
 
 def _open(path: Path) -> int:
