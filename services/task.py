@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from services.failures import is_out_of_memory
 from services.taskspec import Placement, TaskSpec
 
 BUILTIN = "services.builtin_task"
@@ -150,7 +151,7 @@ def _call(module: ModuleType, name: str, *args: Any, **kwargs: Any) -> Any:
     try:
         return getattr(module, name)(*args, **kwargs)
     except Exception as error:
-        if "out of memory" in str(error).lower():
+        if is_out_of_memory(error):  # the worker classifies it (and admission retries it), not a task error
             raise
         raise TaskError(f"{name} raised {_located(error, source_path(module))}") from error
 

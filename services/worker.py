@@ -28,6 +28,7 @@ import traceback
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
+from services.failures import Kind, classify, first_line
 from services.settings import WORKER_STARTS
 
 # Modules the forkserver imports once so forked workers start warm. None of them touches CUDA:
@@ -60,14 +61,30 @@ class BeforeJob(Protocol):
 
 
 class WorkerFailed(RuntimeError):
-    """The job did not produce a result; ``cause`` says why in one line."""
+    """The job did not produce a result: ``kind`` (services.failures.Kind) says what happened,
+    ``cause`` why in one line, ``traceback`` where (the worker's, for an exception; "" otherwise)."""
 
-    def __init__(self, cause: str, pid: int | None, out_of_memory: bool = False, admitted: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, cause: str, pid: int | None, out_of_memory: bool = False, admitted: dict[str, Any] | None = None,
+        *, kind: Kind | None = None, traceback: str = "", error_type: str | None = None, detail: str = "",
+    ) -> None:
         super().__init__(cause)
         self.cause = cause
         self.pid = pid
-        self.out_of_memory = out_of_memory  # a CUDA out-of-memory: services.admission.retry runs it again
+        self.kind = kind or (Kind.OUT_OF_MEMORY if out_of_memory else Kind.TASK_ERROR)
+        self.traceback = traceback
+        self.error_type = error_type  # the exception's class name when the job raised (e.g. "TaskError")
+        self.detail = detail  # its message's first line, without the class name
         self.admitted = admitted  # where it had been admitted (device, slots, share), if it was
+
+    @property
+    def out_of_memory(self) -> bool:
+        """A CUDA out-of-memory: services.admission.retry runs the job again."""
+        return self.kind is Kind.OUT_OF_MEMORY
+
+    def record(self) -> dict[str, Any]:
+        """What the client sends the server and metrics.jsonl keeps."""
+        return {"kind": self.kind.value, "cause": self.cause, "worker_pid": self.pid, "traceback": self.traceback}
 
 
 @dataclass(frozen=True)
@@ -144,36 +161,20 @@ def _worker_main(connection: multiprocessing.connection.Connection, forked: bool
             entered.after_job()
         connection.send(("ok", value, time.time()))  # the slot is held until this process exits, just after
     except BaseException as error:  # the parent must learn about every failure, even KeyboardInterrupt
-        connection.send(("error", _describe_exception(error), traceback.format_exc(), is_out_of_memory(error)))
+        kind, cause = classify(error)
+        connection.send(("error", kind.value, cause, traceback.format_exc(), type(error).__name__, first_line(error)))
     finally:
         connection.close()
 
 
-def is_out_of_memory(error: BaseException) -> bool:
-    """A CUDA out-of-memory, known by type name (torch.cuda.OutOfMemoryError) or by the message
-    torch and the driver give (CUDA_ERROR_OUT_OF_MEMORY, cudaErrorMemoryAllocation); the
-    caller never imports torch to check the type."""
-    text = str(error).lower()
-    if isinstance(error, MemoryError):  # the host's, not the GPU's
-        return False
-    return type(error).__name__ == "OutOfMemoryError" or any(mark in text for mark in ("out of memory", "cuda_error_out_of_memory", "cudaerrormemoryallocation"))
-
-
-def _describe_exception(error: BaseException) -> str:
-    kind = type(error).__name__
-    if is_out_of_memory(error):
-        return f"out of GPU memory ({kind}: {str(error).splitlines()[0] if str(error) else ''})"
-    first_line = str(error).splitlines()[0] if str(error) else ""
-    return f"{kind}: {first_line}" if first_line else kind
-
-
-def _describe_exit(exitcode: int | None) -> str:
+def _exit_failure(exitcode: int | None, pid: int | None, admitted: dict[str, Any] | None, started: bool) -> WorkerFailed:
+    """The worker ended without a result: killed by a signal, or exited without answering (once
+    the job had started, the job ended it; before, the worker never got to run it)."""
     if exitcode is not None and exitcode < 0:
         name = signal.Signals(-exitcode).name
-        if -exitcode == signal.SIGKILL:
-            return f"killed by {name} (the kernel's OOM killer sends SIGKILL when host memory runs out)"
-        return f"killed by {name}"
-    return f"exited with code {exitcode} without sending a result"
+        why = " (the kernel's OOM killer sends SIGKILL when host memory runs out)" if -exitcode == signal.SIGKILL else ""
+        return WorkerFailed(f"killed by {name}{why}", pid, admitted=admitted, kind=Kind.KILLED)
+    return WorkerFailed(f"exited with code {exitcode} without sending a result", pid, admitted=admitted, kind=Kind.TASK_ERROR if started else Kind.START_FAILED)
 
 
 def run(job: str, kwargs: dict[str, Any], *, timeout: float, start_method: str = "spawn", admission: BeforeJob | None = None) -> WorkerResult:
@@ -203,7 +204,7 @@ def run(job: str, kwargs: dict[str, Any], *, timeout: float, start_method: str =
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 waiting = f" waiting for {admission.waiting_for}" if admission is not None and admitted is None else ""
-                raise WorkerFailed(f"timed out after {timeout:g} s{waiting} (FL_WORKER_TIMEOUT)", process.pid, admitted=admitted)
+                raise WorkerFailed(f"timed out after {timeout:g} s{waiting} (FL_WORKER_TIMEOUT)", process.pid, admitted=admitted, kind=Kind.TIMED_OUT)
             ready = multiprocessing.connection.wait([receiver, process.sentinel], timeout=remaining)
             if not ready:
                 continue
@@ -212,7 +213,7 @@ def run(job: str, kwargs: dict[str, Any], *, timeout: float, start_method: str =
                     message = receiver.recv()
                 except (EOFError, OSError):  # a worker killed with our inputs unread resets the socket
                     process.join(timeout=5)
-                    raise WorkerFailed(_describe_exit(process.exitcode), process.pid, admitted=_ended(admitted, time.time())) from None
+                    raise _exit_failure(process.exitcode, process.pid, _ended(admitted, time.time()), started_at is not None) from None
                 if message[0] == "admitted":
                     admitted = message[1]
                     deadline = time.monotonic() + timeout  # the job's own time starts now
@@ -224,10 +225,11 @@ def run(job: str, kwargs: dict[str, Any], *, timeout: float, start_method: str =
                     process.join(timeout=30)
                     return WorkerResult(message[1], process.pid, (started_at or finished) - asked, finished - asked, _ended(admitted, message[2]))
                 else:
-                    raise WorkerFailed(message[1], process.pid, out_of_memory=message[3], admitted=_ended(admitted, time.time()))
+                    _, kind, cause, trace, error_type, detail = message
+                    raise WorkerFailed(cause, process.pid, admitted=_ended(admitted, time.time()), kind=Kind(kind), traceback=trace, error_type=error_type, detail=detail)
             else:  # the process ended and nothing is left in the pipe
                 process.join(timeout=5)
-                raise WorkerFailed(_describe_exit(process.exitcode), process.pid, admitted=_ended(admitted, time.time()))
+                raise _exit_failure(process.exitcode, process.pid, _ended(admitted, time.time()), started_at is not None)
     finally:
         if process.is_alive():
             process.kill()
@@ -265,7 +267,7 @@ def _start(process: multiprocessing.process.BaseProcess, start_method: str) -> N
         return
     except (OSError, EOFError) as error:
         if start_method != "forkserver":
-            raise WorkerFailed(f"could not start a {start_method} worker: {type(error).__name__}: {error}", None) from error
+            raise WorkerFailed(f"could not start a {start_method} worker: {type(error).__name__}: {error}", None, kind=Kind.START_FAILED) from error
         first_error = error
     _await_forkserver_exit(forkserver_pid())
     try:
@@ -274,7 +276,7 @@ def _start(process: multiprocessing.process.BaseProcess, start_method: str) -> N
         raise WorkerFailed(
             f"could not start a forkserver worker ({type(first_error).__name__}: {first_error}; "
             f"after restarting the forkserver: {type(error).__name__}: {error})",
-            None,
+            None, kind=Kind.START_FAILED,
         ) from error
 
 
@@ -297,5 +299,6 @@ def _run_inprocess(job: str, kwargs: dict[str, Any]) -> WorkerResult:
     try:
         value = resolve(job)(**kwargs)
     except Exception as error:
-        raise WorkerFailed(_describe_exception(error), os.getpid()) from error
+        kind, cause = classify(error)
+        raise WorkerFailed(cause, os.getpid(), kind=kind, traceback=traceback.format_exc(), error_type=type(error).__name__, detail=first_line(error)) from error
     return WorkerResult(value, os.getpid(), 0.0, time.monotonic() - asked)

@@ -20,6 +20,7 @@ from services.admission import retry
 from services.admission.gate import Admission
 from services.admission.inventory import Device, FakeGpus, _allowed
 from services.admission.sizing import NeedBook, size
+from services.failures import is_out_of_memory
 from services.admission.slots import DeviceSlots
 from services.server.results import concurrent_workers_peak, slots_per_device
 
@@ -178,10 +179,10 @@ def test_out_of_memory_is_recognised_by_type_name_or_message_but_not_a_host_memo
     class OutOfMemoryError(RuntimeError):
         pass
 
-    assert worker.is_out_of_memory(OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB"))
-    assert worker.is_out_of_memory(RuntimeError("CUDA error: CUDA_ERROR_OUT_OF_MEMORY"))
-    assert not worker.is_out_of_memory(MemoryError())
-    assert not worker.is_out_of_memory(ValueError("bad partition"))
+    assert is_out_of_memory(OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB"))
+    assert is_out_of_memory(RuntimeError("CUDA error: CUDA_ERROR_OUT_OF_MEMORY"))
+    assert not is_out_of_memory(MemoryError())
+    assert not is_out_of_memory(ValueError("bad partition"))
 
 
 # --- a real local federation ------------------------------------------------------------------

@@ -6,6 +6,7 @@ from flwr.common import Code, GetPropertiesRes, Status, ndarrays_to_parameters
 import numpy as np
 
 from services import protocol, worker
+from services.failures import Kind
 from services.server.flower import BouquetStrategy, ConnectedClients
 from services.server.results import RoundRecorder, RunFolder
 from services.settings import ServerSettings
@@ -66,7 +67,7 @@ def test_each_connection_is_asked_its_identity_once():
 
 class FailingEvaluator:
     def evaluate(self, weights):
-        raise worker.WorkerFailed("out of GPU memory (OutOfMemoryError: CUDA out of memory)", 4242)
+        raise worker.WorkerFailed("out of GPU memory (OutOfMemoryError: CUDA out of memory)", 4242, kind=Kind.OUT_OF_MEMORY)
 
 
 def test_failed_central_evaluation_is_recorded_and_the_run_goes_on(tmp_path):
@@ -81,6 +82,7 @@ def test_failed_central_evaluation_is_recorded_and_the_run_goes_on(tmp_path):
     record = recorder.round_ended()
     recorder.commit(record)
     assert record["accuracy"] is None and "out of GPU memory" in record["evaluation_error"]
+    assert record["evaluation_error_kind"] == "out of memory"
     assert folder.metrics_path.read_text().count("\n") == 1
 
 

@@ -125,8 +125,10 @@ def test_a_task_whose_train_raises_fails_that_round_only(tmp_path, data_dir):
     spec = digits_spec(task=str(path))
     failed = client.fit(fit_ins(spec))
     assert failed.status.code != Code.OK
-    cause = json.loads(failed.status.message)["cause"]
-    assert cause == f"TaskError: train raised ZeroDivisionError: division by zero ({path}:{line} in train)", cause
+    failure = json.loads(failed.status.message)
+    assert failure["kind"] == "task error"
+    assert failure["cause"] == f"TaskError: train raised ZeroDivisionError: division by zero ({path}:{line} in train)", failure
+    assert "1 / 0" in failure["traceback"]  # the task's own line, in the traceback the server records
     again = client.fit(fit_ins(spec))
     assert again.status.code == Code.OK and again.num_examples == 8  # len(trainloader.dataset)
 

@@ -10,6 +10,7 @@ import psutil
 import pytest
 
 from services import worker
+from services.failures import Kind
 from services.monitor.processes import is_worker_process
 
 
@@ -41,19 +42,26 @@ def test_large_results_do_not_deadlock_the_pipe():
 
 
 @pytest.mark.parametrize(
-    "job, kwargs, timeout, cause",
+    "job, kwargs, timeout, kind, cause, traceback_names",
     [
-        ("worker_jobs:raise_error", {}, 60, "ValueError: bad partition"),
-        ("worker_jobs:kill_self", {}, 60, "killed by SIGKILL"),
-        ("worker_jobs:sleep_forever", {}, 3, "timed out after 3 s"),
-        ("worker_jobs:exit_quietly", {}, 60, "exited with code 3"),
-        ("worker_jobs:no_such_job", {}, 60, "AttributeError"),
+        ("worker_jobs:raise_error", {}, 60, Kind.TASK_ERROR, "ValueError: bad partition", "raise_error"),
+        ("worker_jobs:kill_self", {}, 60, Kind.KILLED, "killed by SIGKILL", None),
+        ("worker_jobs:sleep_forever", {}, 3, Kind.TIMED_OUT, "timed out after 3 s", None),
+        ("worker_jobs:exit_quietly", {}, 60, Kind.TASK_ERROR, "exited with code 3", None),
+        ("worker_jobs:no_such_job", {}, 60, Kind.TASK_ERROR, "AttributeError", "resolve"),
+        ("worker_jobs:out_of_memory_always", {}, 60, Kind.OUT_OF_MEMORY, "out of GPU memory (RuntimeError: CUDA error: out of memory)", "out_of_memory_always"),
     ],
 )
-def test_failures_name_their_cause_and_leave_no_process(job, kwargs, timeout, cause):
+def test_failures_name_their_kind_cause_and_traceback_and_leave_no_process(job, kwargs, timeout, kind, cause, traceback_names):
     with pytest.raises(worker.WorkerFailed) as failure:
         worker.run(job, kwargs, timeout=timeout)
+    assert failure.value.kind is kind
     assert cause in failure.value.cause
+    if traceback_names:  # the worker's own traceback came back, down to the frame that raised
+        assert "Traceback (most recent call last)" in failure.value.traceback and traceback_names in failure.value.traceback
+    else:
+        assert failure.value.traceback == ""
+    assert failure.value.record()["kind"] == kind.value
     assert failure.value.pid not in (None, os.getpid())
     assert no_children_left()
 

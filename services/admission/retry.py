@@ -41,4 +41,4 @@ def run(job: str, kwargs: dict[str, Any], *, timeout: float, start_method: str, 
             raise
         where = (second.admitted or first).get("device", "?")
         cause = f"CUDA out of memory on GPU {where.partition(':')[2] or where} (needed ~{need:.0f} MiB, slots {first.get('slots')})"
-        raise worker.WorkerFailed(cause, second.pid, out_of_memory=True, admitted=second.admitted) from second
+        raise worker.WorkerFailed(cause, second.pid, out_of_memory=True, admitted=second.admitted, traceback=second.traceback, error_type=second.error_type, detail=second.detail) from second

@@ -268,8 +268,8 @@ class BouquetStrategy(Strategy):
         try:
             loss, metrics = self.evaluator.evaluate(parameters_to_ndarrays(parameters))
         except worker.WorkerFailed as failure:  # the round's record says why; training goes on
-            log.error("round %d: central evaluation worker (pid %s) failed: %s", server_round, failure.pid, failure.cause)
-            self.recorder.central_failed(server_round, failure.cause)
+            log.error("round %d: central evaluation worker (pid %s) failed (%s): %s", server_round, failure.pid, failure.kind, failure.cause)
+            self.recorder.central_failed(server_round, failure.cause, failure.kind.value)
             return None
         if server_round == 0:
             self.recorder.initial_evaluation(loss, metrics)
