@@ -213,9 +213,9 @@ def test_a_local_run_with_two_slots_never_has_more_than_two_workers_alive(tmp_pa
 def test_the_report_shows_workers_alive_per_device_and_the_settled_slots(tmp_path):
     from test_monitor import recorded_run
 
-    from services.monitor.admission import settled_slots, workers_alive
+    from services.admission.records import workers_alive
     from services.monitor.report import write_report
-    from services.monitor.rounds import RoundLog
+    from services.monitor.rounds import RoundLog, clients_of, settled_slots
 
     run = recorded_run(tmp_path / "run")
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -230,7 +230,7 @@ def test_the_report_shows_workers_alive_per_device_and_the_settled_slots(tmp_pat
             record["slots_per_device"] = slots_per_device(record["clients"])
             out.write(json.dumps(record) + "\n")
     rounds = RoundLog(run / "metrics.jsonl").refresh()
-    alive = workers_alive(rounds)
+    alive = workers_alive(clients_of(rounds))
     assert max(n for _, n in alive["cuda:0"]) == 2 and max(n for _, n in alive["cuda:1"]) == 1
     assert alive["cuda:0"][-1][1] == 0  # every worker ended
     assert settled_slots(rounds) == {"cuda:0": 2, "cuda:1": 1}

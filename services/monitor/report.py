@@ -30,10 +30,10 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from services.admission.records import workers_alive
 from services.files import METRICS, atomic_write
-from services.monitor.admission import settled_slots, workers_alive
 from services.monitor.csvlog import read_rows
-from services.monitor.rounds import Round, RoundLog
+from services.monitor.rounds import Round, RoundLog, clients_of, settled_slots
 from services.monitor.summary import samples_of, summarize
 
 DEFAULT_TOLERANCE_MIB = 64.0
@@ -156,7 +156,7 @@ def round_time_figure(rounds: list[Round]) -> str:
 
 def workers_figure(rounds: list[Round], start: float) -> str | None:
     """Training workers holding a slot, per device, with the settled slots as dashed lines."""
-    series = workers_alive(rounds)
+    series = workers_alive(clients_of(rounds))
     if not series:
         return None
     slots = settled_slots(rounds)
