@@ -18,13 +18,14 @@ import pytest
 from services import worker
 from services.admission import retry
 from services.admission.gate import Admission
-from services.admission.inventory import Device, FakeGpus, _allowed
+from services.admission.inventory import Device, _allowed
 from services.admission.sizing import NeedBook, size
 from services.failures import is_out_of_memory
 from services.admission.slots import DeviceSlots
 from services.server.results import concurrent_workers_peak, slots_per_device
 
 from conftest import PYTHON, REPO
+from fake_gpus import FakeGpus
 
 START = "forkserver"  # the default, and fast: a forked worker starts in milliseconds
 
@@ -89,11 +90,19 @@ def test_slot_files_count_holders_and_a_reserved_device_admits_nobody(tmp_path):
 # --- real workers -------------------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True, scope="module")
+@pytest.fixture(scope="module")
 def warm_forkserver():
     """Start the forkserver (it imports torch) before any timed wait for a slot begins."""
     worker.prestart(START)
     worker.run("worker_jobs:report_pid", {"value": 0}, timeout=600, start_method=START)
+
+
+@pytest.fixture(autouse=True)
+def warm_for_real_workers(request):
+    """Only the tests with real workers (marked integration) warm the forkserver: the fast subset
+    (-m "not integration and not docker") must not start torch."""
+    if request.node.get_closest_marker("integration"):
+        request.getfixturevalue("warm_forkserver")
 
 
 def run_admitted(tmp_path: Path, job: str, kwargs: dict, **overrides):

@@ -211,7 +211,7 @@ class BouquetStrategy(Strategy):
         least FL_MIN_FIT_CLIENTS of them are: a replica restarting, or all of them stopping
         before the server does (`docker compose down`), must not burn rounds with nobody in them."""
         needed = min(self.min_fit_clients, self.membership.registry.num_partitions or 0)
-        holders = self.membership.holders(self.clients.snapshot())
+        holders = self.membership.hand_out_partitions(self.clients.snapshot())
         if len(holders) >= needed:
             return holders
         log.warning(
@@ -221,7 +221,7 @@ class BouquetStrategy(Strategy):
         deadline = time.monotonic() + self.membership.join_timeout
         while len(holders) < needed and time.monotonic() < deadline:
             time.sleep(HOLDERS_POLL_S)
-            holders = self.membership.holders(self.clients.snapshot())
+            holders = self.membership.hand_out_partitions(self.clients.snapshot())
         return holders
 
     def aggregate_fit(
@@ -284,7 +284,7 @@ class BouquetStrategy(Strategy):
         if not self.client_eval:
             return []
         base = self._base_config(server_round)
-        holders = self.membership.holders(self.clients.snapshot())
+        holders = self.membership.hand_out_partitions(self.clients.snapshot())
         return [(self.clients.proxy(h.cid), EvaluateIns(parameters, {**base, protocol.PARTITION_ID: h.partition})) for h in holders]
 
     def aggregate_evaluate(
