@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
 from services.failures import Kind, classify, first_line
+from services.lifetime import die_with_parent, is_alive
 from services.settings import WORKER_STARTS
 
 # Modules the forkserver imports once so forked workers start warm. None of them touches CUDA:
@@ -124,6 +125,21 @@ def forkserver_pid() -> int | None:
     return getattr(forkserver._forkserver, "_forkserver_pid", None)
 
 
+def _let_go_of_the_forkserver() -> None:
+    """In a forkserver child: close the copy of the client's "alive" pipe that multiprocessing hands
+    every child (so it could start children of its own). The forkserver exits when the last copy
+    closes; while a worker kept one, a SIGKILLed client's forkserver would wait for the worker and
+    the worker, dying with the forkserver, for the forkserver. A job that starts forkserver
+    children of its own gets a forkserver of its own."""
+    from multiprocessing import forkserver
+
+    server = forkserver._forkserver
+    if server._forkserver_alive_fd is not None:
+        os.close(server._forkserver_alive_fd)
+        server._forkserver_alive_fd = None
+        server._forkserver_address = None
+
+
 def _refuse_poisoned_fork() -> None:
     """In a forkserver child: fail loudly if the forkserver touched CUDA (the child could not use it)."""
     torch = sys.modules.get("torch")
@@ -142,10 +158,16 @@ def resolve(job: str) -> Callable[..., Any]:
     return getattr(importlib.import_module(module), name)
 
 
-def _worker_main(connection: multiprocessing.connection.Connection, forked: bool = False) -> None:
+def _worker_main(connection: multiprocessing.connection.Connection, forked: bool = False, client: int | None = None) -> None:
     """Entry point inside the worker: receive the job, pass the seam before it (e.g. wait for a
     slot, before anything can initialise CUDA), import the job, report readiness, run it, send
-    its outcome."""
+    its outcome. First of all it dies with its parent: a forked worker's parent is the forkserver,
+    which exits the moment its client does; a spawned worker's is the client (the ``client`` pid)."""
+    die_with_parent(signal.SIGKILL)
+    if forked:
+        _let_go_of_the_forkserver()
+    if client is not None and (not is_alive(client) if forked else os.getppid() != client):
+        os._exit(1)  # the client died before the request took effect: nobody will signal us
     try:
         job, kwargs, before_job = connection.recv()
         if forked:
@@ -190,7 +212,7 @@ def run(job: str, kwargs: dict[str, Any], *, timeout: float, start_method: str =
     asked = time.monotonic()
     context = _context(start_method)
     receiver, worker_end = context.Pipe()
-    process = context.Process(target=_worker_main, args=(worker_end, start_method == "forkserver"), name=f"bouquet-worker-{job.partition(':')[2]}", daemon=True)
+    process = context.Process(target=_worker_main, args=(worker_end, start_method == "forkserver", os.getpid()), name=f"bouquet-worker-{job.partition(':')[2]}", daemon=True)
     started_at: float | None = None
     admitted: dict[str, Any] | None = None
     waited = 0.0  # for a slot: not part of the worker's start or run time
