@@ -12,6 +12,7 @@ SERVER_ROUND = "server_round"
 PARTITION_ID = "partition_id"
 NUM_PARTITIONS = "num_partitions"
 PROXIMAL_MU = "proximal_mu"  # what Flower's FedProx puts in each round's fit config
+SLOT_WAIT_TIMEOUT = "slot_wait_timeout"  # seconds a job may wait for its worker slot this round (services.budget)
 
 
 TRACEBACK_CHARS = 4000  # the end of a worker's traceback that travels with its failure (the frames nearest the error)

@@ -199,11 +199,15 @@ def _exit_failure(exitcode: int | None, pid: int | None, admitted: dict[str, Any
     return WorkerFailed(f"exited with code {exitcode} without sending a result", pid, admitted=admitted, kind=Kind.TASK_ERROR if started else Kind.START_FAILED)
 
 
-def run(job: str, kwargs: dict[str, Any], *, timeout: float, start_method: str = "spawn", admission: BeforeJob | None = None) -> WorkerResult:
+def run(
+    job: str, kwargs: dict[str, Any], *, timeout: float, start_method: str = "spawn", admission: BeforeJob | None = None,
+    wait_timeout: float | None = None,
+) -> WorkerResult:
     """Run the job ('module:function') with ``kwargs`` in a new process; return its value or raise WorkerFailed.
 
     With ``admission`` (any ``BeforeJob``, e.g. services.admission's Admission) the worker first
-    passes it; the timeout counts from when it has, and the wait is bounded by the same timeout."""
+    passes it; the wait is bounded by ``wait_timeout`` (default: ``timeout``, see services.budget)
+    and ``timeout`` counts from when it has passed."""
     if start_method not in WORKER_STARTS:
         raise ValueError(f"start_method must be one of {WORKER_STARTS}, got {start_method!r}")
     if start_method == "inprocess":
@@ -221,12 +225,14 @@ def run(job: str, kwargs: dict[str, Any], *, timeout: float, start_method: str =
         _start(process, start_method)
         worker_end.close()  # only the worker holds its end now: we see EOF once it is gone
         handover.start()
-        deadline = asked + timeout
+        waiting = admission is not None
+        limit = wait_timeout if waiting and wait_timeout is not None else timeout
+        deadline = asked + limit
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                waiting = f" waiting for {admission.waiting_for}" if admission is not None and admitted is None else ""
-                raise WorkerFailed(f"timed out after {timeout:g} s{waiting} (FL_WORKER_TIMEOUT)", process.pid, admitted=admitted, kind=Kind.TIMED_OUT)
+                what = f" waiting for {admission.waiting_for}" if waiting and admitted is None else " (FL_WORKER_TIMEOUT)"
+                raise WorkerFailed(f"timed out after {limit:g} s{what}", process.pid, admitted=admitted, kind=Kind.TIMED_OUT)
             ready = multiprocessing.connection.wait([receiver, process.sentinel], timeout=remaining)
             if not ready:
                 continue
@@ -238,6 +244,7 @@ def run(job: str, kwargs: dict[str, Any], *, timeout: float, start_method: str =
                     raise _exit_failure(process.exitcode, process.pid, _ended(admitted, time.time()), started_at is not None) from None
                 if message[0] == "admitted":
                     admitted = message[1]
+                    limit = timeout
                     deadline = time.monotonic() + timeout  # the job's own time starts now
                     waited = admitted["slot_wait_seconds"]  # as the worker measured it: its own start is not waiting
                 elif message[0] == "started":

@@ -14,7 +14,7 @@ from conftest import REPO
 LAYERS: list[tuple[str, ...]] = [
     ("services", "services.net", "services.files", "services.locks", "services.logs", "services.protocol", "services.failures", "services.lifetime"),
     ("services.settings", "services.roster", "services.cache"),
-    ("services.tls", "services.certs", "services.taskspec", "services.models", "services.data", "services.partitioning"),
+    ("services.tls", "services.certs", "services.taskspec", "services.budget", "services.models", "services.data", "services.partitioning"),
     ("services.task", "services.builtin_task"),
     ("services.worker",),
     ("services.admission",),

@@ -100,8 +100,9 @@ class WorkerClient(Client):
             cause = f"unreadable round config: {type(problem).__name__}: {problem}"
             return protocol.encode_failure(cause, kind=Kind.START_FAILED.value, client_pid=os.getpid())
         admission = admission_config.admission_for(self.admitting, job, spec) if self.admitting is not None else None
+        wait = float(ins.config.get(protocol.SLOT_WAIT_TIMEOUT, spec.worker_timeout))  # this round's, from the server (services.budget)
         try:
-            return retry.run(job, inputs, timeout=spec.worker_timeout, start_method=self.start_method, admission=admission)
+            return retry.run(job, inputs, timeout=spec.worker_timeout, start_method=self.start_method, admission=admission, wait_timeout=wait)
         except worker.WorkerFailed as failure:
             log.error("round %s: %s worker (pid %s) failed (%s): %s", server_round, job.partition(":")[2], failure.pid, failure.kind, failure.cause)
             if failure.traceback:
