@@ -1,6 +1,6 @@
-"""The container setup: compose files, Dockerfiles, and a real compose smoke test.
+"""The container setup: compose files, the Dockerfile, and a real compose smoke test.
 
-The fast tests (schema, shared Dockerfile prefix, CPU/GPU switch, dependency flavours, every
+The fast tests (schema, one Dockerfile body for both images, CPU/GPU switch, dependency flavours, every
 setting checked before start) run in the default test run. The tests marked ``docker`` run the
 real thing with the CPU images built by scripts/build_images_offline.sh, once with Compose v2
 (`docker compose`) and once with docker-compose 1.29: ``up --scale client=8`` on digits for 2
