@@ -198,9 +198,9 @@ esac
 [ -z "$tag" ] || tags=("$tag")
 for image in server client; do
     first="bouquet/$image:${tags[0]}"
-    say "docker build $first (Dockerfile.$image, torch from the wheelhouse: PyPI's build)"
+    say "docker build $first (Dockerfile, target $image; torch from the wheelhouse: PyPI's build)"
     docker build --network host \
-        --file "$repo/Dockerfile.$image" \
+        --file "$repo/Dockerfile" --target "$image" \
         --build-arg BASE_IMAGE="$base_image" \
         --build-arg TORCH_FLAVOUR=gpu \
         --build-arg PIP_INSTALL_OPTS="$pip_opts" \

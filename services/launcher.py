@@ -35,7 +35,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from services import joining
 from services import settings as settings_module
 from services.certs import make_certificates
-from services.client.connect import free_port, wait_until_listening
+from services.lifetime import die_with_parent
+from services.net import free_port, wait_until_listening
 from services.files import read_rounds, tail
 from services.server.results import new_run_id
 from services.settings import ClientSettings, JoinSettings, LocalSettings, ServerSettings, boolean, positive_int, reuse, setting
@@ -121,10 +122,7 @@ def join_token_file(token: str | None) -> Path:
 
 def _die_with_launcher() -> None:
     """In each child before exec: get SIGTERM if the launcher dies, even by SIGKILL (Linux)."""
-    import ctypes
-
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    die_with_parent(signal.SIGTERM)
 
 
 class Federation:

@@ -42,7 +42,9 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Mapping, Sequence, TypeVar
 
-from services.admission.slots import MAX_SLOTS
+from services.net import split_address
+
+MAX_SLOTS = 64  # per device (FL_WORKER_SLOTS at most): the lock files services.admission.slots keeps per device
 
 EXIT_BAD_SETTING = 2
 
@@ -145,25 +147,9 @@ def choice(*allowed: str) -> Callable[[str], str]:
     return parse
 
 
-_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?$")
-
-
 def address(raw: str) -> str:
-    """host:port, [ipv6]:port; the host is an IP address or a DNS name."""
-    allowed = "must be HOST:PORT (e.g. 0.0.0.0:8080, server:8080, [::]:8080) with PORT in 1-65535"
-    match = re.fullmatch(r"\[(?P<v6>[0-9A-Fa-f:.]+)\]:(?P<port>\d+)|(?P<host>[^:\[\]]+):(?P<port2>\d+)", raw)
-    if not match:
-        raise ValueError(allowed)
-    port = int(match.group("port") or match.group("port2"))
-    if not 1 <= port <= 65535:
-        raise ValueError(allowed)
-    if match.group("v6"):
-        try:
-            ipaddress.IPv6Address(match.group("v6"))
-        except ValueError:
-            raise ValueError(allowed) from None
-    elif not _HOSTNAME.match(match.group("host")):
-        raise ValueError(allowed)
+    """host:port, [ipv6]:port; the host is an IP address or a DNS name (services.net parses it)."""
+    split_address(raw)
     return raw
 
 

@@ -19,7 +19,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
-from services.client.connect import split_address
+from services.net import split_address
 from services.settings import SettingError
 
 CA_FILE = "ca.crt"

@@ -1,6 +1,6 @@
-"""The container setup: compose files, Dockerfiles, and a real compose smoke test.
+"""The container setup: compose files, the Dockerfile, and a real compose smoke test.
 
-The fast tests (schema, shared Dockerfile prefix, CPU/GPU switch, dependency flavours, every
+The fast tests (schema, one Dockerfile body for both images, CPU/GPU switch, dependency flavours, every
 setting checked before start) run in the default test run. The tests marked ``docker`` run the
 real thing with the CPU images built by scripts/build_images_offline.sh, once with Compose v2
 (`docker compose`) and once with docker-compose 1.29: ``up --scale client=8`` on digits for 2
@@ -29,7 +29,6 @@ BASE = REPO / "docker-compose.yml"
 GPU_OVERLAY = REPO / "docker-compose.gpu.yml"
 PUBLISH_OVERLAY = REPO / "docker-compose.publish.yml"
 COMPOSE_FILES = [BASE, GPU_OVERLAY, PUBLISH_OVERLAY]
-SHARED_PREFIX_END = "# ---- end of the shared prefix ----"
 CPU_IMAGES = ("bouquet/server:cpu", "bouquet/client:cpu")
 
 
@@ -154,21 +153,22 @@ def test_dotenv_gives_the_programs_own_defaults() -> None:
             assert value == setting.default, f".env {key}={raw!r}: the program's default is {setting.default!r}"
 
 
-def test_dockerfiles_share_the_dependency_layer_prefix() -> None:
-    """Identical instructions up to the marker: the torch layer is built once for both images."""
-
-    def prefix(path: Path) -> str:
-        text = path.read_text()
-        assert SHARED_PREFIX_END in text, path.name
-        return text[text.index("\nARG BASE_IMAGE=") : text.index(SHARED_PREFIX_END)]
-
-    server, client = prefix(REPO / "Dockerfile.server"), prefix(REPO / "Dockerfile.client")
-    assert server == client
-    assert server.index("install-deps.sh") < server.index("COPY services"), "dependencies before code"
-    for path in (REPO / "Dockerfile.server", REPO / "Dockerfile.client"):
-        tail = path.read_text().split(SHARED_PREFIX_END, 1)[1]
-        assert "USER bouquet" in tail
-        assert not re.search(r"^(RUN|COPY|ADD)\b", tail, re.M), f"{path.name}: layers after the code layer"
+def test_both_images_are_one_dockerfile_body_with_a_target_each() -> None:
+    """The server and client targets are the stage ``common`` plus their command: the torch layer and
+    the code are built once for both images, and nothing is built after the code."""
+    text = (REPO / "Dockerfile").read_text()
+    stages = re.findall(r"^FROM (\S+) AS (\w+)$", text, re.M)
+    assert stages == [("${BASE_IMAGE}", "common"), ("common", "server"), ("common", "client")]
+    common = text[text.index(" AS common\n") : text.index("FROM common AS server")]
+    assert common.index("install-deps.sh") < common.index("COPY services"), "dependencies before code"
+    assert "USER bouquet" in common
+    for target in ("server", "client"):
+        stage = text.split(f"FROM common AS {target}\n", 1)[1].split("\nFROM ", 1)[0]
+        assert f'CMD ["python", "-m", "services.{target}"]' in stage
+        assert not re.search(r"^(RUN|COPY|ADD)\b", stage, re.M), f"{target}: layers after the code layer"
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    assert compose["services"]["client"]["build"]["target"] == "client"
+    assert compose["x-server-image"]["build"]["target"] == "server"
 
 
 def _requirements(flavour: str, **env: str) -> subprocess.CompletedProcess:

@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 
 from conftest import PYTHON, REPO
-from services.client.connect import free_port, wait_until_listening
+from services.net import free_port, wait_until_listening
 from services.server.results import load_checkpoint
 
 pytestmark = pytest.mark.integration

@@ -16,7 +16,7 @@ import sys
 import pytest
 
 from conftest import PYTHON, REPO
-from services.client.connect import free_port, wait_until_listening
+from services.net import free_port, wait_until_listening
 
 pytestmark = pytest.mark.integration
 

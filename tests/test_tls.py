@@ -16,7 +16,7 @@ import pytest
 from conftest import PYTHON, REPO
 from services import settings, tls
 from services.certs import make_certificates
-from services.client.connect import free_port, wait_until_listening
+from services.net import free_port, wait_until_listening
 
 
 @pytest.fixture(scope="module")

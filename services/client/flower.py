@@ -28,6 +28,7 @@ from flwr.common import (
 
 from services import joining, protocol, worker
 from services.admission import config as admission_config, retry
+from services.failures import Kind
 from services.settings import LocalSettings
 from services.taskspec import Placement, TaskSpec
 
@@ -111,13 +112,17 @@ class WorkerClient(Client):
                     inputs["proximal_mu"] = float(ins.config[protocol.PROXIMAL_MU])
         except (KeyError, TypeError, ValueError) as problem:
             log.error("round %s: unreadable round config: %s: %s", server_round, type(problem).__name__, problem)
-            return protocol.encode_failure(f"unreadable round config: {type(problem).__name__}: {problem}", client_pid=os.getpid())
+            cause = f"unreadable round config: {type(problem).__name__}: {problem}"
+            return protocol.encode_failure(cause, kind=Kind.START_FAILED.value, client_pid=os.getpid())
         admission = admission_config.admission_for(self.admitting, job, spec) if self.admitting is not None else None
+        wait = float(ins.config.get(protocol.SLOT_WAIT_TIMEOUT, spec.worker_timeout))  # this round's, from the server (services.budget)
         try:
-            return retry.run(job, inputs, timeout=spec.worker_timeout, start_method=self.start_method, admission=admission)
+            return retry.run(job, inputs, timeout=spec.worker_timeout, start_method=self.start_method, admission=admission, wait_timeout=wait)
         except worker.WorkerFailed as failure:
-            log.error("round %s: %s worker (pid %s) failed: %s", server_round, job.partition(":")[2], failure.pid, failure.cause)
-            return protocol.encode_failure(failure.cause, worker_pid=failure.pid, client_pid=os.getpid())
+            log.error("round %s: %s worker (pid %s) failed (%s): %s", server_round, job.partition(":")[2], failure.pid, failure.kind, failure.cause)
+            if failure.traceback:
+                log.error("round %s: the worker's traceback:\n%s", server_round, failure.traceback.rstrip())
+            return protocol.encode_failure(**failure.record(), client_pid=os.getpid())
 
     @staticmethod
     def _read_config(config: dict[str, Any]) -> tuple[TaskSpec, int, int, int]:

@@ -17,8 +17,8 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from services.monitor.admission import settled_slots, workers_alive
-from services.monitor.rounds import Round
+from services.admission.records import workers_alive
+from services.monitor.rounds import Round, clients_of, settled_slots
 from services.monitor.summary import samples_of
 
 LEGEND_REPLICAS = 12  # more replicas than this: one legend entry for all of them
@@ -130,7 +130,7 @@ def round_time_figure(rounds: list[Round]) -> str:
 
 def workers_figure(rounds: list[Round], start: float) -> str | None:
     """Training workers holding a slot, per device, with the settled slots as dashed lines."""
-    series = workers_alive(rounds)
+    series = workers_alive(clients_of(rounds))
     if not series:
         return None
     slots = settled_slots(rounds)

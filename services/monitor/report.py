@@ -22,11 +22,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from services.admission.records import workers_alive
 from services.files import METRICS, atomic_write
-from services.monitor.admission import settled_slots, workers_alive
 from services.monitor.csvlog import read_rows
 from services.monitor.figures import measure, memory_figure, quality_figure, round_time_figure, workers_figure
-from services.monitor.rounds import Round, RoundLog
+from services.monitor.rounds import Round, RoundLog, clients_of, settled_slots
 from services.monitor.summary import samples_of, summarize
 from services.monitor.tables import (
     accuracy, missed_table, names_by_identity, partitions_by_identity, refusal_facts, replicas_table, rounds_table, server_replicas,
@@ -82,7 +82,7 @@ def facts(run_path: Path, rounds: list[Round], rows: list[dict[str, Any]], memor
         )
     crowd, slots = memory.get("max_workers_alive", {}), settled_slots(rounds)
     out.append("worker slots per device (FL_WORKER_SLOTS): " + (", ".join(f"{html.escape(d)} {html.escape(str(n))}" for d, n in sorted(slots.items())) or "not recorded"))
-    holding = {device: max((n for _, n in steps), default=0) for device, steps in workers_alive(rounds).items()}
+    holding = {device: max((n for _, n in steps), default=0) for device, steps in workers_alive(clients_of(rounds)).items()}
     if crowd:
         split = f" ({crowd['client_workers']} client, {crowd['server_workers']} server evaluation)" if "client_workers" in crowd else ""
         held = ", ".join(f"{html.escape(d)} {n} of {slots.get(d, '?')}" for d, n in sorted(holding.items())) or "not recorded"

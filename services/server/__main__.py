@@ -55,9 +55,9 @@ def check_task(settings: ServerSettings, evaluator: CentralEvaluator) -> dict:
     try:
         info = evaluator.inspect()
     except worker.WorkerFailed as failure:
-        if not failure.cause.startswith("TaskError: "):  # the worker itself failed (timeout, killed): not the task's fault
-            raise RuntimeError(f"could not check the task (FL_TASK = {settings.task!r}) in a worker: {failure.cause}") from None
-        raise settings_module.SettingError(f"--task / FL_TASK = {settings.task!r}: {failure.cause.removeprefix('TaskError: ')}") from None
+        if failure.error_type != "TaskError":  # the worker itself failed (timeout, killed) or Bouquet's code did: not the task's fault
+            raise RuntimeError(f"could not check the task (FL_TASK = {settings.task!r}) in a worker ({failure.kind}): {failure.cause}") from None
+        raise settings_module.SettingError(f"--task / FL_TASK = {settings.task!r}: {failure.detail}") from None
     if settings.strategy == "fedprox" and not info["train_takes_proximal_mu"]:
         raise settings_module.SettingError(
             f"--strategy / FL_STRATEGY = 'fedprox': the task's train() (FL_TASK = {settings.task!r}) takes no proximal_mu "

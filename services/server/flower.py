@@ -36,6 +36,7 @@ from flwr.server.strategy import Strategy
 
 from services import joining, protocol, tls, worker
 from services import settings as settings_module
+from services.budget import JobBudget
 from services.server.central import CentralEvaluator
 from services.server import strategies, updates
 from services.server.membership import Holder, Membership
@@ -213,6 +214,7 @@ class BouquetStrategy(Strategy):
         self.inner: Strategy | None = None
         self.seed = settings.seed
         self._sampled: dict[str, tuple[str, int]] = {}
+        self._fit_started = time.monotonic()  # when the clients of this round were asked to train
         self.every_connection_lost = False  # in the last round's training: nobody answered at all
         self.max_update_norm = settings.max_update_norm
         self.layout: updates.Layout = []
@@ -231,12 +233,25 @@ class BouquetStrategy(Strategy):
 
     # -- training -------------------------------------------------------------------------
 
+    def budget(self) -> JobBudget:
+        """Each client job's time this run (services.budget): at most one job per partition per round."""
+        return JobBudget.for_round(self.spec.worker_timeout, self.membership.registry.num_partitions or 1)
+
     def _base_config(self, server_round: int) -> dict[str, Scalar]:
         return {
             **self.spec.to_config(),
             protocol.SERVER_ROUND: server_round,
             protocol.NUM_PARTITIONS: self.membership.registry.num_partitions or 0,
+            protocol.SLOT_WAIT_TIMEOUT: self.budget().slot_wait_s,
         }
+
+    def _no_result(self, errors: str) -> dict[str, Any]:
+        """A sampled client that sent nothing back: past the round's deadline it timed out (its
+        job's budget is spent), before it the connection was lost."""
+        budget = self.budget()
+        if time.monotonic() - self._fit_started >= budget.deadline_s:
+            return {"kind": "timed out", "cause": f"timed out after {budget.deadline_s:g} s (its job's time budget: {budget.describe()})"}
+        return {"cause": f"no result from client ({errors})"}
 
     def configure_fit(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
@@ -251,6 +266,7 @@ class BouquetStrategy(Strategy):
         wanted = min(len(holders), max(int(len(holders) * self.fraction_fit), self.min_fit_clients))
         chosen = sample_for_round(holders, wanted, self.seed, server_round)
         self._sampled = {holder.cid: (holder.identity, holder.partition) for holder in chosen}
+        self._fit_started = time.monotonic()
         base = self._base_config(server_round)
         log.info("round %d: training on %d of %d partition holders", server_round, len(chosen), len(holders))
         proxies = {h.cid: self.clients.proxy(h.cid) for h in chosen}
@@ -271,7 +287,7 @@ class BouquetStrategy(Strategy):
         least FL_MIN_FIT_CLIENTS of them are: a replica restarting, or all of them stopping
         before the server does (`docker compose down`), must not burn rounds with nobody in them."""
         needed = min(self.min_fit_clients, self.membership.registry.num_partitions or 0)
-        holders = self.membership.holders(self.clients.snapshot())
+        holders = self.membership.hand_out_partitions(self.clients.snapshot())
         if len(holders) >= needed:
             return holders
         log.warning(
@@ -281,7 +297,7 @@ class BouquetStrategy(Strategy):
         deadline = time.monotonic() + self.membership.join_timeout
         while len(holders) < needed and time.monotonic() < deadline:
             time.sleep(HOLDERS_POLL_S)
-            holders = self.membership.holders(self.clients.snapshot())
+            holders = self.membership.hand_out_partitions(self.clients.snapshot())
         return holders
 
     def aggregate_fit(
@@ -316,9 +332,9 @@ class BouquetStrategy(Strategy):
             failed.append({**protocol.decode_failure(res.status.message), "id": identity, "partition": partition})
         for cid, (identity, partition) in self._sampled.items():
             if cid not in answered:  # lost connection or round timeout: Flower reports these without a client
-                cause = "; ".join(errors) or "no reply"
-                failed.append({"id": identity, "partition": partition, "cause": f"no result from client ({cause})"})
-        self.every_connection_lost = bool(self._sampled) and not answered
+                failed.append({"id": identity, "partition": partition, **self._no_result("; ".join(errors) or "no reply")})
+        timed_out = any(failure.get("kind") == "timed out" for failure in failed)  # answered by the deadline, not lost
+        self.every_connection_lost = bool(self._sampled) and not answered and not timed_out
         for failure in failed:
             log.warning("round %d: client %s (partition %s) failed: %s", server_round, failure["id"], failure["partition"], failure["cause"])
         for refusal in rejected:
@@ -378,8 +394,8 @@ class BouquetStrategy(Strategy):
         try:
             loss, metrics = self.evaluator.evaluate(parameters_to_ndarrays(parameters))
         except worker.WorkerFailed as failure:  # the round's record says why; training goes on
-            log.error("round %d: central evaluation worker (pid %s) failed: %s", server_round, failure.pid, failure.cause)
-            self.recorder.central_failed(server_round, failure.cause)
+            log.error("round %d: central evaluation worker (pid %s) failed (%s): %s", server_round, failure.pid, failure.kind, failure.cause)
+            self.recorder.central_failed(server_round, failure.cause, failure.kind.value)
             return None
         if server_round == 0:
             self.recorder.initial_evaluation(loss, metrics)
@@ -394,7 +410,7 @@ class BouquetStrategy(Strategy):
         if not self.client_eval:
             return []
         base = self._base_config(server_round)
-        holders = self.membership.holders(self.clients.snapshot())
+        holders = self.membership.hand_out_partitions(self.clients.snapshot())
         return [(self.clients.proxy(h.cid), EvaluateIns(parameters, {**base, protocol.PARTITION_ID: h.partition})) for h in holders]
 
     def aggregate_evaluate(
@@ -446,15 +462,16 @@ class RecordingServer(Server):
         self.error: BaseException | None = None
 
     def fit(self, num_rounds: int, timeout: float | None) -> tuple[History, float]:  # type: ignore[override]
+        """``timeout`` is unused: each round's deadline follows from the job budget (services.budget)."""
         started = time.monotonic()
         try:
-            self._rounds(num_rounds, timeout)
+            self._rounds(num_rounds)
         except Exception as error:
             self.error = error
             log.error("the run cannot go on (%s: %s); telling the clients it is over", type(error).__name__, error)
         return History(), time.monotonic() - started
 
-    def _rounds(self, num_rounds: int, timeout: float | None) -> None:
+    def _rounds(self, num_rounds: int) -> None:
         self.parameters = self.strategy.initialize_parameters(self._client_manager)
         if self.first_round == 1:
             self.strategy.evaluate(0, self.parameters)
@@ -462,6 +479,9 @@ class RecordingServer(Server):
         else:
             log.info("resuming at round %d of %d from the last checkpoint", self.first_round, num_rounds)
         self.strategy.settle()
+        budget = self.strategy.budget()  # the partitions are settled: at most one job each per round
+        log.info("each client job's time budget: %g s (%s); a round waits that long for a client's answer", budget.deadline_s, budget.describe())
+        timeout = budget.deadline_s
         for server_round in range(self.first_round, num_rounds + 1):
             trained = self._train(server_round, timeout)
             self.state.update(num_partitions=self.membership.registry.num_partitions, partitions=self.membership.registry.assignments)
@@ -524,8 +544,8 @@ def run(
     start_server(
         server_address=settings.listen_address,
         server=server,
-        # A client always answers within its worker timeout; the margin covers start-up and transfer.
-        config=ServerConfig(num_rounds=settings.rounds, round_timeout=settings.worker_timeout + 120),
+        # No fixed round timeout: RecordingServer gives every round the job budget (services.budget).
+        config=ServerConfig(num_rounds=settings.rounds, round_timeout=None),
         certificates=tls.server_files(settings.tls_dir).for_flower() if settings.tls_dir else None,
     )
     if server.error is not None:

@@ -202,13 +202,13 @@ class RoundRecorder:
         assert self._current is not None
         self._current.update(loss=loss, accuracy=metrics["accuracy"], metrics=metrics)
 
-    def central_failed(self, server_round: int, cause: str) -> None:
-        """Server-side evaluation failed: the round is still recorded, without accuracy."""
+    def central_failed(self, server_round: int, cause: str, kind: str) -> None:
+        """Server-side evaluation failed (``kind``: services.failures.Kind's value): the round is still recorded, without accuracy."""
         if server_round == 0:
-            self.initial = {"loss": None, "accuracy": None, "error": cause}
+            self.initial = {"loss": None, "accuracy": None, "error": cause, "error_kind": kind}
         else:
             assert self._current is not None
-            self._current["evaluation_error"] = cause
+            self._current.update(evaluation_error=cause, evaluation_error_kind=kind)
 
     def federated_evaluated(
         self, loss: float | None, accuracy: float | None, clients: int, failed: int, as_round_accuracy: bool, rejected: list[dict[str, Any]] | None = None
