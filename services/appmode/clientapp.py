@@ -89,5 +89,5 @@ def run(argv: list[str], torch_threads: int, reached_flower: str) -> dict[str, A
     with open(reached_flower, "w"):
         pass
     outcome = run_flower(argv)
-    outcome["pid"] = os.getpid()
+    outcome["pid"], outcome["parent_pid"] = os.getpid(), os.getppid()
     return outcome

@@ -12,7 +12,6 @@ import os
 import sys
 from pathlib import Path
 
-SHIM_DIR = Path(__file__).resolve().parent / "bin"  # holds Bouquet's flwr-clientapp
 OFFLINE = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
 
 
@@ -21,10 +20,10 @@ def program(name: str) -> str:
     return str(Path(sys.executable).parent / name)
 
 
-def environment(flwr_home: Path, *, shim: bool = False, extra: dict[str, str] | None = None) -> dict[str, str]:
+def environment(flwr_home: Path, *, shim_dir: Path | None = None, extra: dict[str, str] | None = None) -> dict[str, str]:
     path = [str(Path(sys.executable).parent), os.environ.get("PATH", "")]
-    if shim:
-        path.insert(0, str(SHIM_DIR))
+    if shim_dir is not None:
+        path.insert(0, str(shim_dir))
     return {**os.environ, **OFFLINE, "FLWR_HOME": str(flwr_home), "PYTHONUNBUFFERED": "1", "PATH": os.pathsep.join(path), **(extra or {})}
 
 
@@ -34,3 +33,11 @@ def write_cli_config(flwr_home: Path, address: str, root_certificates: str | Non
     security = f'root-certificates = "{root_certificates}"' if root_certificates else "insecure = true"
     (flwr_home / "config.toml").write_text(f'[superlink]\ndefault = "bouquet"\n\n[superlink.bouquet]\naddress = "{address}"\n{security}\n')
     return "bouquet"
+
+
+def die_with_parent() -> None:
+    """``preexec_fn`` of a Flower program Bouquet starts: SIGTERM when its parent dies, however it dies."""
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG

@@ -83,7 +83,7 @@ class Launches:
         value: dict[str, Any] = result.value
         outcome = "ok" if value["exit_code"] == 0 and not value["app_error"] else "app_error"
         cause = value["app_error"] or (None if value["exit_code"] == 0 else f"flwr-clientapp exited with code {value['exit_code']}")
-        record = {**base, **(result.admitted or {}), "pid": result.pid, "forkserver_pid": forkserver_pid(), "flwr_run_id": value["flwr_run_id"], "task_id": value["task_id"],
+        record = {**base, **(result.admitted or {}), "pid": result.pid, "parent_pid": value["parent_pid"], "forkserver_pid": forkserver_pid(), "flwr_run_id": value["flwr_run_id"], "task_id": value["task_id"],
                   "message_type": value["message_type"], "outcome": outcome, "cause": cause, "exit_code": value["exit_code"], "retried_after_oom": retried,
                   "worker_start_seconds": round(result.start_seconds, 4), "ended_at": round(time.time(), 4)}
         self.records.append(record)

@@ -56,6 +56,8 @@ def settle(settings: LinkSettings) -> PartitionRegistry:
         saved=None if saved is None else (saved.num_partitions, saved.partitions),
     )
     membership.settle(lambda: roster.live(settings.data_dir))
+    for identity in sorted(roster.live(settings.data_dir)):  # partitions in name order; later ones idle
+        registry.assign(identity)
     return registry
 
 
@@ -90,22 +92,28 @@ def superlink_command(settings: LinkSettings) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     settings = settings_module.parse(LinkSettings, argv, program="services.appmode.link", description=__doc__, validate=validate)
     logs.setup()
-    registry = settle(settings)
-    publish(settings, registry, set())
-    log.info("partitions: %s", ", ".join(f"{identity} -> {partition}" for identity, partition in sorted(registry.assignments.items(), key=lambda item: item[1])))
-    stop = threading.Event()
-    threading.Thread(target=watch_newcomers, args=(settings, registry, stop), name="bouquet-newcomers", daemon=True).start()
+    # The SuperLink first: compose's health check (and the nodes' connection retries) wait for
+    # its port; the nodes start their SuperNodes only once they know their partition.
     home = Path(settings.data_dir).resolve() / "appmode-superlink"
     hidden = {} if settings.serverapp_gpus else {"CUDA_VISIBLE_DEVICES": ""}
-    superlink = subprocess.Popen(superlink_command(settings), env=flower.environment(home, extra=hidden))
+    superlink = subprocess.Popen(superlink_command(settings), env=flower.environment(home, extra=hidden), preexec_fn=flower.die_with_parent)
     log.info("flower-superlink (pid %d) on %s%s", superlink.pid, settings.listen_address, "" if settings.serverapp_gpus else "; the ServerApp sees no GPU (FL_SERVERAPP_GPUS)")
+    settled = threading.Event()
 
     def relay(signum: int, _frame: object) -> None:
         if superlink.poll() is None:
             superlink.send_signal(signum)
+        if not settled.is_set():  # stopped while settling: nothing to wait for
+            raise SystemExit(0)
 
     signal.signal(signal.SIGTERM, relay)
     signal.signal(signal.SIGINT, relay)
+    registry = settle(settings)
+    settled.set()
+    publish(settings, registry, set())
+    log.info("partitions: %s", ", ".join(f"{identity} -> {partition}" for identity, partition in sorted(registry.assignments.items(), key=lambda item: item[1])))
+    stop = threading.Event()
+    threading.Thread(target=watch_newcomers, args=(settings, registry, stop), name="bouquet-newcomers", daemon=True).start()
     code = superlink.wait()
     stop.set()
     log.info("flower-superlink exited with code %d", code)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from services import logs, roster, tls, worker
 from services import settings as settings_module
-from services.appmode import assignment, flower, records
+from services.appmode import assignment, flower, records, shim
 from services.appmode.launches import Launches, NodePlace
 from services.client.connect import free_port
 from services.client.identity import identity as node_identity
@@ -85,12 +85,6 @@ class _LaunchServer(socketserver.ThreadingUnixStreamServer):
         super().__init__(path, _LaunchHandler)
 
 
-def _die_with_agent() -> None:
-    import ctypes
-
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 def supernode_command(settings: NodeSettings, place: NodePlace, runtime_port: int) -> list[str]:
     security = ["--root-certificates", str(Path(settings.tls_dir) / "ca.crt")] if settings.tls_dir else ["--insecure"]
     return [
@@ -116,19 +110,21 @@ def run(settings: NodeSettings, identity: str) -> int:
     place = wait_for_partition(settings.data_dir, identity, settings.connect_timeout)
     log.info("node %s holds partition %d of %d", identity, place.partition, place.num_partitions)
     home = Path(settings.data_dir).resolve() / "appmode-nodes" / identity  # FLWR_HOME: the apps this SuperNode installed
-    env = flower.environment(home, shim=True)
     # The forkserver and its workers keep the environment they start with (flwr reads some of it
     # at import): offline and this node's FLWR_HOME, as the SuperNode has.
     os.environ.update({**flower.OFFLINE, "FLWR_HOME": str(home)})
     worker.prestart(settings.worker_start, extra_preload=PRELOAD)
     log.info("warm process ready (forkserver pid %s)", worker.forkserver_pid())
     log_file = records.MessageLog(records.node_file(settings.data_dir, identity))
-    launches = Launches(settings, place, log_file, env)
+    launches = Launches(settings, place, log_file, flower.environment(home))
+    shim_dir = launches.scratch / "bin"
+    shim.install(shim_dir, sys.executable)
+    env = flower.environment(home, shim_dir=shim_dir)
     socket_path = str(launches.scratch / "launch.sock")
     server = _LaunchServer(socket_path, launches)
     threading.Thread(target=server.serve_forever, name="bouquet-launches", daemon=True).start()
     env = {**env, "BOUQUET_NODE_SOCKET": socket_path, "BOUQUET_PYTHON": sys.executable}
-    supernode = subprocess.Popen(supernode_command(settings, place, free_port()), env=env, preexec_fn=_die_with_agent)
+    supernode = subprocess.Popen(supernode_command(settings, place, free_port()), env=env, preexec_fn=flower.die_with_parent)
     log.info("flower-supernode (pid %d) started for %s", supernode.pid, settings.server_address)
 
     def relay(signum: int, _frame: object) -> None:
