@@ -111,8 +111,17 @@ def test_the_token_is_in_no_record_and_no_log(example_run):
                 assert "--token ***" in line, line
 
 
+BROKEN_SERVER = '''
+import a_module_that_is_not_there  # flwr run's own check reads the file for `app`; only Flower's ServerApp process imports it
+
+from flwr.serverapp import ServerApp
+
+app = ServerApp()
+'''
+
+
 def test_a_serverapp_that_does_not_import_fails_the_run(tmp_path):
-    app = app_with(tmp_path, "server_app.py", "import a_module_that_is_not_there\n")
+    app = app_with(tmp_path, "server_app.py", BROKEN_SERVER)
     done, run_path = run_app(app, tmp_path, 1, 1)
     summary = json.loads((run_path / "summary.json").read_text())
     assert done.returncode != 0

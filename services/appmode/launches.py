@@ -27,6 +27,7 @@ from typing import Any
 from services.admission import retry
 from services.admission.config import slots_dir
 from services.admission.gate import Admission
+from services.admission.sizing import NeedBook
 from services.appmode import launch_args
 from services.appmode.keepalive import KeepAlive
 from services.appmode.records import MessageLog
@@ -81,6 +82,11 @@ class Launches:
         finally:
             reached_flower.unlink(missing_ok=True)
         value: dict[str, Any] = result.value
+        if value["out_of_memory"] and not self.settings.worker_memory_mib:
+            # Flower consumed the message, so it cannot run again (task mode's retry); later
+            # messages are admitted fewer at once instead.
+            need = NeedBook(self.admission.slots_dir).raise_after_oom(NEED_KEY, (result.admitted or {}).get("share_mib"))
+            log.warning("launch %d: the ClientApp ran out of GPU memory; the remembered need is now ~%.0f MiB", number, need)
         outcome = "ok" if value["exit_code"] == 0 and not value["app_error"] else "app_error"
         cause = value["app_error"] or (None if value["exit_code"] == 0 else f"flwr-clientapp exited with code {value['exit_code']}")
         record = {**base, **(result.admitted or {}), "pid": result.pid, "parent_pid": value["parent_pid"], "forkserver_pid": forkserver_pid(), "flwr_run_id": value["flwr_run_id"], "task_id": value["task_id"],

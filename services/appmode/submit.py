@@ -130,7 +130,7 @@ class Submission:
         if problem is None:
             code, flwr_run_id = self.stream(deadline)
             if flwr_run_id is None:
-                problem = f"flwr run did not start a run (exit code {code}); see flwr-run.log"
+                problem = f"flwr run did not start a run (exit code {code}): {_said(self.folder / 'flwr-run.log')}"
             else:
                 status = self.flower_status(flwr_run_id)
         messages = records.of_run(self.settings.data_dir, flwr_run_id, started_at, time.time()) if flwr_run_id is not None else []
@@ -171,6 +171,16 @@ class Submission:
         if code != 0:
             return f"flwr run exited with code {code}"
         return None
+
+
+def _said(log_path: Path, lines: int = 6) -> str:
+    """What flwr's CLI said last, without its box drawing, on one line."""
+    try:
+        text = log_path.read_text(errors="replace")
+    except OSError:
+        return "(no log)"
+    said = [line.strip(" \u2502\u256d\u256e\u2570\u256f\u2500") for line in text.splitlines()]
+    return " ".join(line for line in said if line)[-600:].split(" ", 1)[-1] if any(said) else "(nothing)"
 
 
 def _message_counts(messages: list[dict[str, Any]]) -> dict[str, int]:
