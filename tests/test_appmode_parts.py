@@ -124,3 +124,17 @@ def test_a_folder_that_is_no_flower_app_is_refused(tmp_path):
 def test_a_node_refuses_inprocess_workers():
     done = _run("-m", "services.appmode.node", "--worker-start", "inprocess")
     assert done.returncode == 2 and "FL_WORKER_START" in done.stderr
+
+
+def test_rounds_are_written_for_the_memory_sidecar_from_flowers_round_lines_and_the_messages(tmp_path):
+    from services.appmode.submit import write_rounds
+    from services.monitor.rounds import RoundLog
+
+    message = {"node": "n", "partition": 0, "pid": 5, "device": "cpu", "slots": 2, "outcome": "ok"}
+    messages = [{**message, "asked_at": 10.0, "ended_at": 12.0, "worker_started_at": 10.5, "worker_ended_at": 11.5},
+                {**message, "asked_at": 21.0, "ended_at": 25.0, "worker_started_at": 21.5, "worker_ended_at": 24.0, "outcome": "app_error"}]
+    write_rounds(tmp_path, [(1, 9.0), (2, 20.0)], messages, 30.0)
+    rounds = RoundLog(tmp_path / "metrics.jsonl").refresh()
+    assert [(r.number, r.started, r.ended) for r in rounds] == [(1, 9.0, 20.0), (2, 20.0, 30.0)]
+    assert [(r.record["clients_ok"], r.record["clients_failed"]) for r in rounds] == [(1, 0), (0, 1)]
+    assert rounds[0].record["clients"][0]["id"] == "n" and rounds[0].record["concurrent_workers_peak"] == {"cpu": 1}

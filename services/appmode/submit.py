@@ -11,6 +11,7 @@ finish as completed, or when no ClientApp message succeeded; exit code 0 only fo
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import re
@@ -24,13 +25,14 @@ from typing import Any
 from services import logs, tls
 from services import settings as settings_module
 from services.appmode import assignment, flower, records
-from services.files import write_json_atomically
+from services.files import METRICS, atomic_write, write_json_atomically
 from services.server.results import concurrent_workers_peak, new_run_id, slots_per_device
 from services.settings import SubmitSettings
 
 log = logging.getLogger("bouquet.submit")
 
 STARTED = re.compile(r"Successfully started run (\d+)")
+ROUND = re.compile(r"\[ROUND (\d+)/\d+\]")  # Flower's strategies log each round's start
 CONNECTION = "bouquet"
 EXIT_FAILED = 1
 
@@ -86,6 +88,7 @@ class Submission:
         if self.settings.app_run_config:
             command += ["--run-config", self.settings.app_run_config]
         flwr_run_id: list[int] = []
+        self.round_starts: list[tuple[int, float]] = []
         with open(self.folder / "flwr-run.log", "w") as kept:
             process = subprocess.Popen(command, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -98,6 +101,8 @@ class Submission:
                     sys.stdout.flush()
                     if not flwr_run_id and (found := STARTED.search(line)):
                         flwr_run_id.append(int(found.group(1)))
+                    if found_round := ROUND.search(line):
+                        self.round_starts.append((int(found_round.group(1)), time.time()))
 
             copier = threading.Thread(target=copy, daemon=True)
             copier.start()
@@ -136,6 +141,7 @@ class Submission:
         messages = records.of_run(self.settings.data_dir, flwr_run_id, started_at, time.time()) if flwr_run_id is not None else []
         with open(self.folder / records.RUN_FILE, "w") as out:
             out.writelines(json.dumps(record, sort_keys=True) + "\n" for record in messages)
+        write_rounds(self.folder, getattr(self, "round_starts", []), messages, time.time())
         cause = problem or self.verdict(code, status, messages)
         summary.update(
             status="failed" if cause else "completed",
@@ -171,6 +177,33 @@ class Submission:
         if code != 0:
             return f"flwr run exited with code {code}"
         return None
+
+
+def write_rounds(folder: Path, starts: list[tuple[int, float]], messages: list[dict[str, Any]], ended_at: float) -> None:
+    """``metrics.jsonl`` as task mode's server writes it (one line per round, its messages as
+    ``clients``), for the memory sidecar and its report. A round runs from Flower's "[ROUND k/N]"
+    line to the next one (the last to the end of the run); a ServerApp that logs no rounds is one
+    round. Written before summary.json: the sidecar stops when that appears."""
+    if not messages:
+        return
+    if not starts:
+        starts = [(1, min(record["asked_at"] for record in messages))]
+    lines = []
+    for index, (number, started) in enumerate(starts):
+        ended = starts[index + 1][1] if index + 1 < len(starts) else max([ended_at, *(r.get("ended_at", 0) for r in messages)])
+        mine = [record for record in messages if started <= record.get("asked_at", 0) < ended]
+        clients = [{**record, "id": record["node"], "worker_pid": record.get("pid")} for record in mine]
+        lines.append({
+            "round": number, "started_at": iso_time(started), "ended_at": iso_time(ended), "round_seconds": round(ended - started, 3),
+            "clients_ok": sum(1 for r in mine if r.get("outcome") == "ok"), "clients_failed": sum(1 for r in mine if r.get("outcome") != "ok"),
+            "clients": clients, "slots_per_device": slots_per_device(clients), "concurrent_workers_peak": concurrent_workers_peak(clients),
+        })
+    with atomic_write(folder / METRICS) as out:
+        out.writelines(json.dumps(line, sort_keys=True) + "\n" for line in lines)
+
+
+def iso_time(seconds: float) -> str:
+    return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).isoformat(timespec="milliseconds")
 
 
 def _said(log_path: Path, lines: int = 6) -> str:
