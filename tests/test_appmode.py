@@ -200,14 +200,15 @@ def train(msg, context):
 '''
 
 
-def test_a_killed_warm_process_is_replaced_for_the_next_message(tmp_path):
+def test_a_killed_warm_process_is_said_and_replaced_for_the_next_message(tmp_path):
     app = app_with(tmp_path, "killer_app.py", KILLS_ITS_WARM_PROCESS)
     pyproject = app / "pyproject.toml"
     pyproject.write_text(pyproject.read_text().replace("quickstart_app.client_app:app", "quickstart_app.killer_app:app").replace("fraction-evaluate = 0.5", "fraction-evaluate = 0.0"))
-    done, run_path = run_app(app, tmp_path, 1, 2)
+    done, run_path = run_app(app, tmp_path, 2, 2)  # FedAvg waits for 2 nodes
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     records = messages(run_path)
-    assert [r["outcome"] for r in records] == ["ok", "ok"]
-    first, second = records
-    assert first["parent_pid"] == first["forkserver_pid"]
-    assert second["forkserver_pid"] != first["forkserver_pid"] and second["parent_pid"] == second["forkserver_pid"]
+    for node in ("client-0", "client-1"):
+        first, second = [r for r in records if r["node"] == node]
+        # The message whose worker killed the warm process: the node says it lost track of it, and why.
+        assert first["outcome"] == "lost" and f"warm process (pid {first['forkserver_pid']}) died" in first["cause"]
+        assert second["outcome"] == "ok" and second["parent_pid"] == second["forkserver_pid"] != first["forkserver_pid"]

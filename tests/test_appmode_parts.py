@@ -105,6 +105,9 @@ def test_bouquet_flwr_clientapp_hands_its_argv_to_the_node_and_exits_with_its_ou
         thread.join()
     assert done.returncode == 7
     assert received == [{"argv": ARGV}]
+    from services.appmode.refusal import CAUSE_VARIABLE
+
+    assert f'os.environ["{CAUSE_VARIABLE}"]' in launcher.read_text()  # the stdlib-only launcher names it itself
 
 
 def _run(*argv: str) -> subprocess.CompletedProcess:

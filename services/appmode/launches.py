@@ -68,6 +68,7 @@ class Launches:
         reached_flower = self.scratch / f"launch-{number}.flower"
         log.info("launch %d: ClientApp %s", number, " ".join(launch_args.redact(argv)))
         base = {"node": self.place.identity, "partition": self.place.partition, "num_partitions": self.place.num_partitions, "launch": number, "asked_at": round(asked_at, 4)}
+        warm = base["forkserver_pid"] = forkserver_pid()  # the warm process the worker should fork from
         try:
             with KeepAlive(launch_args.endpoint(argv)):
                 result, retried = retry.run(
@@ -78,6 +79,12 @@ class Launches:
                     admission=self.admission,
                 )
         except WorkerFailed as failure:
+            if warm is not None and not _running(warm):
+                # The worker's exit is reported through its forkserver: with that gone, the node
+                # cannot tell how the worker ended (it may still be running and reply).
+                failure = WorkerFailed(f"the node's warm process (pid {warm}) died while this message ran, so its worker (pid {failure.pid}) "
+                                       "could not be followed; Flower has the message's real outcome", failure.pid, admitted=failure.admitted)
+                return self._failed(number, argv, base, failure, reached_flower.exists(), outcome="lost")
             return self._failed(number, argv, base, failure, reached_flower.exists())
         finally:
             reached_flower.unlink(missing_ok=True)
@@ -97,13 +104,13 @@ class Launches:
                                                      record.get("device", "?"), outcome, f" ({cause})" if cause else "")
         return value["exit_code"]
 
-    def _failed(self, number: int, argv: list[str], base: dict[str, Any], failure: WorkerFailed, flower_had_it: bool) -> int:
+    def _failed(self, number: int, argv: list[str], base: dict[str, Any], failure: WorkerFailed, flower_had_it: bool, outcome: str = "failed") -> int:
         cause = f"Bouquet's node {self.place.identity} could not serve this message: {failure.cause}"
-        record = {**base, **(failure.admitted or {}), "pid": failure.pid, "forkserver_pid": forkserver_pid(), "outcome": "failed", "cause": failure.cause, "exit_code": 1,
+        record = {**base, **(failure.admitted or {}), "pid": failure.pid, "outcome": outcome, "cause": failure.cause, "exit_code": 1,
                   "flwr_run_id": None, "task_id": None, "message_type": None}
         if flower_had_it:
             # Flower's runtime held the token: when its heartbeats stop, Flower fails the message itself.
-            log.error("launch %d: the worker (pid %s) died after Flower took the message: %s; Flower fails it when its heartbeats stop", number, failure.pid, failure.cause)
+            log.error("launch %d: after Flower took the message: %s (if the worker is gone, Flower fails the message when its heartbeats stop)", number, failure.cause)
         else:
             log.error("launch %d: %s; failing the message through Flower", number, cause)
             refused = self._refuse(argv, cause)
@@ -135,3 +142,12 @@ class Launches:
             if line.startswith('{"refusal"'):
                 return json.loads(line)["refusal"]
         return {"problem": f"the refusal exited with code {done.returncode} without an outcome"}
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` is a live process (not gone, not a zombie)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False

@@ -56,15 +56,17 @@ class AppFederation(Federation):
 
     @staticmethod
     def _show(log_path, shown: int) -> int:
+        """Print what the submission logged since byte ``shown`` (complete lines); the new offset."""
         try:
-            text = log_path.read_text(errors="replace")
+            with open(log_path, "rb") as log:
+                log.seek(shown)
+                chunk = log.read()
         except OSError:
             return shown
-        complete = text[: text.rfind("\n") + 1]
-        if len(complete) > shown:
-            console.print(complete[shown:], end="", markup=False, highlight=False)
-        return len(complete)
-
+        complete = chunk[: chunk.rfind(b"\n") + 1]
+        if complete:
+            console.print(complete.decode(errors="replace"), end="", markup=False, highlight=False)
+        return shown + len(complete)
 
 def main(values: LauncherSettings) -> int:
     federation = AppFederation(values)

@@ -5,7 +5,7 @@ writer per file); ``submit`` copies the lines of its run (Flower's run id, or no
 time inside the run: a launch Flower never handed a message) into ``<run folder>/messages.jsonl``.
 Fields: node, partition, num_partitions, launch, flwr_run_id, task_id, message_type, pid,
 device, slots, slot_wait_seconds, worker_started_at / worker_ended_at (epoch s, while the slot
-was held), asked_at / ended_at, outcome (ok, app_error, failed), cause, exit_code,
+was held), asked_at / ended_at, outcome (ok, app_error, failed, lost), cause, exit_code,
 retried_after_oom. Never the token.
 """
 
