@@ -79,7 +79,7 @@ class Launches:
                     admission=self.admission,
                 )
         except WorkerFailed as failure:
-            if warm is not None and not _running(warm):
+            if warm is not None and _gone(warm):
                 # The worker's exit is reported through its forkserver: with that gone, the node
                 # cannot tell how the worker ended (it may still be running and reply).
                 failure = WorkerFailed(f"the node's warm process (pid {warm}) died while this message ran, so its worker (pid {failure.pid}) "
@@ -144,10 +144,17 @@ class Launches:
         return {"problem": f"the refusal exited with code {done.returncode} without an outcome"}
 
 
-def _running(pid: int) -> bool:
-    """Whether ``pid`` is a live process (not gone, not a zombie)."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except OSError:
-        return False
+def _gone(pid: int, patience: float = 2.0) -> bool:
+    """Whether ``pid`` has ended (gone or a zombie). A process closes its files before it becomes a
+    zombie, so a worker's sentinel can report a dying forkserver a moment early: wait a little."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                if stat.read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+                    return True
+        except OSError:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
