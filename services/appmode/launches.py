@@ -113,7 +113,8 @@ class Launches:
             log.error("launch %d: after Flower took the message: %s (if the worker is gone, Flower fails the message when its heartbeats stop)", number, failure.cause)
         else:
             log.error("launch %d: %s; failing the message through Flower", number, cause)
-            refused = self._refuse(argv, cause)
+            with KeepAlive(launch_args.endpoint(argv)):  # until the refusal's own runtime beats
+                refused = self._refuse(argv, cause)
             record.update({k: refused.get(k) for k in ("flwr_run_id", "task_id", "message_type")})
             record["refused"] = refused.get("message_type") is not None
             if not record["refused"]:
