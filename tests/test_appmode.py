@@ -51,7 +51,7 @@ def messages(run_path: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def example_run(tmp_path_factory):
-    done, run_path = run_app(EXAMPLE, tmp_path_factory.mktemp("example"), CLIENTS, 2)
+    done, run_path = run_app(EXAMPLE, tmp_path_factory.mktemp("example"), CLIENTS, 2, "--monitor")
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     return run_path, json.loads((run_path / "summary.json").read_text()), messages(run_path), done
 
@@ -62,7 +62,7 @@ def test_the_example_app_completes(example_run):
     assert summary["flwr_status"] == "finished:completed"
     assert (run_path / "flwr-run.log").read_text().count("[ROUND") == 2
     assert "final central accuracy" in (run_path / "flwr-run.log").read_text()
-    assert sorted(p.name for p in (run_path / "logs").iterdir()) == ["client-0.log", "client-1.log", "client-2.log", "server.log", "submit.log"]
+    assert sorted(p.name for p in (run_path / "logs").iterdir()) == ["client-0.log", "client-1.log", "client-2.log", "monitor.log", "server.log", "submit.log"]
 
 
 def test_every_message_ran_in_a_fresh_worker_forked_from_its_nodes_warm_process(example_run):
@@ -99,6 +99,22 @@ def test_partitions_are_distinct_and_cover_the_federation(example_run):
         assert by_node.setdefault(record["node"], record["partition"]) == record["partition"]
         assert record["num_partitions"] == CLIENTS
     assert sorted(by_node.values()) == [0, 1, 2]
+
+
+def test_the_memory_monitor_attributes_every_messages_worker_to_its_replica(example_run):
+    import csv
+
+    run_path, _, records, _ = example_run
+    with open(run_path / "memory.csv") as rows:
+        table = [row for row in csv.DictReader(rows) if row["kind"] == "process"]
+    workers = {int(row["pid"]): row["replica"] for row in table if row["role"] == "worker"}
+    assert {row["replica"] for row in table if row["role"] == "client"} == {"client-0", "client-1", "client-2"}
+    seen = [record for record in records if record["pid"] in workers]
+    assert seen, "no message's worker was sampled"
+    assert all(workers[record["pid"]] == record["node"] for record in seen)
+    memory = json.loads((run_path / "memory_summary.json").read_text())
+    assert memory["verdict"]["ok"] is True, memory["verdict"]["text"]
+    assert (run_path / "report.html").is_file()
 
 
 def test_the_token_is_in_no_record_and_no_log(example_run):

@@ -1,9 +1,9 @@
 """``scripts/run_local.py --app <Flower App folder> --clients N``: app mode on this machine.
 
 One link (the SuperLink on 127.0.0.1:<free port>, the federation settled on N with no grace),
-N node agents (``client-0`` .. ``client-<N-1>``, each with its SuperNode and warm process) and
-one submission (``flwr run --stream``, shown as it comes); everything is stopped at the end and
-the logs land in ``<run folder>/logs/``. The exit code is the run's (``services.appmode.submit``).
+N node agents (``client-0`` .. ``client-<N-1>``, each with its SuperNode and warm process), one
+submission (``flwr run --stream``, shown as it comes) and with ``--monitor`` the memory monitor;
+everything is stopped at the end and the logs land in ``<run folder>/logs/``. The exit code is the run's (``services.appmode.submit``).
 """
 
 from __future__ import annotations
@@ -22,13 +22,15 @@ class AppFederation(Federation):
         self.log_dir.mkdir(parents=True, exist_ok=True)
         assignment.path(v.data_dir).unlink(missing_ok=True)  # a new federation: settle anew
         common = ["--data-dir", v.data_dir, *(["--tls-dir", v.tls_dir] if v.tls_dir else [])]
-        self.start("server", ["-m", "services.appmode.link", "--listen-address", v.listen_address, "--min-clients", str(v.clients), "--join-grace", "0",
+        # Through the server's and client's own commands with --mode app, as compose runs them:
+        # the memory monitor knows those programs (and FL_CLIENT_ID names each replica).
+        self.start("server", ["-m", "services.server", "--mode", "app", "--listen-address", v.listen_address, "--min-clients", str(v.clients), "--join-grace", "0",
                               "--join-timeout", str(v.join_timeout), *common])
         address = v.listen_address.replace("0.0.0.0", "127.0.0.1")
         node_names = [s.name for s in settings_module.declared(LocalSettings)] + ["connect_timeout", "worker_timeout"]
         node_flags = [*settings_module.as_flags(v, node_names)]
         for index in range(v.clients):
-            self.start(f"client-{index}", ["-m", "services.appmode.node", "--server-address", address, "--client-id", f"client-{index}", *node_flags])
+            self.start(f"client-{index}", ["-m", "services.client", "--mode", "app", "--server-address", address, *node_flags], {"FL_CLIENT_ID": f"client-{index}"})
         if v.monitor:
             self.start("monitor", ["-m", "services.monitor", "--results-dir", str(v.results_dir), "--run-id", self.run_id, "--monitor-scope", "launcher"])
         submit = ["-m", "services.appmode.submit", "--app", str(v.app), "--server-address", address, "--results-dir", v.results_dir, "--run-id", self.run_id, *common]
