@@ -243,13 +243,17 @@ class Federation:
 
 def main(argv: list[str] | None = None) -> int:
     values = parse(argv)
-    if values.app is not None or values.mode == "app":
-        from services.appmode import local
-
-        return local.main(values)
     certificates = throwaway_certificates() if values.tls else None
     if certificates is not None:
         values = dataclasses.replace(values, tls_dir=str(certificates))
+    if values.app is not None or values.mode == "app":
+        from services.appmode import local
+
+        try:
+            return local.main(values)
+        finally:
+            if certificates is not None:
+                shutil.rmtree(certificates, ignore_errors=True)
     federation = Federation(values)
     started = time.monotonic()
     try:

@@ -228,3 +228,13 @@ def test_a_killed_warm_process_is_said_and_replaced_for_the_next_message(tmp_pat
         # The message whose worker killed the warm process: the node says it lost track of it, and why.
         assert first["outcome"] == "lost" and f"warm process (pid {first['forkserver_pid']}) died" in first["cause"]
         assert second["outcome"] == "ok" and second["parent_pid"] == second["forkserver_pid"] != first["forkserver_pid"]
+
+
+def test_the_app_runs_over_tls_with_bouquets_certificates(tmp_path):
+    done, run_path = run_app(EXAMPLE, tmp_path, 2, 1, "--tls")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert json.loads((run_path / "summary.json").read_text())["status"] == "completed"
+    server_log = (run_path / "logs" / "server.log").read_text()
+    assert "flower-superlink" in server_log and "insecure" not in server_log.lower()  # the SuperLink serves TLS
+    for node in ("client-0", "client-1"):
+        assert "Starting insecure channel" not in (run_path / "logs" / f"{node}.log").read_text()  # SuperNode -> SuperLink
