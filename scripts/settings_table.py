@@ -9,6 +9,9 @@ GROUPS = [
     ("server (`python -m services.server`)", settings.SERVER),
     ("client (`python -m services.client`)", settings.CLIENT),
     ("monitor (`python -m services.monitor`)", settings.MONITOR),
+    ("link (`python -m services.appmode.link`, the server with FL_MODE=app)", settings.LINK),
+    ("node (`python -m services.appmode.node`, a client with FL_MODE=app)", settings.NODE),
+    ("submit (`python -m services.appmode.submit`)", settings.SUBMIT),
 ]
 
 

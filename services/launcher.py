@@ -39,7 +39,7 @@ from services.lifetime import die_with_parent
 from services.net import free_port, wait_until_listening
 from services.files import read_rounds, tail
 from services.server.results import new_run_id
-from services.settings import ClientSettings, JoinSettings, LocalSettings, ServerSettings, boolean, positive_int, reuse, setting
+from services.settings import ClientSettings, JoinSettings, LocalSettings, ServerSettings, SubmitSettings, boolean, positive_int, reuse, setting
 
 # The server, clients and monitor run from the folder that holds the package (the repository,
 # where scripts/bootstrap.sh installs it in editable mode).
@@ -57,6 +57,8 @@ class LauncherSettings(ServerSettings):
     monitor: bool = setting(boolean, False, "also record memory (services.monitor)")
     tls: bool = setting(boolean, False, "gRPC over TLS with throwaway certificates (a CA and a certificate for 127.0.0.1, deleted at the end)")
     connect_timeout: float = reuse(ClientSettings, "connect_timeout")
+    app: str | None = reuse(SubmitSettings, "app", default=None)
+    app_run_config: str | None = reuse(SubmitSettings, "app_run_config")
 
 
 def torch_threads_per_worker(clients: int) -> int:
@@ -91,12 +93,19 @@ def parse(argv: list[str] | None) -> LauncherSettings:
         task=str(Path(values.task).resolve()) if values.task.endswith(".py") else values.task,
         tls_dir=None if values.tls_dir is None else str(Path(values.tls_dir).resolve()),
         slots_dir=None if values.slots_dir is None else str(Path(values.slots_dir).resolve()),
+        app=None if values.app is None else str(Path(values.app).resolve()),
     )
 
 
 def validate(values: LauncherSettings) -> LauncherSettings:
     from services.server.__main__ import validate as validate_server
 
+    if values.mode == "app" and values.app is None:
+        raise settings_module.SettingError("--mode / FL_MODE = 'app' needs --app / FL_APP: the Flower App folder to run")
+    if values.app is not None:
+        from services.appmode.submit import validate as validate_submission
+
+        validate_submission(values)  # type: ignore[arg-type]
     if values.tls and values.tls_dir is not None:
         raise settings_module.SettingError("--tls makes throwaway certificates; it cannot be combined with --tls-dir / FL_TLS_DIR")
     return validate_server(values)
@@ -282,6 +291,14 @@ def main(argv: list[str] | None = None) -> int:
     certificates = throwaway_certificates() if values.tls else None
     if certificates is not None:
         values = dataclasses.replace(values, tls_dir=str(certificates))
+    if values.app is not None or values.mode == "app":
+        from services.appmode import local
+
+        try:
+            return local.main(values)
+        finally:
+            if certificates is not None:
+                shutil.rmtree(certificates, ignore_errors=True)
     token = join_token_file(values.join_token)
     values = dataclasses.replace(values, join_token=None, join_token_file=None)
     federation = Federation(values)

@@ -19,13 +19,26 @@ from services import settings as settings_module
 from services.client.__main__ import validate as validate_client
 from services.server.__main__ import check_task, validate as validate_server
 from services.server.central import CentralEvaluator
-from services.settings import ClientSettings, CommandLineOnly, MonitorSettings, ServerSettings, comma_list, choice, repeated, setting
+from services.appmode.link import validate as validate_link
+from services.appmode.node import validate as validate_node
+from services.appmode.submit import validate as validate_submission
+from services.settings import (
+    ClientSettings, CommandLineOnly, EngineSettings, LinkSettings, MonitorSettings, NodeSettings, ServerSettings, SubmitSettings, comma_list, choice, repeated, setting,
+)
 from services.taskspec import Placement, TaskSpec
 
 PROGRAMS: dict[str, tuple[type, Callable[[Any], Any] | None]] = {
     "server": (ServerSettings, validate_server),
     "client": (ClientSettings, validate_client),
     "monitor": (MonitorSettings, None),
+}
+# FL_MODE=app: the same services run app mode's programs (the server the link, a replica a
+# node), and the one-shot submit runs the Flower App in the task folder.
+APP_PROGRAMS: dict[str, tuple[type, Callable[[Any], Any] | None]] = {
+    "server": (LinkSettings, validate_link),
+    "client": (NodeSettings, validate_node),
+    "monitor": (MonitorSettings, None),
+    "submit": (SubmitSettings, validate_submission),
 }
 
 
@@ -59,8 +72,10 @@ def task_usable(values: ServerSettings) -> bool:
 def main(argv: list[str] | None = None) -> int:
     options = settings_module.parse(PreflightSettings, argv, program="services.preflight", description=__doc__)
     failed = []
-    for program in options.programs:
-        declared, validate = PROGRAMS[program]
+    app_mode = settings_module.peek(EngineSettings, "mode", [], program="services.preflight") == "app"
+    programs = APP_PROGRAMS if app_mode else PROGRAMS
+    for program in [*options.programs, *(["submit"] if app_mode else [])]:
+        declared, validate = programs[program]
         extra = {key: value for name, key, value in options.set if name == program}
         try:
             values = settings_module.parse(declared, [], environ={**os.environ, **extra}, program=f"services.{program}", validate=validate)
@@ -73,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     if failed:
         print(f"services.preflight: bad settings for {', '.join(failed)}; nothing was started. Fix them in .env or your shell.", file=sys.stderr)
         return settings_module.EXIT_BAD_SETTING
-    print(f"services.preflight: settings of {', '.join(options.programs)} are valid", file=sys.stderr)
+    print(f"services.preflight: settings of {', '.join(options.programs)}{' (app mode) and submit' if app_mode else ''} are valid", file=sys.stderr)
     return 0
 
 

@@ -57,6 +57,7 @@ IDENTITY_SOURCES = ("hostname", "container")
 STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedmedian", "fedtrimmedavg", "krum")
 MONITOR_SOURCES = ("auto", "nvml", "host")
 MONITOR_SCOPES = ("host", "launcher")
+MODES = ("task", "app")
 
 T = TypeVar("T")
 P = TypeVar("P")
@@ -502,7 +503,15 @@ class JoinSettings:
 
 
 @dataclass(frozen=True, kw_only=True)
-class ServerSettings(TaskSettings, LocalSettings, JoinSettings):
+class EngineSettings:
+    """Which engine runs the federation; the server and client commands hand over to app mode's
+    programs (``services.appmode``) when it says so, so compose keeps one command per service."""
+
+    mode: str = setting(choice(*MODES), "task", "task: Bouquet's own server trains FL_TASK (Flower's gRPC runtime on :8080); app: a Flower App on Flower's Deployment Engine (the server runs the SuperLink on :8080, every client replica one SuperNode, every ClientApp message in a fresh admitted worker)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerSettings(EngineSettings, TaskSettings, LocalSettings, JoinSettings):
     """``python -m services.server``."""
 
     listen_address: str = setting(address, "0.0.0.0:8080", "address the Flower gRPC server listens on")
@@ -523,7 +532,7 @@ class ServerSettings(TaskSettings, LocalSettings, JoinSettings):
 
 
 @dataclass(frozen=True, kw_only=True)
-class ClientSettings(LocalSettings, JoinSettings):
+class ClientSettings(EngineSettings, LocalSettings, JoinSettings):
     """``python -m services.client``: no training settings, the server sends them."""
 
     server_address: str = setting(address, "server:8080", "address of the Flower server")
@@ -548,7 +557,45 @@ class MonitorSettings:
     run_wait: float = setting(positive_float, 600.0, "seconds to wait for the run folder to appear before giving up")
 
 
+@dataclass(frozen=True, kw_only=True)
+class LinkSettings(EngineSettings):
+    """``python -m services.appmode.link`` (the server in app mode): settles the federation, runs the SuperLink."""
+
+    listen_address: str = reuse(ServerSettings, "listen_address")
+    min_clients: int = reuse(ServerSettings, "min_clients")
+    join_grace: float = reuse(ServerSettings, "join_grace")
+    join_timeout: float = reuse(ServerSettings, "join_timeout")
+    data_dir: str = reuse(LocalSettings, "data_dir")
+    tls_dir: str | None = reuse(LocalSettings, "tls_dir")
+    serverapp_gpus: bool = setting(boolean, False, "(app mode) let the ServerApp process see the GPUs (off: CUDA_VISIBLE_DEVICES is empty for it, so a ServerApp that evaluates centrally does it on the CPU and holds no GPU memory for the whole run)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class NodeSettings(ClientSettings):
+    """``python -m services.appmode.node`` (a client replica in app mode): one SuperNode whose
+    ClientApp messages run in admitted workers forked from this replica's warm process."""
+
+    worker_timeout: float = reuse(TrainingSettings, "worker_timeout")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SubmitSettings(EngineSettings):
+    """``python -m services.appmode.submit``: run a Flower App on the SuperLink, report its real outcome."""
+
+    app: str = setting(path, "app", "(app mode) folder of the Flower App to run (its pyproject.toml has [tool.flwr.app]; compose: the task folder)")
+    app_run_config: str | None = setting(optional(str), None, "(app mode) the run config overrides passed to flwr run --run-config, as \"key=value key2=value2\" (TOML values)")
+    server_address: str = reuse(ClientSettings, "server_address")
+    tls_dir: str | None = reuse(LocalSettings, "tls_dir")
+    data_dir: str = reuse(LocalSettings, "data_dir")
+    results_dir: str = reuse(ServerSettings, "results_dir")
+    run_id: str | None = reuse(ServerSettings, "run_id")
+    run_timeout: float = setting(positive_float, 3600.0, "(app mode) seconds the submitted run may take before it is stopped and reported failed")
+
+
 # Views for the README table, compose's variables and the tests.
 SERVER = declared(ServerSettings)
 CLIENT = declared(ClientSettings)
 MONITOR = declared(MonitorSettings)
+LINK = declared(LinkSettings)
+NODE = declared(NodeSettings)
+SUBMIT = declared(SubmitSettings)

@@ -26,7 +26,7 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, Sequence
 
 from services.failures import Kind, classify, first_line
 from services.lifetime import die_with_parent, is_alive
@@ -38,6 +38,7 @@ from services.settings import WORKER_STARTS
 # use the GPU; _refuse_poisoned_fork turns that into a clear failure, tests/test_forkserver.py
 # checks it never happens.
 FORKSERVER_PRELOAD = ["torch", "torch._dynamo", "services.task", "services.builtin_task"]
+_extra_preload: list[str] = []  # prestart(extra_preload=...): app mode's node adds flwr's ClientApp runtime
 
 
 class Entered(Protocol):
@@ -102,15 +103,17 @@ def _context(start_method: str) -> multiprocessing.context.BaseContext:
     if start_method == "forkserver":
         # Takes effect when the forkserver starts (first worker, or prestart); it is one process
         # per client (or server) process, restarted by multiprocessing if it dies.
-        context.set_forkserver_preload(FORKSERVER_PRELOAD)
+        context.set_forkserver_preload(FORKSERVER_PRELOAD + _extra_preload)
     return context
 
 
-def prestart(start_method: str) -> None:
+def prestart(start_method: str, extra_preload: Sequence[str] = ()) -> None:
     """Start the forkserver now (it imports torch, ~1-2 s), so the first round does not wait for it.
+    ``extra_preload``: more modules it imports (kept for a forkserver restarted after a death).
 
     No-op for the other start methods. The forkserver is started by exec, not fork, so it is
     safe to call from a process that already runs gRPC threads."""
+    _extra_preload[:] = [name for name in extra_preload if name not in FORKSERVER_PRELOAD]
     if start_method == "forkserver":
         _context(start_method)
         from multiprocessing import forkserver

@@ -106,9 +106,10 @@ def test_compose_passes_only_settings_the_programs_know() -> None:
     """A misspelt FL_* name would be passed and silently ignored."""
     from services import settings
 
-    known = {
-        "server": {s.env for s in settings.SERVER},
-        "client": {s.env for s in settings.CLIENT},
+    known = {  # FL_MODE=app: the server runs the link, a replica a node (services.appmode)
+        "server": {s.env for s in (*settings.SERVER, *settings.LINK)},
+        "client": {s.env for s in (*settings.CLIENT, *settings.NODE)},
+        "submit": {s.env for s in settings.SUBMIT},
         "gpu-monitor": {s.env for s in settings.MONITOR},
     }
     known["check"] = set().union(*known.values())
@@ -145,7 +146,7 @@ def test_dotenv_gives_the_programs_own_defaults() -> None:
     """.env documents the defaults: each FL_* value there parses to the program's default."""
     from services import settings
 
-    by_env = {s.env: s for s in (*settings.SERVER, *settings.CLIENT, *settings.MONITOR)}
+    by_env = {s.env: s for s in (*settings.SERVER, *settings.CLIENT, *settings.MONITOR, *settings.LINK, *settings.NODE, *settings.SUBMIT)}
     for key, raw in _dotenv().items():
         if key.startswith("FL_"):
             setting = by_env[key]

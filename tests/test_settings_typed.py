@@ -32,7 +32,8 @@ def test_a_program_lists_its_own_settings_first_then_its_groups_in_order():
     joins = [s.name for s in settings.declared(settings.JoinSettings)]
     assert names[: names.index("task")] == ["listen_address", "rounds", "min_clients", "join_grace", "join_timeout", "fraction_fit",
                                             "min_fit_clients", "client_eval", "strategy", "strategy_args", "results_dir", "run_id",
-                                            "max_update_norm", "resume"]
+                                            "max_update_norm", "resume",
+                                            "mode"]  # EngineSettings, the first group
     assert names[names.index("task") :] == task + local + joins
     assert len(names) == len(set(names))
 

@@ -17,6 +17,10 @@ log = logging.getLogger("bouquet.client")
 
 
 def main(argv: list[str] | None = None) -> int:
+    if settings_module.peek(ClientSettings, "mode", argv, program="services.client") == "app":  # FL_MODE=app: the same replica runs a node
+        from services.appmode import node
+
+        return node.main(argv)
     settings = settings_module.parse(ClientSettings, argv, program="services.client", description=__doc__, validate=validate)
     logs.setup()
     identity = client_identity(settings.client_id, settings.identity_source)

@@ -93,6 +93,10 @@ def open_run(settings: ServerSettings, spec: TaskSpec) -> tuple[RunState, resume
 
 
 def main(argv: list[str] | None = None) -> int:
+    if settings_module.peek(ServerSettings, "mode", argv, program="services.server") == "app":  # FL_MODE=app: the same service runs the link
+        from services.appmode import link
+
+        return link.main(argv)
     settings = settings_module.parse(
         ServerSettings, argv, program="services.server", description=__doc__, validate=validate
     )

@@ -1,0 +1,93 @@
+"""The job a ClientApp message's worker runs: Flower's own ``flwr-clientapp`` runtime, unchanged.
+
+The node agent's warm forkserver forks the worker (flwr's ClientApp runtime and torch already
+imported, CUDA untouched); ``services.worker`` admits it to a slot; then this calls flwr's
+``flwr_clientapp()`` with the argv SuperExec gave Bouquet's launcher. Flower's runtime pulls the
+message, loads and runs the app, pushes the reply and exits with its own code, which is
+returned here (Flower ends with SystemExit).
+
+To record what the message was and whether the app failed, the app that Flower loads is
+wrapped (``get_load_client_app_fn`` of flwr 1.42's runtime module, replaced in this process
+only): the app still receives the message and context Flower gives it and its reply or
+exception goes back to Flower as before.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Callable
+
+import flwr.supernode.runtime.run_clientapp as runtime
+from flwr.supercore.task_identity import TaskIdentity
+from flwr.supernode.cli import flwr_clientapp
+
+from services.worker import is_out_of_memory
+
+
+class _Watched:
+    """The loaded ClientApp, noting the message type and the app's failure into ``seen``."""
+
+    def __init__(self, app: Any, seen: dict[str, Any]) -> None:
+        self.app = app
+        self.seen = seen
+
+    def __call__(self, message: Any, context: Any) -> Any:
+        self.seen["message_type"] = message.metadata.message_type
+        try:
+            reply = self.app(message=message, context=context)
+        except BaseException as error:
+            self.seen["app_error"] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}".rstrip(": ")
+            self.seen["out_of_memory"] = is_out_of_memory(error)
+            raise
+        if reply.has_error():
+            self.seen["app_error"] = f"error reply: {reply.error.reason}"
+        return reply
+
+
+def _watch_loaded_app(seen: dict[str, Any], replace: Callable[[], Any] | None = None) -> None:
+    original = runtime.get_load_client_app_fn
+
+    def get_load_client_app_fn(**kwargs: Any) -> Callable[..., Any]:
+        load = original(**kwargs)
+
+        def load_watched(*args: Any) -> _Watched:
+            return _Watched(replace() if replace is not None else load(*args), seen)
+
+        return load_watched
+
+    runtime.get_load_client_app_fn = get_load_client_app_fn
+
+
+def run_flower(argv: list[str], replace: Callable[[], Any] | None = None) -> dict[str, Any]:
+    """flwr's ``flwr_clientapp()`` with ``argv``; what the message was and how it ended."""
+    seen: dict[str, Any] = {}
+    _watch_loaded_app(seen, replace)
+    sys.argv = ["flwr-clientapp", *argv]
+    try:
+        flwr_clientapp()
+        code = 0
+    except SystemExit as end:
+        code = end.code if isinstance(end.code, int) else (0 if end.code is None else 1)
+    return {
+        "exit_code": code,
+        "flwr_run_id": TaskIdentity.run_id,
+        "task_id": TaskIdentity.task_id,
+        "message_type": seen.get("message_type"),
+        "app_error": seen.get("app_error"),
+        "out_of_memory": seen.get("out_of_memory", False),
+    }
+
+
+def run(argv: list[str], torch_threads: int, reached_flower: str) -> dict[str, Any]:
+    """The worker job (``services.worker.run``): ``reached_flower`` is created just before Flower
+    takes the token, so the node knows whether a failure left the message to Flower or to it."""
+    if torch_threads:
+        import torch
+
+        torch.set_num_threads(torch_threads)
+    with open(reached_flower, "w"):
+        pass
+    outcome = run_flower(argv)
+    outcome["pid"], outcome["parent_pid"] = os.getpid(), os.getppid()
+    return outcome

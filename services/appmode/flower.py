@@ -1,0 +1,43 @@
+"""Flower's own programs as app mode starts them: where they are, their environment, the CLI's config.
+
+Every Flower process Bouquet starts runs offline (no telemetry, no update check) and finds
+Flower's console scripts (``flwr-serverapp``, ``flower-superexec``, ``flwr``) in this Python's
+environment; a SuperNode's PATH starts with Bouquet's ``bin/`` so that SuperExec, which starts
+``flwr-clientapp`` by bare name for every message, starts Bouquet's launcher instead.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+OFFLINE = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+
+
+def program(name: str) -> str:
+    """A Flower console script of this environment (not whatever PATH finds first)."""
+    return str(Path(sys.executable).parent / name)
+
+
+def environment(flwr_home: Path, *, shim_dir: Path | None = None, extra: dict[str, str] | None = None) -> dict[str, str]:
+    path = [str(Path(sys.executable).parent), os.environ.get("PATH", "")]
+    if shim_dir is not None:
+        path.insert(0, str(shim_dir))
+    return {**os.environ, **OFFLINE, "FLWR_HOME": str(flwr_home), "PYTHONUNBUFFERED": "1", "PATH": os.pathsep.join(path), **(extra or {})}
+
+
+def write_cli_config(flwr_home: Path, address: str, root_certificates: str | None) -> str:
+    """``$FLWR_HOME/config.toml`` naming the SuperLink as connection "bouquet"; returns that name."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    security = f'root-certificates = "{root_certificates}"' if root_certificates else "insecure = true"
+    (flwr_home / "config.toml").write_text(f'[superlink]\ndefault = "bouquet"\n\n[superlink.bouquet]\naddress = "{address}"\n{security}\n')
+    return "bouquet"
+
+
+def die_with_parent() -> None:
+    """``preexec_fn`` of a Flower program Bouquet starts: SIGTERM when its parent dies, however it dies."""
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG

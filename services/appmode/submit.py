@@ -1,0 +1,236 @@
+"""``python -m services.appmode.submit``: run a Flower App on the SuperLink and report its real outcome.
+
+Flower's ``flwr run`` exits 0 when the ServerApp fails to import (exit code 607) and when every
+ClientApp reply is an error, so its exit code says little. This waits for the settled federation
+(every partition's SuperNode online), runs ``flwr run <app> --stream`` with the CLI's config in
+a FLWR_HOME of its own, keeps the streamed log in the run folder (``flwr-run.log``), then reads
+the run's status from the SuperLink (``flwr ls --run-id N --format json``) and the nodes'
+message records, and writes ``summary.json``: FAILED, with the cause, when the run did not
+finish as completed, or when no ClientApp message succeeded; exit code 0 only for a completed run.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from services import logs, tls
+from services import settings as settings_module
+from services.appmode import assignment, flower, records
+from services.files import METRICS, atomic_write, write_json_atomically
+from services.server.results import concurrent_workers_peak, new_run_id, slots_per_device
+from services.settings import SubmitSettings
+
+log = logging.getLogger("bouquet.submit")
+
+STARTED = re.compile(r"Successfully started run (\d+)")
+ROUND = re.compile(r"\[ROUND (\d+)/\d+\]")  # Flower's strategies log each round's start
+CONNECTION = "bouquet"
+EXIT_FAILED = 1
+
+
+def validate(values: SubmitSettings) -> SubmitSettings:
+    app = Path(values.app)
+    if not (app / "pyproject.toml").is_file() or "[tool.flwr.app" not in (app / "pyproject.toml").read_text():
+        raise settings_module.SettingError(f"--app / FL_APP = {values.app!r}: not a Flower App folder (needs a pyproject.toml with [tool.flwr.app])")
+    if values.tls_dir is not None:
+        tls.client_ca(values.tls_dir)
+    return values
+
+
+class Submission:
+    def __init__(self, settings: SubmitSettings) -> None:
+        self.settings = settings
+        self.run_id = settings.run_id or new_run_id()
+        self.folder = Path(settings.results_dir).resolve() / self.run_id
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.home = self.folder / ".flwr-home"
+        ca = str((Path(settings.tls_dir) / "ca.crt").resolve()) if settings.tls_dir else None
+        flower.write_cli_config(self.home, settings.server_address, ca)
+        self.env = flower.environment(self.home)
+
+    def flwr(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
+        return subprocess.run([flower.program("flwr"), *args], env=self.env, capture_output=True, text=True, timeout=timeout)
+
+    def online_nodes(self) -> int | None:
+        try:
+            listed = self.flwr("supernode", "list", CONNECTION, "--format", "json", timeout=60)
+            nodes = json.loads(listed.stdout).get("nodes", [])
+        except (subprocess.TimeoutExpired, ValueError, AttributeError):
+            return None
+        return sum(1 for node in nodes if str(node.get("status", "online")).lower() == "online")
+
+    def wait_for_federation(self, deadline: float) -> str | None:
+        """None once every settled partition's SuperNode is online; else why not."""
+        wanted: int | None = None
+        while time.monotonic() < deadline:
+            current = assignment.read(self.settings.data_dir)
+            wanted = None if current is None else current.num_partitions
+            if wanted is not None:
+                online = self.online_nodes()
+                if online is not None and online >= wanted:
+                    log.info("%d SuperNode(s) online, the federation settled on %d", online, wanted)
+                    return None
+            time.sleep(1.0)
+        return "the federation was not settled" if wanted is None else f"fewer than the {wanted} settled SuperNodes came online"
+
+    def stream(self, deadline: float) -> tuple[int | None, int | None]:
+        """``flwr run --stream``, its output kept in flwr-run.log and echoed: (exit code or None on timeout, Flower run id)."""
+        command = [flower.program("flwr"), "run", str(Path(self.settings.app).resolve()), CONNECTION, "--stream"]
+        if self.settings.app_run_config:
+            command += ["--run-config", self.settings.app_run_config]
+        flwr_run_id: list[int] = []
+        self.round_starts: list[tuple[int, float]] = []
+        with open(self.folder / "flwr-run.log", "w") as kept:
+            process = subprocess.Popen(command, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+            def copy() -> None:
+                assert process.stdout is not None
+                for line in process.stdout:
+                    kept.write(line)
+                    kept.flush()
+                    sys.stdout.write(line)
+                    sys.stdout.flush()
+                    if not flwr_run_id and (found := STARTED.search(line)):
+                        flwr_run_id.append(int(found.group(1)))
+                    if found_round := ROUND.search(line):
+                        self.round_starts.append((int(found_round.group(1)), time.time()))
+
+            copier = threading.Thread(target=copy, daemon=True)
+            copier.start()
+            try:
+                code: int | None = process.wait(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                code = None
+                if flwr_run_id:
+                    self.flwr("stop", str(flwr_run_id[0]), CONNECTION)
+                process.kill()
+                process.wait()
+            copier.join(timeout=10)
+        return code, (flwr_run_id[0] if flwr_run_id else None)
+
+    def flower_status(self, flwr_run_id: int) -> dict[str, Any]:
+        listed = self.flwr("ls", CONNECTION, "--run-id", str(flwr_run_id), "--format", "json")
+        try:
+            runs = json.loads(listed.stdout).get("runs", [])
+        except ValueError:
+            return {"status": "unknown", "status-details": f"flwr ls gave no JSON (exit {listed.returncode}): {listed.stdout[-300:]}{listed.stderr[-300:]}"}
+        return runs[0] if runs else {"status": "unknown", "status-details": "the SuperLink does not know this run"}
+
+    def run(self) -> int:
+        started_at, started = time.time(), time.monotonic()
+        deadline = started + self.settings.run_timeout
+        summary: dict[str, Any] = {"run_id": self.run_id, "mode": "app", "app": str(Path(self.settings.app).resolve()), "started_at": round(started_at, 3)}
+        problem = self.wait_for_federation(deadline)
+        flwr_run_id = status = None
+        code: int | None = None
+        if problem is None:
+            code, flwr_run_id = self.stream(deadline)
+            if flwr_run_id is None:
+                problem = f"flwr run did not start a run (exit code {code}): {_said(self.folder / 'flwr-run.log')}"
+            else:
+                status = self.flower_status(flwr_run_id)
+        messages = records.of_run(self.settings.data_dir, flwr_run_id, started_at, time.time()) if flwr_run_id is not None else []
+        with open(self.folder / records.RUN_FILE, "w") as out:
+            out.writelines(json.dumps(record, sort_keys=True) + "\n" for record in messages)
+        write_rounds(self.folder, getattr(self, "round_starts", []), messages, time.time())
+        cause = problem or self.verdict(code, status, messages)
+        summary.update(
+            status="failed" if cause else "completed",
+            cause=cause,
+            flwr_run_id=flwr_run_id,
+            flwr_status=None if status is None else status.get("status"),
+            flwr_status_details=None if status is None else status.get("status-details"),
+            flwr_run_exit_code=code,
+            messages=_message_counts(messages),
+            nodes=sorted({record["node"] for record in messages}),
+            partitions=sorted({record["partition"] for record in messages}),
+            slots_per_device=slots_per_device([m for m in messages if m.get("device")]),
+            concurrent_workers_peak=concurrent_workers_peak(messages),
+            elapsed_seconds=round(time.monotonic() - started, 3),
+        )
+        write_json_atomically(self.folder / "summary.json", summary)
+        if cause:
+            log.error("run %s (Flower run %s) FAILED: %s", self.run_id, flwr_run_id, cause)
+            return EXIT_FAILED
+        log.info("run %s (Flower run %s) completed: %s", self.run_id, flwr_run_id, summary["messages"])
+        return 0
+
+    def verdict(self, code: int | None, status: dict[str, Any] | None, messages: list[dict[str, Any]]) -> str | None:
+        """Why the run failed, or None. Flower's own exit code and status are checked first."""
+        if code is None:
+            return f"the run did not end within {self.settings.run_timeout:g} s (FL_RUN_TIMEOUT); it was stopped"
+        assert status is not None
+        if status.get("status") != "finished:completed":
+            return f"Flower reports the run as {status.get('status')}: {status.get('status-details')}"
+        if messages and not any(record.get("outcome") == "ok" for record in messages):
+            causes = sorted({str(record.get("cause")) for record in messages})
+            return f"every ClientApp message failed ({len(messages)}): {'; '.join(causes[:3])}"
+        if code != 0:
+            return f"flwr run exited with code {code}"
+        return None
+
+
+def write_rounds(folder: Path, starts: list[tuple[int, float]], messages: list[dict[str, Any]], ended_at: float) -> None:
+    """``metrics.jsonl`` as task mode's server writes it (one line per round, its messages as
+    ``clients``), for the memory sidecar and its report. A round runs from Flower's "[ROUND k/N]"
+    line to the next one (the last to the end of the run); a ServerApp that logs no rounds is one
+    round. Written before summary.json: the sidecar stops when that appears."""
+    if not messages:
+        return
+    if not starts:
+        starts = [(1, min(record["asked_at"] for record in messages))]
+    lines = []
+    for index, (number, started) in enumerate(starts):
+        ended = starts[index + 1][1] if index + 1 < len(starts) else max([ended_at, *(r.get("ended_at", 0) for r in messages)])
+        mine = [record for record in messages if started <= record.get("asked_at", 0) < ended]
+        clients = [{**record, "id": record["node"], "worker_pid": record.get("pid")} for record in mine]
+        lines.append({
+            "round": number, "started_at": iso_time(started), "ended_at": iso_time(ended), "round_seconds": round(ended - started, 3),
+            "clients_ok": sum(1 for r in mine if r.get("outcome") == "ok"), "clients_failed": sum(1 for r in mine if r.get("outcome") != "ok"),
+            "clients": clients, "slots_per_device": slots_per_device(clients), "concurrent_workers_peak": concurrent_workers_peak(clients),
+        })
+    with atomic_write(folder / METRICS) as out:
+        out.writelines(json.dumps(line, sort_keys=True) + "\n" for line in lines)
+
+
+def iso_time(seconds: float) -> str:
+    return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _said(log_path: Path, lines: int = 6) -> str:
+    """What flwr's CLI said last, without its box drawing, on one line."""
+    try:
+        text = log_path.read_text(errors="replace")
+    except OSError:
+        return "(no log)"
+    said = [line.strip(" \u2502\u256d\u256e\u2570\u256f\u2500") for line in text.splitlines()]
+    return " ".join(line for line in said if line)[-600:].split(" ", 1)[-1] if any(said) else "(nothing)"
+
+
+def _message_counts(messages: list[dict[str, Any]]) -> dict[str, int]:
+    counts: dict[str, int] = {"total": len(messages)}
+    for record in messages:
+        counts[record.get("outcome", "unknown")] = counts.get(record.get("outcome", "unknown"), 0) + 1
+    return counts
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = settings_module.parse(SubmitSettings, argv, program="services.appmode.submit", description=__doc__, validate=validate)
+    logs.setup()
+    submission = Submission(settings)
+    code = submission.run()
+    print(submission.folder)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

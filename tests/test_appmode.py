@@ -1,0 +1,240 @@
+"""App mode on real processes over loopback: ``scripts/run_local.py --app`` with a Flower App.
+
+The example App (examples/quickstart-app) on 3 SuperNodes for 2 rounds: it completes, every
+ClientApp message ran in a fresh worker forked from its node's warm forkserver, never more
+workers at once than slots, partitions 0..2. And the failures Flower itself leaves silent or
+hanging: a ServerApp that does not import, a ClientApp whose every reply is an error, a node
+that cannot get a slot in time (the message fails through Flower, no relaunch loop), a warm
+process killed between messages (the next message gets a new one). The failing Apps are the
+example with one module replaced, written into the test's folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import PYTHON, REPO
+
+pytestmark = pytest.mark.integration
+
+EXAMPLE = REPO / "examples" / "quickstart-app"
+CLIENTS = 3
+
+
+def run_app(app: Path, work: Path, clients: int, rounds: int, *extra: str, timeout: float = 560) -> tuple[subprocess.CompletedProcess, Path]:
+    run_id = "app-run"
+    done = subprocess.run(
+        [PYTHON, "scripts/run_local.py", "--app", str(app), "--clients", str(clients), "--app-run-config", f"num-server-rounds={rounds}",
+         "--results-dir", str(work / "results"), "--data-dir", str(work / "data"), "--run-id", run_id, *extra],
+        cwd=REPO, capture_output=True, text=True, timeout=timeout,
+    )
+    return done, work / "results" / run_id
+
+
+def app_with(tmp_path: Path, module: str, source: str) -> Path:
+    """The example App with one of its modules replaced."""
+    app = tmp_path / "app"
+    shutil.copytree(EXAMPLE, app, ignore=shutil.ignore_patterns("__pycache__"))
+    (app / "quickstart_app" / module).write_text(source)
+    return app
+
+
+def messages(run_path: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_path / "messages.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def example_run(tmp_path_factory):
+    done, run_path = run_app(EXAMPLE, tmp_path_factory.mktemp("example"), CLIENTS, 2, "--monitor")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return run_path, json.loads((run_path / "summary.json").read_text()), messages(run_path), done
+
+
+def test_the_example_app_completes(example_run):
+    run_path, summary, records, done = example_run
+    assert summary["status"] == "completed" and summary["cause"] is None
+    assert summary["flwr_status"] == "finished:completed"
+    assert (run_path / "flwr-run.log").read_text().count("[ROUND") == 2
+    assert "final central accuracy" in (run_path / "flwr-run.log").read_text()
+    assert sorted(p.name for p in (run_path / "logs").iterdir()) == ["client-0.log", "client-1.log", "client-2.log", "monitor.log", "server.log", "submit.log"]
+
+
+def test_every_message_ran_in_a_fresh_worker_forked_from_its_nodes_warm_process(example_run):
+    _, _, records, _ = example_run
+    trains = [r for r in records if r["message_type"] == "train"]
+    assert len(trains) == CLIENTS * 2
+    assert all(r["outcome"] == "ok" for r in records)
+    assert len({r["pid"] for r in records}) == len(records)  # a new process for every message
+    for record in records:
+        assert record["parent_pid"] == record["forkserver_pid"]
+    warm = {}
+    for record in records:  # one warm process per node, the same for all its messages
+        assert warm.setdefault(record["node"], record["forkserver_pid"]) == record["forkserver_pid"]
+    assert len(set(warm.values())) == CLIENTS
+
+
+def test_never_more_workers_at_once_than_slots(example_run):
+    _, summary, records, _ = example_run
+    events = sorted([(r["worker_started_at"], 1) for r in records] + [(r["worker_ended_at"], -1) for r in records], key=lambda e: (e[0], e[1]))
+    alive = peak = 0
+    for _, change in events:
+        alive += change
+        peak = max(peak, alive)
+    slots = {r["slots"] for r in records}
+    assert len(slots) == 1 and peak <= slots.pop()
+    assert summary["concurrent_workers_peak"]["cpu"] == peak
+
+
+def test_partitions_are_distinct_and_cover_the_federation(example_run):
+    _, summary, records, _ = example_run
+    assert summary["partitions"] == [0, 1, 2]
+    by_node = {}
+    for record in records:
+        assert by_node.setdefault(record["node"], record["partition"]) == record["partition"]
+        assert record["num_partitions"] == CLIENTS
+    assert sorted(by_node.values()) == [0, 1, 2]
+
+
+def test_the_memory_monitor_attributes_every_messages_worker_to_its_replica(example_run):
+    import csv
+
+    run_path, _, records, _ = example_run
+    with open(run_path / "memory.csv") as rows:
+        table = [row for row in csv.DictReader(rows) if row["kind"] == "process"]
+    workers = {int(row["pid"]): row["replica"] for row in table if row["role"] == "worker"}
+    assert {row["replica"] for row in table if row["role"] == "client"} == {"client-0", "client-1", "client-2"}
+    seen = [record for record in records if record["pid"] in workers]
+    assert seen, "no message's worker was sampled"
+    assert all(workers[record["pid"]] == record["node"] for record in seen)
+    memory = json.loads((run_path / "memory_summary.json").read_text())
+    assert memory["verdict"]["ok"] is True, memory["verdict"]["text"]
+    assert (run_path / "report.html").is_file()
+
+
+def test_the_token_is_in_no_record_and_no_log(example_run):
+    run_path, _, records, _ = example_run
+    assert all("--token" not in json.dumps(r) for r in records)
+    for log in (run_path / "logs").iterdir():
+        text = log.read_text()
+        for line in text.splitlines():
+            if "--token" in line:
+                assert "--token ***" in line, line
+
+
+BROKEN_SERVER = '''
+import a_module_that_is_not_there  # flwr run's own check reads the file for `app`; only Flower's ServerApp process imports it
+
+from flwr.serverapp import ServerApp
+
+app = ServerApp()
+'''
+
+
+def test_a_serverapp_that_does_not_import_fails_the_run(tmp_path):
+    app = app_with(tmp_path, "server_app.py", BROKEN_SERVER)
+    done, run_path = run_app(app, tmp_path, 1, 1)
+    summary = json.loads((run_path / "summary.json").read_text())
+    assert done.returncode != 0
+    assert summary["status"] == "failed" and summary["flwr_status"] != "finished:completed"
+    assert "Flower reports the run as" in summary["cause"]
+
+
+FAILING_CLIENT = '''
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    raise ValueError("the data of this node cannot be read")
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    raise ValueError("the data of this node cannot be read")
+'''
+
+
+def test_a_run_whose_every_clientapp_reply_is_an_error_fails(tmp_path):
+    app = app_with(tmp_path, "client_app.py", FAILING_CLIENT)
+    done, run_path = run_app(app, tmp_path, 2, 1)
+    summary = json.loads((run_path / "summary.json").read_text())
+    assert done.returncode != 0, "Flower's own flwr run exits 0 here; Bouquet's run must not"
+    assert summary["flwr_status"] == "finished:completed"  # what Flower says
+    assert summary["status"] == "failed" and "every ClientApp message failed" in summary["cause"]
+    assert "the data of this node cannot be read" in summary["cause"]
+    assert {r["outcome"] for r in messages(run_path)} == {"app_error"}
+
+
+def test_a_message_the_node_cannot_serve_fails_visibly_and_the_run_ends(tmp_path):
+    """The only slot is held by this test: every worker times out waiting for it; each message is
+    failed through Flower with that cause (no 30 s relaunch loop, flwr run does not hang)."""
+    from services.admission.slots import DeviceSlots
+
+    slots_dir = tmp_path / "slots"
+    holder = DeviceSlots(slots_dir, "cpu")
+    assert holder.try_take(1) is not None
+    try:
+        done, run_path = run_app(EXAMPLE, tmp_path, 2, 1, "--worker-slots", "1", "--slots-dir", str(slots_dir), "--worker-timeout", "5", timeout=400)
+    finally:
+        holder.close()
+    summary = json.loads((run_path / "summary.json").read_text())
+    records = messages(run_path)
+    assert done.returncode != 0
+    assert summary["status"] == "failed" and "waiting for a slot" in summary["cause"]
+    assert records and all(r["outcome"] == "failed" and r["refused"] for r in records)
+    assert {r["message_type"] for r in records} >= {"train"}
+    assert len(records) == summary["messages"]["total"] <= 2 * 2  # one launch per message: nothing relaunched
+    for node in ("client-0", "client-1"):
+        assert "failing the message through Flower" in (run_path / "logs" / f"{node}.log").read_text()
+
+
+KILLS_ITS_WARM_PROCESS = '''
+import os
+import signal
+
+from flwr.clientapp import ClientApp
+
+from quickstart_app import client_app as example
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg, context):
+    if int(msg.content["config"]["server-round"]) == 1:
+        os.kill(os.getppid(), signal.SIGKILL)  # the node's warm forkserver, this worker's parent
+    return example.train(msg, context)
+'''
+
+
+def test_a_killed_warm_process_is_said_and_replaced_for_the_next_message(tmp_path):
+    app = app_with(tmp_path, "killer_app.py", KILLS_ITS_WARM_PROCESS)
+    pyproject = app / "pyproject.toml"
+    pyproject.write_text(pyproject.read_text().replace("quickstart_app.client_app:app", "quickstart_app.killer_app:app").replace("fraction-evaluate = 0.5", "fraction-evaluate = 0.0"))
+    done, run_path = run_app(app, tmp_path, 2, 2)  # FedAvg waits for 2 nodes
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    records = messages(run_path)
+    for node in ("client-0", "client-1"):
+        first, second = [r for r in records if r["node"] == node]
+        # The message whose worker killed the warm process: the node says it lost track of it, and why.
+        assert first["outcome"] == "lost" and f"warm process (pid {first['forkserver_pid']}) died" in first["cause"]
+        assert second["outcome"] == "ok" and second["parent_pid"] == second["forkserver_pid"] != first["forkserver_pid"]
+
+
+def test_the_app_runs_over_tls_with_bouquets_certificates(tmp_path):
+    done, run_path = run_app(EXAMPLE, tmp_path, 2, 1, "--tls")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert json.loads((run_path / "summary.json").read_text())["status"] == "completed"
+    server_log = (run_path / "logs" / "server.log").read_text()
+    assert "flower-superlink" in server_log and "insecure" not in server_log.lower()  # the SuperLink serves TLS
+    for node in ("client-0", "client-1"):
+        assert "Starting insecure channel" not in (run_path / "logs" / f"{node}.log").read_text()  # SuperNode -> SuperLink

@@ -1,0 +1,143 @@
+"""App mode's parts without a federation: the token kept out of sight, the assignment file,
+settling from the roster, the records of a run, the run's verdict, Bouquet's flwr-clientapp
+talking to a node over a real Unix socket, and bad settings refused before anything starts."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+
+from conftest import PYTHON, REPO
+from services import roster
+from services.appmode import assignment, launch_args, link, records, shim
+from services.appmode.submit import Submission
+from services.settings import LinkSettings, SubmitSettings
+
+ARGV = ["--runtime-api-address", "127.0.0.1:9094", "--token", "s3cret-token", "--insecure", "--parent-pid", "42"]
+
+
+def test_the_token_is_redacted_and_moved_to_a_file():
+    assert "s3cret-token" not in " ".join(launch_args.redact(ARGV))
+    assert launch_args.redact(["--token=s3cret-token"]) == ["--token=***"]
+    moved = launch_args.with_token_file(ARGV, "/run/token")
+    assert "s3cret-token" not in moved and "--token" not in moved and moved[-2:] == ["--token-file", "/run/token"]
+    endpoint = launch_args.endpoint(ARGV)
+    assert (endpoint.address, endpoint.insecure, endpoint.token) == ("127.0.0.1:9094", True, "s3cret-token")
+
+
+def test_assignment_round_trips_and_a_broken_file_reads_as_none(tmp_path):
+    assert assignment.read(tmp_path) is None
+    assignment.write(tmp_path, assignment.Assignment(2, {"a": 0, "b": 1}, ("c",)))
+    assert assignment.read(tmp_path) == assignment.Assignment(2, {"a": 0, "b": 1}, ("c",))
+    assignment.path(tmp_path).write_text("{not json")
+    assert assignment.read(tmp_path) is None
+
+
+def _link_settings(data_dir: Path, clients: int) -> LinkSettings:
+    return LinkSettings(min_clients=clients, join_grace=0.0, data_dir=str(data_dir))
+
+
+def test_settling_gives_the_started_replicas_distinct_partitions_and_keeps_them_while_they_run(tmp_path):
+    held = [roster.announce(tmp_path, name) for name in ("node-a", "node-b", "node-c")]
+    registry = link.settle(_link_settings(tmp_path, 3))
+    assert sorted(registry.assignments.values()) == [0, 1, 2] and set(registry.assignments) == {"node-a", "node-b", "node-c"}
+    link.publish(_link_settings(tmp_path, 3), registry, set())
+    again = link.settle(_link_settings(tmp_path, 3))  # the link restarted while its replicas run
+    assert again.assignments == registry.assignments
+    for entry in held:
+        entry.close()
+    fresh = [roster.announce(tmp_path, name) for name in ("node-x", "node-y")]  # a new federation
+    settled = link.settle(_link_settings(tmp_path, 2))
+    assert set(settled.assignments) == {"node-x", "node-y"} and settled.num_partitions == 2
+    for entry in fresh:
+        entry.close()
+
+
+def test_the_records_of_a_run_are_its_own(tmp_path):
+    log = records.MessageLog(records.node_file(tmp_path, "node-a"))
+    log.append({"flwr_run_id": 7, "asked_at": 10.0, "outcome": "ok"})
+    log.append({"flwr_run_id": 8, "asked_at": 11.0, "outcome": "ok"})
+    log.append({"flwr_run_id": None, "asked_at": 12.0, "outcome": "failed"})  # Flower never handed it a message
+    log.append({"flwr_run_id": None, "asked_at": 99.0, "outcome": "failed"})
+    chosen = records.of_run(tmp_path, 7, 9.0, 20.0)
+    assert [(r["flwr_run_id"], r["asked_at"]) for r in chosen] == [(7, 10.0), (None, 12.0)]
+
+
+@pytest.fixture
+def submission(tmp_path) -> Submission:
+    app = tmp_path / "app"
+    app.mkdir()
+    return Submission(SubmitSettings(app=str(app), results_dir=str(tmp_path / "results"), data_dir=str(tmp_path), run_id="r"))
+
+
+def test_the_verdict_reads_flowers_status_and_the_messages(submission):
+    completed = {"status": "finished:completed", "status-details": "N/A"}
+    ok, failed = {"outcome": "ok"}, {"outcome": "app_error", "cause": "ValueError: no data"}
+    assert submission.verdict(0, completed, [ok, failed]) is None
+    assert "finished:failed" in submission.verdict(0, {"status": "finished:failed", "status-details": "ServerApp import error"}, [])
+    assert "every ClientApp message failed (2): ValueError: no data" == submission.verdict(0, completed, [failed, failed])
+    assert "did not end within" in submission.verdict(None, None, [])
+
+
+def test_bouquet_flwr_clientapp_hands_its_argv_to_the_node_and_exits_with_its_outcome(tmp_path):
+    launcher = shim.install(tmp_path / "bin", PYTHON)
+    path = str(tmp_path / "node.sock")
+    received = []
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(path)
+        server.listen(1)
+
+        def answer() -> None:
+            connection, _ = server.accept()
+            with connection, connection.makefile("rwb") as stream:
+                received.append(json.loads(stream.readline()))
+                stream.write(json.dumps({"exit_code": 7}).encode() + b"\n")
+
+        thread = threading.Thread(target=answer)
+        thread.start()
+        done = subprocess.run([str(launcher), *ARGV], env={**os.environ, shim.SOCKET_VARIABLE: path}, timeout=30)
+        thread.join()
+    assert done.returncode == 7
+    assert received == [{"argv": ARGV}]
+    from services.appmode.refusal import CAUSE_VARIABLE
+
+    assert f'os.environ["{CAUSE_VARIABLE}"]' in launcher.read_text()  # the stdlib-only launcher names it itself
+
+
+def _run(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([PYTHON, *argv], cwd=REPO, capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def test_app_mode_without_an_app_is_refused_naming_the_setting():
+    done = _run("scripts/run_local.py", "--mode", "app", "--clients", "2")
+    assert done.returncode == 2 and "FL_APP" in done.stderr
+
+
+def test_a_folder_that_is_no_flower_app_is_refused(tmp_path):
+    done = _run("scripts/run_local.py", "--app", str(tmp_path), "--clients", "2")
+    assert done.returncode == 2 and "not a Flower App folder" in done.stderr
+
+
+def test_a_node_refuses_inprocess_workers():
+    done = _run("-m", "services.appmode.node", "--worker-start", "inprocess")
+    assert done.returncode == 2 and "FL_WORKER_START" in done.stderr
+
+
+def test_rounds_are_written_for_the_memory_sidecar_from_flowers_round_lines_and_the_messages(tmp_path):
+    from services.appmode.submit import write_rounds
+    from services.monitor.rounds import RoundLog
+
+    message = {"node": "n", "partition": 0, "pid": 5, "device": "cpu", "slots": 2, "outcome": "ok"}
+    messages = [{**message, "asked_at": 10.0, "ended_at": 12.0, "worker_started_at": 10.5, "worker_ended_at": 11.5},
+                {**message, "asked_at": 21.0, "ended_at": 25.0, "worker_started_at": 21.5, "worker_ended_at": 24.0, "outcome": "app_error"}]
+    write_rounds(tmp_path, [(1, 9.0), (2, 20.0)], messages, 30.0)
+    rounds = RoundLog(tmp_path / "metrics.jsonl").refresh()
+    assert [(r.number, r.started, r.ended) for r in rounds] == [(1, 9.0, 20.0), (2, 20.0, 30.0)]
+    assert [(r.record["clients_ok"], r.record["clients_failed"]) for r in rounds] == [(1, 0), (0, 1)]
+    assert rounds[0].record["clients"][0]["id"] == "n" and rounds[0].record["concurrent_workers_peak"] == {"cpu": 1}

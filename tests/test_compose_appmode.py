@@ -1,0 +1,90 @@
+"""App mode under Compose v2: the same docker-compose.yml with FL_MODE=app, 8 replicas.
+
+`up --scale client=8` then `run --rm submit` with the example Flower App in the task folder, as
+the README says. The server container runs the SuperLink, each replica a SuperNode with its
+partition; the submit service streams the run and exits 0; every message ran in a worker forked
+from its replica's warm process, never more at once than slots; the memory sidecar attributes the
+replicas' processes and writes its report. BOUQUET_TEST_IMAGE_TAG=<tag> runs images built with
+`scripts/build_images_offline.sh --tag <tag>` (default: the cpu tags CI builds).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from test_compose import REPO, Stack, _docker_ready
+
+REPLICAS = 8
+EXAMPLE = REPO / "examples" / "quickstart-app"
+
+
+def app_folder(tmp_path: Path) -> Path:
+    folder = tmp_path / "task"
+    shutil.copytree(EXAMPLE, folder, ignore=shutil.ignore_patterns("__pycache__"))
+    for path in (folder, *folder.rglob("*")):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    return folder
+
+
+def image_overlay(tmp_path: Path) -> str:
+    """COMPOSE_FILE: the base file, plus an overlay naming other images when a tag is asked for."""
+    tag = os.environ.get("BOUQUET_TEST_IMAGE_TAG", "cpu")
+    if tag == "cpu":
+        return "docker-compose.yml"
+    overlay = tmp_path / "images.yml"
+    server = f"    image: bouquet/server:{tag}\n"
+    overlay.write_text("services:\n" + "".join(f"  {name}:\n{server}" for name in ("check", "server", "submit", "gpu-monitor")) + f"  client:\n    image: bouquet/client:{tag}\n")
+    return f"docker-compose.yml:{overlay}"
+
+
+@pytest.mark.docker
+@pytest.mark.timeout(1500)
+def test_app_mode_scale_8_runs_the_flower_app_on_every_replica(tmp_path: Path) -> None:
+    compose = _docker_ready("v2")
+    results = tmp_path / "results"
+    results.mkdir()
+    results.chmod(0o777)
+    stack = Stack(compose, results, "appmode", FL_MODE="app", BOUQUET_TASK_DIR=str(app_folder(tmp_path)), FL_RUN_ID="app8",
+                  FL_APP_RUN_CONFIG="num-server-rounds=2", FL_TORCH_THREADS="1")
+    stack.env["COMPOSE_FILE"] = image_overlay(tmp_path)
+    logs = stack.logs
+    try:
+        stack.run("up", "--detach", "--no-build", "--scale", f"client={REPLICAS}")
+        submitted = stack.run("run", "--rm", "submit", timeout=1200, check=False)
+        run_dir = results / "app8"
+        summary = json.loads((run_dir / "summary.json").read_text())
+        context = f"\n{submitted.stdout[-3000:]}{submitted.stderr[-2000:]}\n{logs()}"
+        assert submitted.returncode == 0, context
+        assert "Successfully started run" in (run_dir / "flwr-run.log").read_text()
+        assert summary["status"] == "completed" and summary["partitions"] == list(range(REPLICAS)), context
+        records = [json.loads(line) for line in (run_dir / "messages.jsonl").read_text().splitlines()]
+        trains = [r for r in records if r["message_type"] == "train"]
+        assert len(trains) == REPLICAS * 2 and all(r["outcome"] == "ok" for r in records), context
+        assert len({r["node"] for r in trains}) == REPLICAS
+        for node in {r["node"] for r in records}:
+            mine = [r for r in records if r["node"] == node]
+            assert len({r["pid"] for r in mine}) == len(mine), f"{node}: a worker pid served two messages"
+            assert all(r["parent_pid"] == r["forkserver_pid"] == mine[0]["forkserver_pid"] for r in mine), f"{node}: not forked from its warm process"
+        slots = {r["slots"] for r in records}
+        assert len(slots) == 1 and summary["concurrent_workers_peak"]["cpu"] <= slots.pop(), summary
+
+        deadline = time.monotonic() + 180
+        while not (run_dir / "report.html").exists():
+            assert time.monotonic() < deadline, f"no report.html 180 s after the run ended\n{logs()}"
+            time.sleep(2)
+        with open(run_dir / "memory.csv") as rows:
+            table = list(csv.DictReader(rows))
+        replicas = {row["replica"] for row in table if row["role"] == "client"}
+        assert len(replicas) == REPLICAS, f"monitor saw client replicas {replicas}"
+        assert any(row["role"] == "worker" for row in table), "no per-message worker attributed"
+        memory = json.loads((run_dir / "memory_summary.json").read_text())
+        assert memory["verdict"]["ok"] is True, memory["verdict"]["text"]
+    finally:
+        stack.down()
