@@ -34,6 +34,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from services import joining
 from services import settings as settings_module
+from services.appmode import assignment
 from services.certs import make_certificates
 from services.lifetime import die_with_parent
 from services.net import free_port, wait_until_listening
@@ -286,16 +287,88 @@ def final_line(result: dict[str, Any], seconds: float) -> str:
     return ", ".join(parts)
 
 
+
+# -- app mode ---------------------------------------------------------------------------------
+# One link (the SuperLink on 127.0.0.1:<free port>, the federation settled on N with no grace),
+# N node agents (client-0 .. client-<N-1>, each with its SuperNode and warm process), one
+# submission (`flwr run --stream`, shown as it comes) and with --monitor the memory monitor;
+# everything is stopped at the end and the logs land in <run folder>/logs/. The exit code is
+# the run's (services.appmode.submit).
+
+class AppFederation(Federation):
+    def run(self) -> int:
+        v = self.values
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        assignment.path(v.data_dir).unlink(missing_ok=True)  # a new federation: settle anew
+        common = ["--data-dir", v.data_dir, *(["--tls-dir", v.tls_dir] if v.tls_dir else [])]
+        # Through the server's and client's own commands with --mode app, as compose runs them:
+        # the memory monitor knows those programs (and FL_CLIENT_ID names each replica).
+        self.start("server", ["-m", "services.server", "--mode", "app", "--listen-address", v.listen_address, "--min-clients", str(v.clients), "--join-grace", "0",
+                              "--join-timeout", str(v.join_timeout), *common])
+        address = v.listen_address.replace("0.0.0.0", "127.0.0.1")
+        node_names = [s.name for s in settings_module.declared(LocalSettings)] + ["connect_timeout", "worker_timeout"]
+        node_flags = [*settings_module.as_flags(v, node_names)]
+        for index in range(v.clients):
+            self.start(f"client-{index}", ["-m", "services.client", "--mode", "app", "--server-address", address, *node_flags], {"FL_CLIENT_ID": f"client-{index}"})
+        if v.monitor:
+            self.start("monitor", ["-m", "services.monitor", "--results-dir", str(v.results_dir), "--run-id", self.run_id, "--monitor-scope", "launcher"])
+        submit = ["-m", "services.appmode.submit", "--app", str(v.app), "--server-address", address, "--results-dir", v.results_dir, "--run-id", self.run_id, *common]
+        if v.app_run_config:
+            submit += ["--app-run-config", v.app_run_config]
+        self.start("submit", submit)
+        return self._follow_submission()
+
+    def _follow_submission(self) -> int:
+        submit, log_path = self.processes["submit"]
+        shown = 0
+        while True:
+            shown = self._show(log_path, shown)
+            if submit.poll() is not None:
+                break
+            for name, (process, _) in self.processes.items():
+                if name != "submit" and name != "monitor" and process.poll() is not None:
+                    return self._fail(name, f"{name} exited with code {process.returncode} before the run ended")
+            time.sleep(0.5)
+        self._show(log_path, shown)
+        self._stop(grace=30)
+        if submit.returncode != 0:
+            console.print(f"[red]{PROGRAM}: the run failed (exit code {submit.returncode}); its summary.json says why[/red]")
+        return submit.returncode
+
+    @staticmethod
+    def _show(log_path, shown: int) -> int:
+        """Print what the submission logged since byte ``shown`` (complete lines); the new offset."""
+        try:
+            with open(log_path, "rb") as log:
+                log.seek(shown)
+                chunk = log.read()
+        except OSError:
+            return shown
+        complete = chunk[: chunk.rfind(b"\n") + 1]
+        if complete:
+            console.print(complete.decode(errors="replace"), end="", markup=False, highlight=False)
+        return shown + len(complete)
+
+def run_app(values: LauncherSettings) -> int:
+    """App mode (--app or FL_MODE=app): SuperLink, N SuperNodes, one streamed submission; exit code = the run's."""
+    federation = AppFederation(values)
+    try:
+        code = federation.run()
+    except KeyboardInterrupt:
+        code = federation.interrupt()
+    federation._collect_logs()
+    print(federation.run_path if federation.run_path.exists() else "(no run folder was created)")
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     values = parse(argv)
     certificates = throwaway_certificates() if values.tls else None
     if certificates is not None:
         values = dataclasses.replace(values, tls_dir=str(certificates))
     if values.app is not None or values.mode == "app":
-        from services.appmode import local
-
         try:
-            return local.main(values)
+            return run_app(values)
         finally:
             if certificates is not None:
                 shutil.rmtree(certificates, ignore_errors=True)

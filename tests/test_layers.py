@@ -19,7 +19,10 @@ LAYERS: list[tuple[str, ...]] = [
     ("services.worker",),
     ("services.admission",),
     ("services.server", "services.client", "services.monitor"),
-    ("services.launcher", "services.preflight"),
+    # App mode settles with the server's membership and names its nodes as the client does.
+    ("services.appmode",),
+    # The programs: the server's and client's commands hand over to app mode's when FL_MODE=app.
+    ("services.server.__main__", "services.client.__main__", "services.launcher", "services.preflight"),
 ]
 ROLES = ("services.server", "services.client", "services.monitor")
 

@@ -22,7 +22,7 @@ import flwr.supernode.runtime.run_clientapp as runtime
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.supernode.cli import flwr_clientapp
 
-from services.worker import is_out_of_memory
+from services.failures import is_out_of_memory
 
 
 class _Watched:

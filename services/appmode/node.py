@@ -28,7 +28,7 @@ from services import logs, roster, tls, worker
 from services import settings as settings_module
 from services.appmode import assignment, flower, records, shim
 from services.appmode.launches import Launches, NodePlace
-from services.client.connect import free_port
+from services.net import free_port
 from services.client.identity import identity as node_identity
 from services.settings import NodeSettings
 
