@@ -388,6 +388,7 @@ class BouquetStrategy(Strategy):
             if "clipped_from_norm" in client:
                 log.warning("round %d: update of client %s (partition %s) clipped from L2 distance %.4g to %g (FL_MAX_UPDATE_NORM)",
                             server_round, client["id"], client["partition"], client["clipped_from_norm"], self.max_update_norm)
+        accepted = self._cap_examples(server_round, accepted, clients)
         self.recorder.fit_finished(clients, failed, self.membership.registry.num_partitions or 0, rejected=rejected)
         if not accepted:
             log.warning("round %d: no client returned a usable update; the global model stays as it was", server_round)
@@ -405,6 +406,22 @@ class BouquetStrategy(Strategy):
         if problem is not None:
             return self._refuse_aggregate(server_round, problem)
         return ndarrays_to_parameters(updates.in_layout(self.layout, weights)), metrics
+
+    def _cap_examples(self, server_round: int, accepted: list[tuple[ClientProxy, FitRes]], clients: list[dict[str, Any]]) -> list[tuple[ClientProxy, FitRes]]:
+        """The round's updates, each weighed by at most updates.examples_cap of the claims; a
+        capped client's record keeps what it claimed (``num_examples_claimed``)."""
+        cap = updates.examples_cap([res.num_examples for _, res in accepted])
+        if cap is None:
+            return accepted
+        out = []
+        for (proxy, res), client in zip(accepted, clients):
+            if res.num_examples > cap:
+                log.warning("round %d: client %s (partition %s) claimed %d examples; weighed as %d (%d x the round's median claim)",
+                            server_round, client["id"], client["partition"], res.num_examples, cap, updates.MAX_EXAMPLES_OVER_MEDIAN)
+                client.update(num_examples=cap, num_examples_claimed=int(res.num_examples))
+                res = FitRes(status=res.status, parameters=res.parameters, num_examples=cap, metrics=res.metrics)
+            out.append((proxy, res))
+        return out
 
     def _vet(self, res: FitRes) -> tuple[FitRes, dict[str, Any]] | str:
         """The update as it may be aggregated (clipped to FL_MAX_UPDATE_NORM when set) with notes

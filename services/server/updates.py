@@ -59,6 +59,23 @@ def update_problem(layout: Layout, weights: Sequence[np.ndarray], num_examples: 
     return metrics_problem(metrics)
 
 
+MAX_EXAMPLES_OVER_MEDIAN = 10
+
+
+def examples_cap(claims: Sequence[int]) -> int | None:
+    """The most examples one update of a round may be weighed by: MAX_EXAMPLES_OVER_MEDIAN times
+    the round's lower median claim (None for a round of one, which has nothing to outweigh).
+
+    The server cannot know a partition's size (a task's load_data decides it, in a worker the
+    server never runs), and FedAvg weighs each update by the number its client claims: one
+    client claiming 2**62 would take all the weight. Capping (rather than refusing) keeps an
+    honest client with a large partition in the round, at most that many times a typical one.
+    The lower median is an honest client's claim whenever honest clients are at least half."""
+    if len(claims) < 2:
+        return None
+    return MAX_EXAMPLES_OVER_MEDIAN * sorted(claims)[(len(claims) - 1) // 2]
+
+
 def metrics_problem(metrics: Mapping[str, Any]) -> str | None:
     """Numeric metrics must be finite (they are averaged and plotted); text is left alone."""
     for key, value in metrics.items():
@@ -78,6 +95,8 @@ def evaluation_problem(loss: Any, num_examples: Any, metrics: Mapping[str, Any])
     accuracy = metrics.get("accuracy")
     if accuracy is not None and (isinstance(accuracy, bool) or not isinstance(accuracy, (int, float))):
         return f"metric 'accuracy' is {accuracy!r}, expected a number"
+    if accuracy is not None and math.isfinite(accuracy) and not 0 <= accuracy <= 1:
+        return f"metric 'accuracy' is {accuracy!r}, expected a fraction in [0, 1]"
     return metrics_problem(metrics)
 
 
