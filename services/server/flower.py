@@ -97,8 +97,6 @@ class ConnectedClients:
         current = {cid for cid, _ in proxies}
         for gone in set(self._identity_by_cid) - current:
             del self._identity_by_cid[gone]
-        for gone in set(self._asking) - current:  # its question ends by its own timeout; nobody judges it
-            del self._asking[gone]
         self._unusable &= current
         self._proxies = dict(proxies)
         for cid, proxy in proxies:
@@ -109,7 +107,7 @@ class ConnectedClients:
         if self._asking:
             last = max(question.deadline for question in self._asking.values())
             wait([question.future for question in self._asking.values()], timeout=max(0.0, last - time.monotonic()))
-        for cid, question in list(self._asking.items()):
+        for cid, question in list(self._asking.items()):  # a connection gone meanwhile is judged (and logged) too
             if question.future.done():
                 del self._asking[cid]
                 self._judge(question)
@@ -401,11 +399,10 @@ class BouquetStrategy(Strategy):
         self.recorder.aggregated(time.perf_counter() - started)
         if aggregated is None:
             return self._refuse_aggregate(server_round, f"the {self.strategy_name} strategy returned no model")
-        weights = parameters_to_ndarrays(aggregated)
-        problem = updates.aggregate_problem(self.layout, weights)
-        if problem is not None:
-            return self._refuse_aggregate(server_round, problem)
-        return ndarrays_to_parameters(updates.in_layout(self.layout, weights)), metrics
+        kept = updates.checked_aggregate(self.layout, parameters_to_ndarrays(aggregated))
+        if isinstance(kept, str):
+            return self._refuse_aggregate(server_round, kept)
+        return ndarrays_to_parameters(kept), metrics
 
     def _cap_examples(self, server_round: int, accepted: list[tuple[ClientProxy, FitRes]], clients: list[dict[str, Any]]) -> list[tuple[ClientProxy, FitRes]]:
         """The round's updates, each weighed by at most updates.examples_cap of the claims; a
