@@ -90,6 +90,13 @@ def test_an_aggregate_keeps_the_models_dtypes_and_a_non_finite_one_is_named():
     assert [a.dtype for a in kept] == [np.float32, np.float32, np.int64] and kept[2] == 7
     assert updates.aggregate_problem(LAYOUT, kept) is None
     assert updates.aggregate_problem(LAYOUT, [np.full((16, 1, 3, 3), np.inf, np.float32), *kept[1:]]) == "aggregate array 0: 144 of 144 values are not finite"
+    assert updates.checked_aggregate(LAYOUT, averaged)[2] == 7
+    # finite as float64, Inf once cast to the model's float32
+    overflowing = [np.full((16, 1, 3, 3), 1e39), *averaged[1:]]
+    assert updates.aggregate_problem(LAYOUT, overflowing) is None
+    assert updates.checked_aggregate(LAYOUT, overflowing) == "aggregate array 0: 144 of 144 values are not finite in the model's dtypes"
+    # a NaN in an integer buffer is named before rounding could hide it
+    assert updates.checked_aggregate(LAYOUT, [*averaged[:2], np.array(np.nan)]) == "aggregate array 2: 1 of 1 values are not finite"
 
 
 # --- BouquetStrategy.aggregate_fit with Flower's FedAvg -------------------------------------------

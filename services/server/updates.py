@@ -143,6 +143,19 @@ def aggregate_problem(layout: Layout, weights: Sequence[np.ndarray]) -> str | No
     return None
 
 
+def checked_aggregate(layout: Layout, weights: Sequence[np.ndarray]) -> list[np.ndarray] | str:
+    """The aggregate as it would become the global model (in the model's dtypes), or why it may
+    not: checked before the cast (a non-finite value would be rounded into an integer buffer)
+    and after it (a finite float64 mean can overflow float32)."""
+    problem = aggregate_problem(layout, weights)
+    if problem is not None:
+        return problem
+    with np.errstate(over="ignore", invalid="ignore"):
+        kept = in_layout(layout, weights)
+    problem = aggregate_problem(layout, kept)
+    return f"{problem} in the model's dtypes" if problem is not None else kept
+
+
 def in_layout(layout: Layout, weights: Sequence[np.ndarray]) -> list[np.ndarray]:
     """The aggregate in the model's own dtypes: a weighted mean turns integer buffers into
     floats, and the next round's updates (and a resumed run's checks) expect the model's."""
