@@ -55,6 +55,12 @@ echo "bouquet-entrypoint: running as uid $uid gid $gid (owner of $results)" >&2
 # never matter. A file root cannot read either is not copied around: the program then names it.
 if [ -n "${FL_TLS_DIR:-}" ] && [ -d "$FL_TLS_DIR" ]; then
     copy=/run/bouquet-tls
+    # The replicas read ca.crt straight from the folder as bouquet (uid 1000): `check` validates
+    # the private copy, so it is told here whether they can (services/tls.py names the problem).
+    replica=$(id -u bouquet)
+    if [ -e "$FL_TLS_DIR/ca.crt" ] && ! setpriv --reuid="$replica" --regid="$(id -g bouquet)" --init-groups cat "$FL_TLS_DIR/ca.crt" >/dev/null 2>&1; then
+        export BOUQUET_TLS_REPLICAS_CANNOT_READ="uid $replica"
+    fi
     if rm -rf "$copy" && mkdir -m 0700 "$copy" && copy_tls "$FL_TLS_DIR" "$copy" "$uid" "$gid"; then
         export BOUQUET_TLS_SOURCE="$FL_TLS_DIR" FL_TLS_DIR="$copy"
     else

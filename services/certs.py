@@ -44,9 +44,9 @@ def make_certificates(out: Path, dns_names: list[str], ip_addresses: list[str], 
     if not dns_names and not ip_addresses:
         raise ValueError("the server certificate needs at least one DNS name or IP address")
     addresses = [ipaddress.ip_address(raw) for raw in ip_addresses]  # ValueError names a bad one
-    created = not out.exists()
+    fresh = not out.exists() or (out.is_dir() and not any(out.iterdir()))  # made now, or made empty beforehand (mkdir certs)
     out.mkdir(parents=True, exist_ok=True)
-    if created:  # the replicas (another uid) read ca.crt in it, whatever the user's umask
+    if fresh:  # the replicas (another uid) read ca.crt in it, whatever the user's umask
         out.chmod(0o755)
     existing = [name for name in FILES if (out / name).exists()]
     if existing:

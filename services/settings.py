@@ -264,9 +264,10 @@ _META = "bouquet.setting"
 
 def _field(parse: Callable[[str], Any], default: Any, help: str, repeat: bool) -> Any:
     meta = {_META: (parse, help, repeat)}
+    shown = parse not in (secret, optional_secret)  # a secret stays out of repr(settings), hence out of any log or traceback that prints them
     if isinstance(default, (list, dict)):  # a fresh copy per object, as dataclasses require
-        return dataclasses.field(default_factory=lambda: copy.copy(default), metadata=meta)
-    return dataclasses.field(default=default, metadata=meta)
+        return dataclasses.field(default_factory=lambda: copy.copy(default), metadata=meta, repr=shown)
+    return dataclasses.field(default=default, metadata=meta, repr=shown)
 
 
 def setting(parse: Callable[[str], T], default: T, help: str) -> T:

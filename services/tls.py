@@ -29,6 +29,9 @@ LABEL = "--tls-dir / FL_TLS_DIR"
 # Set by bouquet-entrypoint when it handed the stepped-down server a private copy of the TLS
 # folder (docker/entrypoint.sh says why): errors then name the folder the user mounted too.
 SOURCE_ENV = "BOUQUET_TLS_SOURCE"
+# Set by the same entrypoint when the replicas' user (uid 1000) could not read ca.crt in that
+# folder: the private copy reads fine, the replicas would not (what `check` must still see).
+REPLICAS_CANNOT_READ_ENV = "BOUQUET_TLS_REPLICAS_CANNOT_READ"
 
 
 def _shown(tls_dir: str) -> str:
@@ -72,7 +75,14 @@ def _certificate(tls_dir: str, name: str) -> tuple[bytes, x509.Certificate]:
 
 
 def client_ca(tls_dir: str) -> bytes:
-    """The CA a client trusts, checked; SettingError naming the problem otherwise."""
+    """The CA a client trusts, checked; SettingError naming the problem otherwise (also when
+    the entrypoint found the replicas cannot read the folder this is a private copy of)."""
+    replicas = os.environ.get(REPLICAS_CANNOT_READ_ENV)
+    if replicas and os.environ.get(SOURCE_ENV):
+        raise SettingError(
+            f"{LABEL} = {_shown(tls_dir)}: the replicas cannot read {CA_FILE} in {os.environ[SOURCE_ENV]!r} as {replicas} "
+            "(make the folder 755 and ca.crt 644, as scripts/make_certs.py does)"
+        )
     return _certificate(tls_dir, CA_FILE)[0]
 
 

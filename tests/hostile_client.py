@@ -5,6 +5,9 @@
   no-token:      no proof of the join token
   wrong-token:   a proof made with another token
   dropper:       opens Flower's stream and drops it, again and again, never answering
+  lingering:     no proof of the join token, answers the refusal and the request to leave but
+                 keeps its stream open; says "stream ended by the server" and exits once the
+                 server ends it (the test checks it does so while the server still runs)
 
 No torch and no worker: it answers from the weights the server sent. With ``--record`` it
 appends one line per fit to that file, so the test knows each case was asked.
@@ -83,18 +86,48 @@ def drop_repeatedly(address: str, times: int, record: str | None) -> None:
             stream = FlowerServiceStub(channel).Join(iter(()), timeout=1.0)
             try:
                 next(stream)
+                asked = True  # the server's identity question reached it: the server must log this connection
             except (grpc.RpcError, StopIteration):
-                pass
+                asked = False
             stream.cancel()
         if record:
             with open(record, "a") as out:
-                out.write(json.dumps({"case": "dropper", "attempt": attempt}) + "\n")
+                out.write(json.dumps({"case": "dropper", "attempt": attempt, "asked": asked}) + "\n")
         time.sleep(0.2)
+
+
+def linger(address: str, identity: str) -> int:
+    """A raw Flower stream that answers every question and never hangs up itself."""
+    import queue
+
+    from flwr.common import serde
+    from flwr.proto.transport_pb2 import ClientMessage, Reason
+    from flwr.proto.transport_pb2_grpc import FlowerServiceStub
+
+    outgoing: queue.Queue = queue.Queue()
+
+    def messages():
+        while True:
+            yield outgoing.get()
+
+    stream = FlowerServiceStub(grpc.insecure_channel(address)).Join(messages())
+    try:
+        for message in stream:  # ends only when the server ends the stream
+            if message.WhichOneof("msg") == "reconnect_ins":
+                outgoing.put(ClientMessage(disconnect_res=ClientMessage.DisconnectRes(reason=Reason.ACK)))
+            else:
+                answer = GetPropertiesRes(status=Status(Code.OK, ""), properties={protocol.IDENTITY_PROPERTY: identity})
+                outgoing.put(ClientMessage(get_properties_res=serde.get_properties_res_to_proto(answer)))
+    except grpc.RpcError as ended:  # Flower's servicer ends a closed connection's stream with an error status
+        print(f"stream ended by the server ({ended.code().name})", flush=True)
+        return 0
+    print("stream ended by the server", flush=True)
+    return 0
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--case", required=True, choices=(*UPDATE_CASES, *JOIN_CASES, "dropper"))
+    parser.add_argument("--case", required=True, choices=(*UPDATE_CASES, *JOIN_CASES, "dropper", "lingering"))
     parser.add_argument("--server", required=True)
     parser.add_argument("--id", default=None)
     parser.add_argument("--record", default=None)
@@ -103,6 +136,8 @@ def main() -> int:
     if args.case == "dropper":
         drop_repeatedly(args.server, args.times, args.record)
         return 0
+    if args.case == "lingering":
+        return linger(args.server, args.id or "hostile-lingering")
     token = os.environ.get("FL_JOIN_TOKEN")
     start_client(server_address=args.server, client=HostileClient(args.id or f"hostile-{args.case}", args.case, token, args.record), insecure=True)
     return 0

@@ -8,12 +8,12 @@ replica's client, idle forkserver and resource tracker, workers that take 2 slot
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 from services.monitor import csvlog
 from services.monitor.rounds import iso
+from services.server.results import RoundRecorder, RunFolder
 
 T0 = 1_800_000_000.0
 SERVER_MIB, CLIENT_MIB, FORKSERVER_MIB, TRACKER_MIB = 310.0, 95.0, 402.0, 7.0
@@ -49,11 +49,15 @@ class Samples:
         self.number += 1
 
 
-def write_run(folder: Path, replicas: int, rounds: int = 3, leaky: int | None = None, hostile: bool = False) -> Path:
+def write_run(folder: Path, replicas: int, rounds: int = 3, leaky: int | None = None, hostile: bool = False, refused_round: int | None = None) -> Path:
     """``leaky``: that replica's client keeps 90 MiB more after each round (the verdict fails);
-    ``hostile``: round 2 rejects one update and misses a partition, the summary counts refusals."""
-    folder.mkdir(parents=True)
-    samples, records = Samples(), []
+    ``hostile``: round 1 clips 4 updates, round 2 rejects one update and misses a partition, one
+    join is refused; ``refused_round``: that round's aggregate is refused. metrics.jsonl and the
+    summary's counts are written by the server's own RoundRecorder (only the round's times are
+    set to this run's clock)."""
+    run = RunFolder(folder.parent, folder.name)
+    recorder = RoundRecorder(run)
+    samples = Samples()
 
     def standing(after_round: int) -> list[tuple]:
         out = [(10, 1, 0.0, "server", SERVER, "", SERVER_MIB), (11, 10, 1.0, "helper", SERVER, "", FORKSERVER_MIB)]
@@ -65,6 +69,8 @@ def write_run(folder: Path, replicas: int, rounds: int = 3, leaky: int | None = 
                     (base + 2, base, 3.0, "helper", name(r), identity(r), TRACKER_MIB)]
         return out
 
+    if hostile:
+        recorder.join_refused()
     samples.add(5.0, standing(0))
     samples.add(9.0, standing(0))  # the baseline: the last sample before round 1
     pid = 100_000
@@ -89,32 +95,35 @@ def write_run(folder: Path, replicas: int, rounds: int = 3, leaky: int | None = 
         samples.add(end - 0.5, standing(number - 1) + [(pid + 999, 11, end - 2.0, "server-worker", SERVER, "", EVALUATION_MIB)])
         samples.add(end + 0.1, standing(number))
         pid += 1000
-        record = {
-            "round": number, "trained": True, "started_at": iso(T0 + start), "ended_at": iso(T0 + end), "round_seconds": ROUND_SECONDS,
-            "accuracy": 0.9 - 0.4 / number + 1 / 90, "loss": 1.5 / number, "clients": clients, "failures": [], "missing": [],
-            "clients_ok": replicas, "clients_failed": 0, "num_partitions": replicas,
-            "slots_per_device": {"cpu": SLOTS}, "concurrent_workers_peak": {"cpu": SLOTS},
-        }
+        recorder.round_started(number)
+        rejected = []
+        if hostile and number == 1:
+            for client in clients[:4]:
+                client.update(update_norm=1.5, clipped_from_norm=7.25)
         if hostile and number == 2:
-            rejected = clients.pop(3)
-            dropped = clients.pop(0)
-            record.update(clients=clients, clients_ok=replicas - 2, clients_rejected=1, aggregate_refused=False,
-                          rejected=[{"id": rejected["id"], "partition": 3, "reason": "update is not finite (NaN in layer 2)"}],
-                          missing=[{"id": dropped["id"], "partition": 0, "reason": "not connected (left, or restarting)"}])
-        records.append(record)
+            bad, gone = clients.pop(3), clients.pop(0)
+            rejected = [{"id": bad["id"], "partition": 3, "reason": "array 0: 1 of 144 values are not finite (NaN)"}]
+            recorder.partitions_missing([{"partition": 0, "id": gone["id"], "reason": "not connected (left, or restarting)"}])
+        recorder.fit_finished(clients, [], replicas, rejected=rejected)
+        if number == refused_round:
+            recorder.aggregate_refused("aggregate array 0: 144 of 144 values are not finite")
+        recorder.central_evaluated(1.5 / number, {"accuracy": 0.9 - 0.4 / number + 1 / 90})
+        record = recorder.round_ended()
+        record.update(started_at=iso(T0 + start), ended_at=iso(T0 + end), round_seconds=ROUND_SECONDS)
+        recorder.commit(record)
+    run.release()
     out = csvlog.MemoryCsv(folder / "memory.csv")
     out.write(samples.rows)
     out.close()
-    (folder / "metrics.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
     summary = {
-        "run_id": folder.name, "status": "completed", "rounds_requested": rounds, "rounds_completed": rounds, "rounds_recorded": rounds,
-        "final_accuracy": records[-1]["accuracy"], "initial_accuracy": 0.1, "initial_loss": 2.3, "num_partitions": replicas,
-        "partitions": {identity(r): r for r in range(replicas)},
-        "rounds_missed_by_partition": {"0": {"missed": 1, "not_connected": 1}, "3": {"missed": 1, "rejected": 1}} if hostile else {},
+        "run_id": folder.name, "status": "completed", "rounds_requested": rounds, "rounds_completed": len(recorder.trained_rounds),
+        "rounds_recorded": rounds, "final_accuracy": recorder.rounds[-1]["accuracy"], "initial_accuracy": 0.1, "initial_loss": 2.3,
+        "num_partitions": replicas, "partitions": {identity(r): r for r in range(replicas)},
+        "rounds_trained_by_partition": recorder.rounds_trained_by_partition(replicas),
+        "rounds_missed_by_partition": recorder.rounds_missed_by_partition(),
+        "updates_rejected": recorder.updates_rejected, "updates_clipped": recorder.updates_clipped, "joins_refused": recorder.joins_refused,
     }
-    if hostile:
-        summary.update(updates_rejected=1, updates_clipped=4, joins_refused=[{"id": "intruder", "reason": "not in the roster"}])
-    (folder / "summary.json").write_text(json.dumps(summary))
+    run.write_summary(summary)
     return folder
 
 

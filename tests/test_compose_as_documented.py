@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from test_compose import REPO, Stack, _docker_ready
+from test_compose import CPU_IMAGES, REPO, Stack, _docker_ready
 
 # The command docs/containers.md gives for following a run to its end (issue 20: the usual
 # `--abort-on-container-exit` also aborts when `check` exits 0; `--abort-on-container-failure`
@@ -84,6 +84,38 @@ def test_tls_exactly_as_documented_completes(project_folder: Path, maker: str) -
         assert "with TLS" in server_log, server_log[-2000:]
     finally:
         stack.down()
+
+
+CHECK_AS_TLS_COMPOSE_RUNS_IT = ("python", "-m", "services.preflight", "--set", "client:FL_DEVICE=auto")
+
+
+def _check(certs: Path, results: Path, image: str = CPU_IMAGES[0]) -> subprocess.CompletedProcess:
+    """The `check` service as docker-compose.tls.yml runs it: as root, the folder mounted read-only at /tls."""
+    return subprocess.run(
+        ["docker", "run", "--rm", "--user", "0:0", "-e", "FL_TLS_DIR=/tls", "-e", "FL_RESULTS_DIR=/results",
+         "-v", f"{certs}:/tls:ro", "-v", f"{results}:/results", image, *CHECK_AS_TLS_COMPOSE_RUNS_IT],
+        capture_output=True, text=True, timeout=300,
+    )
+
+
+@pytest.mark.docker
+@pytest.mark.timeout(600)
+def test_check_refuses_a_certificates_folder_the_replicas_cannot_read(project_folder: Path) -> None:
+    """The server reads a private copy of the folder, the replicas (uid 1000) the folder itself:
+    a 0700 folder (chmod'ed, or made empty beforehand under umask 077) passed `check` and every
+    replica then failed `cannot read ca.crt as uid 1000`. `check` must say so first."""
+    _docker_ready("v2")
+    certs, results = project_folder / "certs", project_folder / "results"
+    made = subprocess.run([sys.executable, str(REPO / MAKE_CERTS[0]), *MAKE_CERTS[1:]], cwd=project_folder, capture_output=True, text=True)
+    assert made.returncode == 0, made.stderr
+    readable = _check(certs, results)
+    assert readable.returncode == 0, readable.stderr[-3000:]
+    certs.chmod(0o700)
+    private = _check(certs, results)
+    assert private.returncode == 2, private.stderr[-3000:]
+    assert "services.client: error: --tls-dir / FL_TLS_DIR" in private.stderr
+    assert "the replicas cannot read ca.crt in '/tls' as uid 1000" in private.stderr
+    assert "services.server: error" not in private.stderr  # the server itself reads its private copy
 
 
 FAILING_TASK = '''"""The built-in task, except that every training raises: every round fails for every client."""

@@ -56,6 +56,8 @@ def test_the_token_is_recorded_only_as_set(tmp_path):
     assert values.join_token == TOKEN
     recorded = settings_module.as_dict(values)
     assert recorded["join_token"] == "(set)" and TOKEN not in repr(recorded)
+    assert TOKEN not in repr(values) and TOKEN not in str(values)  # settings printed in a log or a traceback
+    assert TOKEN not in repr(settings_module.parse(ClientSettings, [], environ={"FL_JOIN_TOKEN": TOKEN}))
     assert settings_module.as_dict(settings_module.parse(ServerSettings, [], environ={}))["join_token"] is None
 
 

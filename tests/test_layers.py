@@ -12,7 +12,7 @@ from conftest import REPO
 
 # Lowest first. A module belongs to the first prefix it starts with, longest prefix winning.
 LAYERS: list[tuple[str, ...]] = [
-    ("services", "services.net", "services.files", "services.locks", "services.logs", "services.protocol", "services.failures", "services.lifetime"),
+    ("services", "services.net", "services.files", "services.locks", "services.logs", "services.protocol", "services.failures", "services.lifetime", "services.misses"),
     ("services.settings", "services.roster", "services.cache"),
     ("services.tls", "services.certs", "services.joining", "services.taskspec", "services.budget", "services.models", "services.data", "services.partitioning"),
     ("services.task", "services.builtin_task"),

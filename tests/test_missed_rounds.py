@@ -7,10 +7,11 @@ from services.launcher import final_line, missed_rounds_lines
 from services.server.results import RoundRecorder
 
 
-def record(number: int, trained: list[int], missing: list[int] = (), failed: list[int] = (), rejected: list[int] = ()) -> dict:
+def record(number: int, trained: list[int], missing: list[int] = (), failed: list[int] = (), rejected: list[int] = (), refused: str | None = None) -> dict:
     return {
         "round": number,
-        "trained": bool(trained),
+        "trained": bool(trained) and refused is None,
+        **({"aggregate_refused": refused} if refused else {}),
         "clients": [{"id": f"c{p}", "partition": p} for p in trained],
         "missing": [{"partition": p, "id": f"c{p}", "reason": "not connected (left, or restarting)"} for p in missing],
         "failures": [{"partition": p, "id": f"c{p}", "cause": "worker killed by SIGKILL"} for p in failed],
@@ -33,6 +34,20 @@ def test_the_partitions_that_missed_rounds_are_counted_with_why():
         "1": {"missed": 1, "rejected": 1},
         "2": {"missed": 3, "not_connected": 2, "failed": 1},
     }
+
+
+def test_a_round_whose_aggregate_was_refused_trained_nobody():
+    """Its clients trained and answered, but nothing they did became the model."""
+    rounds = [record(1, [0, 1]), record(2, [0, 1], refused="aggregate array 0: 144 of 144 values are not finite"), record(3, [0], missing=[1])]
+    recorder = RoundRecorder(folder=None, rounds=rounds)
+    assert recorder.rounds_trained_by_partition(2) == {"0": 2, "1": 1}
+    assert recorder.rounds_missed_by_partition() == {
+        "0": {"missed": 1, "aggregate_refused": 1},
+        "1": {"missed": 2, "not_connected": 1, "aggregate_refused": 1},
+    }
+    assert missed_rounds_lines({"rounds_recorded": 3, "rounds_missed_by_partition": recorder.rounds_missed_by_partition()})[1] == (
+        "partition 1 missed 2 of 3 rounds (aggregate refused 1, not connected 1)"
+    )
 
 
 def test_a_partition_missing_and_failing_in_one_round_missed_one_round():

@@ -86,14 +86,23 @@ def test_refused_updates_and_joins_are_shown_with_who_and_why(page_20):
     missed = table(page_20, "missed")
     assert missed[1:] == [
         ["2", "client-1", "0", "not connected", "not connected (left, or restarting)"],
-        ["2", "client-4", "3", "update rejected", "update is not finite (NaN in layer 2)"],
+        ["2", "client-4", "3", "update rejected", "array 0: 1 of 144 values are not finite (NaN)"],
     ]
     assert "updates rejected: 1 (summary.json updates_rejected)" in page_20
     assert "updates clipped: 4 (summary.json updates_clipped)" in page_20
-    assert "joins refused: 1 (intruder: not in the roster) (summary.json joins_refused)" in page_20
+    assert "joins refused: 1 (summary.json joins_refused)" in page_20
     assert "completed, but 2 partition(s) missed rounds" in page_20
     rounds = table(page_20, "rounds")
-    assert rounds[0][-1] == "aggregate refused" and rounds[2][4:6] == ["1", "1"]
+    assert "aggregate refused" not in rounds[0] and rounds[2][4:6] == ["1", "1"]
+
+
+def test_a_round_whose_aggregate_was_refused_is_missed_by_every_partition_that_trained_in_it(tmp_path):
+    page = page_of(tmp_path / "run", replicas=4, rounds=3, refused_round=2)
+    rounds = table(page, "rounds")
+    assert rounds[0][-1] == "aggregate refused" and rounds[2][-1] == "aggregate array 0: 144 of 144 values are not finite"
+    missed = table(page, "missed")[1:]
+    assert [(row[0], row[2], row[3]) for row in missed] == [("2", str(p), "aggregate refused") for p in range(4)]
+    assert "completed, but 4 partition(s) missed rounds" in page
 
 
 def test_at_100_replicas_the_page_leads_with_the_summary_and_folds_the_replicas(tmp_path):

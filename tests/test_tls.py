@@ -54,6 +54,25 @@ def test_make_certs_leaves_what_the_replicas_read_readable_whatever_the_umask(tm
     assert modes == {"certs": 0o755, "ca.crt": 0o644, "server.crt": 0o644, "ca.key": 0o600, "server.key": 0o600}
 
 
+def test_make_certs_opens_an_empty_folder_made_beforehand_to_the_replicas(tmp_path):
+    """`mkdir certs` under umask 077 leaves it 0700: the replicas (uid 1000) could not enter it."""
+    out = tmp_path / "certs"
+    out.mkdir(mode=0o700)
+    made = subprocess.run([PYTHON, "scripts/make_certs.py", "--out", str(out), "--name", "server"], cwd=REPO, capture_output=True, text=True)
+    assert made.returncode == 0, made.stderr
+    assert out.stat().st_mode & 0o777 == 0o755
+
+
+def test_check_sees_what_the_replicas_see_not_only_the_private_copy(tmp_path, monkeypatch):
+    """The entrypoint validates a private copy for the server; when the replicas' uid cannot read
+    ca.crt in the mounted folder it says so, and the client's check names it."""
+    assert make_certificates(tmp_path / "copy", ["server"], []) and tls.client_ca(str(tmp_path / "copy"))
+    monkeypatch.setenv(tls.SOURCE_ENV, "/tls")
+    monkeypatch.setenv(tls.REPLICAS_CANNOT_READ_ENV, "uid 1000")
+    with pytest.raises(settings.SettingError, match=re.escape("(a private copy of '/tls'): the replicas cannot read ca.crt in '/tls' as uid 1000")):
+        tls.client_ca(str(tmp_path / "copy"))
+
+
 def test_an_error_about_the_entrypoints_copy_names_the_folder_the_user_mounted(tmp_path, monkeypatch):
     monkeypatch.setenv(tls.SOURCE_ENV, "/tls")
     with pytest.raises(settings.SettingError, match=re.escape(f"{str(tmp_path)!r} (a private copy of '/tls'): ca.crt is missing")):

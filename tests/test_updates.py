@@ -64,6 +64,9 @@ def test_a_client_evaluation_is_checked_too():
     assert updates.evaluation_problem(float("nan"), 10, {}) == "loss nan is not a finite number"
     assert updates.evaluation_problem(0.5, 0, {}) == "num_examples 0, expected a positive integer"
     assert updates.evaluation_problem(0.5, 10, {"accuracy": "high"}) == "metric 'accuracy' is 'high', expected a number"
+    assert updates.evaluation_problem(0.5, 10, {"accuracy": 7.0}) == "metric 'accuracy' is 7.0, expected a fraction in [0, 1]"
+    assert updates.evaluation_problem(0.5, 10, {"accuracy": -0.1}) == "metric 'accuracy' is -0.1, expected a fraction in [0, 1]"
+    assert updates.evaluation_problem(0.5, 10, {"accuracy": 1}) is None
 
 
 def test_clipping_moves_an_update_back_to_the_bound_along_its_own_direction():
@@ -87,6 +90,13 @@ def test_an_aggregate_keeps_the_models_dtypes_and_a_non_finite_one_is_named():
     assert [a.dtype for a in kept] == [np.float32, np.float32, np.int64] and kept[2] == 7
     assert updates.aggregate_problem(LAYOUT, kept) is None
     assert updates.aggregate_problem(LAYOUT, [np.full((16, 1, 3, 3), np.inf, np.float32), *kept[1:]]) == "aggregate array 0: 144 of 144 values are not finite"
+    assert updates.checked_aggregate(LAYOUT, averaged)[2] == 7
+    # finite as float64, Inf once cast to the model's float32
+    overflowing = [np.full((16, 1, 3, 3), 1e39), *averaged[1:]]
+    assert updates.aggregate_problem(LAYOUT, overflowing) is None
+    assert updates.checked_aggregate(LAYOUT, overflowing) == "aggregate array 0: 144 of 144 values are not finite in the model's dtypes"
+    # a NaN in an integer buffer is named before rounding could hide it
+    assert updates.checked_aggregate(LAYOUT, [*averaged[:2], np.array(np.nan)]) == "aggregate array 2: 1 of 1 values are not finite"
 
 
 # --- BouquetStrategy.aggregate_fit with Flower's FedAvg -------------------------------------------
@@ -132,6 +142,23 @@ def test_bad_updates_are_left_out_and_recorded_and_the_rest_averaged(tmp_path):
     ]
     assert [a.dtype for a in parameters_to_ndarrays(aggregated)] == [np.float32, np.float32, np.int64]
     recorder.commit(record)  # what a client sent as metrics cannot break the record either
+
+
+def test_a_client_claiming_huge_numbers_of_examples_is_weighed_as_ten_times_the_median(tmp_path):
+    """FedAvg weighs by the examples a client claims: 2**62 would make its update the model."""
+    assert updates.examples_cap([5]) is None
+    assert updates.examples_cap([100, 2**62]) == 1000 and updates.examples_cap([90, 100, 110, 2**62]) == 1000
+    bouquet, recorder = strategy(tmp_path, 3)
+    start = model()
+    honest = [start[0] + 1.0, *start[1:]]
+    steering = [start[0] - 50.0, *start[1:]]
+    aggregated, _ = bouquet.aggregate_fit(1, [answer(0, honest, 100), answer(1, honest, 100), answer(2, steering, 2**62)], [])
+    # weights 100, 100, 1000: the mean moves 1 * 200/1200 - 50 * 1000/1200, not -50
+    assert np.allclose(parameters_to_ndarrays(aggregated)[0], start[0] + (200 * 1.0 - 1000 * 50.0) / 1200, atol=1e-4)
+    record = recorder.round_ended()
+    by_id = {client["id"]: client for client in record["clients"]}
+    assert by_id["client-2"]["num_examples"] == 1000 and by_id["client-2"]["num_examples_claimed"] == 2**62
+    assert "num_examples_claimed" not in by_id["client-0"] and by_id["client-0"]["num_examples"] == 100
 
 
 def test_a_client_metric_of_any_flower_type_is_recorded(tmp_path):

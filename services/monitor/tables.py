@@ -14,12 +14,12 @@ import html
 import re
 from typing import Any
 
+from services import misses
 from services.monitor.rounds import Round
 from services.monitor.summary import overall_tolerance_mib, round_failed
 
 # summary.json fields about refused clients and updates; shown when the server recorded them
 REFUSALS = (("updates_rejected", "updates rejected"), ("updates_clipped", "updates clipped"), ("joins_refused", "joins refused"))
-LISTED = 5  # entries of a list-valued refusal shown before "and N more"
 
 
 def server_replicas(rows: list[dict[str, Any]]) -> frozenset[str]:
@@ -52,26 +52,8 @@ def partitions_by_identity(rounds: list[Round], run: dict[str, Any]) -> dict[str
 
 
 def refusal_facts(run: dict[str, Any]) -> list[str]:
-    """One fact per refusal count the server recorded in summary.json (numbers, lists or maps)."""
-    facts = []
-    for field, words in REFUSALS:
-        if field not in run:
-            continue
-        value = run[field]
-        if isinstance(value, dict):
-            shown = ", ".join(f"{html.escape(str(k))}: {html.escape(str(v))}" for k, v in value.items()) or "none"
-        elif isinstance(value, list):
-            head = ", ".join(html.escape(_entry(item)) for item in value[:LISTED])
-            shown = f"{len(value)}" + (f" ({head}{f' and {len(value) - LISTED} more' if len(value) > LISTED else ''})" if value else "")
-        else:
-            shown = html.escape(str(value))
-        facts.append(f"{words}: {shown} (summary.json {field})")
-    return facts
-
-
-def _entry(item: Any) -> str:
-    """A listed refusal as a person reads it: a record's values joined ("intruder: not in the roster")."""
-    return ": ".join(str(value) for value in item.values()) if isinstance(item, dict) else str(item)
+    """One fact per refusal count the server recorded in summary.json (each an integer)."""
+    return [f"{words}: {html.escape(str(run[field]))} (summary.json {field})" for field, words in REFUSALS if field in run]
 
 
 def rounds_table(memory: dict[str, Any], rounds: list[Round], tolerance: float, slots: dict[str, Any]) -> str:
@@ -133,15 +115,12 @@ def replicas_table(memory: dict[str, Any], tolerance: float, partitions: dict[st
 
 
 def missed_table(rounds: list[Round], identities: dict[str, str]) -> str | None:
-    """Who missed which round and why (not connected, failed, update rejected); None if nobody."""
-    kinds = (("missing", "not connected", "reason"), ("failures", "failed", "cause"), ("rejected", "update rejected", "reason"))
+    """Who missed which round and why (services.misses, as summary.json counts them); None if nobody."""
     lines = []
     for current in rounds:
-        for field, what, why in kinds:
-            for entry in current.record.get(field) or []:
-                identity = entry.get("id")
-                name = identities.get(identity, identity) if identity else None
-                lines.append("<tr>" + "".join([cell(current.number), cell(name), cell(entry.get("partition")), cell(what), f'<td class="text">{html.escape(str(entry.get(why, "")))}</td>']) + "</tr>")
+        for miss in misses.misses(current.record):
+            name = identities.get(miss.identity, miss.identity) if miss.identity else None
+            lines.append("<tr>" + "".join([cell(current.number), cell(name), cell(miss.partition), cell(misses.REASONS[miss.reason]), f'<td class="text">{html.escape(miss.why)}</td>']) + "</tr>")
     if not lines:
         return None
     head = "<tr><th>round</th><th>replica</th><th>partition</th><th>what</th><th>why</th></tr>"

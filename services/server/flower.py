@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 import random
 import time
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -46,10 +48,22 @@ from services.taskspec import TaskSpec
 
 log = logging.getLogger("bouquet.server")
 
-IDENTITY_TIMEOUT_S = 30.0
+IDENTITY_TIMEOUT_S = 5.0  # a new connection's answer to "who are you?" (an honest client answers in milliseconds)
+MAX_UNVERIFIED = 16  # new connections asked at once; more wait for a later snapshot
 REFUSAL_TIMEOUT_S = 5.0  # to tell a refused connection why and ask it to leave
+SEND_OFF_THREADS = 4
 HOLDERS_POLL_S = 0.5
 LOST_ROUND_RETRIES = 3  # attempts of one round that may end with every client's connection lost
+
+
+@dataclass
+class _Question:
+    """An identity question in flight: asked in a pool thread, judged by the server's thread."""
+
+    proxy: ClientProxy
+    nonce: str | None
+    future: Future
+    deadline: float
 
 
 class ConnectedClients:
@@ -57,10 +71,14 @@ class ConnectedClients:
 
     Flower's client manager hands out its live dictionary, which gRPC threads change as clients
     come and go; every look here works on a copy taken in one step, and a client that vanishes
-    while asked is skipped, not fatal. With a join token, the question carries a fresh nonce and
-    a connection whose answer does not prove the token is refused: told why, asked to
-    disconnect, dropped from the client manager, and counted. A connection that cannot be used
-    (no or a bad identity, no answer) is logged once and not asked again."""
+    while asked is skipped, not fatal. New connections are asked at once, side by side (at most
+    MAX_UNVERIFIED at a time, each for up to IDENTITY_TIMEOUT_S), so silent or ever-reconnecting
+    connections hold a snapshot up for one short timeout at most, never one timeout each; one
+    not answered by then is judged by a later snapshot. With a join token, the question carries
+    a fresh nonce and a connection whose answer does not prove the token is refused: counted,
+    dropped from the client manager, and (in the background) told why, asked to disconnect and
+    closed. A connection that cannot be used (no or a bad identity, no answer) is logged once
+    and not asked again."""
 
     def __init__(self, client_manager: ClientManager, join_token: str | None = None, on_refused: Callable[[], None] = lambda: None) -> None:
         self.client_manager = client_manager
@@ -69,21 +87,31 @@ class ConnectedClients:
         self._identity_by_cid: dict[str, str] = {}
         self._unusable: set[str] = set()  # connections refused or ignored: logged once, never asked again
         self._proxies: dict[str, ClientProxy] = {}
+        self._asking: dict[str, _Question] = {}
+        self._questions = ThreadPoolExecutor(MAX_UNVERIFIED, thread_name_prefix="bouquet-identity")
+        self._send_offs = ThreadPoolExecutor(SEND_OFF_THREADS, thread_name_prefix="bouquet-refusal")
 
     def snapshot(self) -> dict[str, str]:
-        """{connection id: identity} of the clients connected now, in order of connection."""
+        """{connection id: identity} of the clients connected now that have told it, in order of connection."""
         proxies = list(self.client_manager.all().items())  # one C-level copy: atomic under the GIL
         current = {cid for cid, _ in proxies}
         for gone in set(self._identity_by_cid) - current:
             del self._identity_by_cid[gone]
         self._unusable &= current
         self._proxies = dict(proxies)
-        out = {}
         for cid, proxy in proxies:
-            identity = self._identity_of(proxy)
-            if identity is not None:
-                out[cid] = identity
-        return out
+            if len(self._asking) >= MAX_UNVERIFIED:
+                break  # the others are asked by a later snapshot
+            if cid not in self._identity_by_cid and cid not in self._unusable and cid not in self._asking:
+                self._ask(proxy)
+        if self._asking:
+            last = max(question.deadline for question in self._asking.values())
+            wait([question.future for question in self._asking.values()], timeout=max(0.0, last - time.monotonic()))
+        for cid, question in list(self._asking.items()):  # a connection gone meanwhile is judged (and logged) too
+            if question.future.done():
+                del self._asking[cid]
+                self._judge(question)
+        return {cid: self._identity_by_cid[cid] for cid, _ in proxies if cid in self._identity_by_cid}
 
     def identities(self) -> set[str]:
         return set(self.snapshot().values())
@@ -95,57 +123,72 @@ class ConnectedClients:
         """The identity a connection reported, without asking anyone."""
         return self._identity_by_cid.get(cid)
 
-    def _identity_of(self, proxy: ClientProxy) -> str | None:
-        if proxy.cid in self._identity_by_cid or proxy.cid in self._unusable:
-            return self._identity_by_cid.get(proxy.cid)
+    def close(self) -> None:
+        """Questions and send-offs still queued are dropped (the run is over); running ones end by their timeouts."""
+        self._questions.shutdown(wait=False, cancel_futures=True)
+        self._send_offs.shutdown(wait=False, cancel_futures=True)
+
+    def _ask(self, proxy: ClientProxy) -> None:
         nonce = joining.new_nonce() if self.join_token else None
+        ins = GetPropertiesIns(config={protocol.JOIN_NONCE: nonce} if nonce else {})
+        future = self._questions.submit(proxy.get_properties, ins, IDENTITY_TIMEOUT_S, None)
+        # The pool never has more questions than threads, so each starts now; a second of slack for the answer's way back.
+        self._asking[proxy.cid] = _Question(proxy, nonce, future, time.monotonic() + IDENTITY_TIMEOUT_S + 1.0)
+
+    def _judge(self, question: _Question) -> None:
+        proxy, nonce = question.proxy, question.nonce
         try:
-            reply = proxy.get_properties(
-                GetPropertiesIns(config={protocol.JOIN_NONCE: nonce} if nonce else {}), timeout=IDENTITY_TIMEOUT_S, group_id=None
-            )
-        except Exception as error:  # a client that vanished (or never answers) while we asked
+            reply = question.future.result()
+        except Exception as error:  # a client that vanished (or never answered) while we asked
             self._ignore(proxy, f"could not ask it for its identity ({type(error).__name__}: {error})")
-            return None
+            return
         properties = reply.properties if reply.status.code == Code.OK else {}
         identity = properties.get(protocol.IDENTITY_PROPERTY)
         if nonce is not None:
             answer = properties.get(protocol.JOIN_PROOF)
             if answer is None:
                 self._refuse(proxy, identity, "no join secret presented (the server requires FL_JOIN_TOKEN / FL_JOIN_TOKEN_FILE)")
-                return None
+                return
             if not isinstance(identity, str) or not joining.verified(self.join_token, nonce, identity, answer):
                 self._refuse(proxy, identity, "wrong join secret")
-                return None
+                return
         if not isinstance(identity, str):
             self._ignore(proxy, f"it did not report a {protocol.IDENTITY_PROPERTY!r} property")
-            return None
+            return
         try:
             settings_module.identifier(identity)
         except ValueError as allowed:
             self._ignore(proxy, f"its {protocol.IDENTITY_PROPERTY} {identity[:80]!r} is unusable: {allowed}")
-            return None
+            return
         self._identity_by_cid[proxy.cid] = identity
-        return identity
 
     def _ignore(self, proxy: ClientProxy, why: str) -> None:
         self._unusable.add(proxy.cid)
         log.warning("ignoring connection %s: %s (logged once per connection)", proxy.cid, why)
 
     def _refuse(self, proxy: ClientProxy, identity: object, reason: str) -> None:
-        """Tell the client why (a Bouquet client exits naming the setting), ask it to disconnect;
-        one that does not is cut off and dropped from the client manager either way."""
+        """Counted and dropped from the client manager now; told why and closed in the background."""
         self._unusable.add(proxy.cid)
         self.on_refused()
         shown = repr(identity[:80]) if isinstance(identity, str) else "none"
         log.warning("refused connection %s (client-id %s): %s", proxy.cid, shown, reason)
-        try:
-            proxy.get_properties(GetPropertiesIns(config={protocol.JOIN_REFUSED: reason}), timeout=REFUSAL_TIMEOUT_S, group_id=None)
-            proxy.reconnect(ReconnectIns(seconds=None), timeout=REFUSAL_TIMEOUT_S, group_id=None)
-        except Exception:  # a client that does not play along is cut off below
-            bridge = getattr(proxy, "bridge", None)
-            if bridge is not None:
-                bridge.close()
         self.client_manager.unregister(proxy)
+        self._send_offs.submit(send_off, proxy, reason)
+
+
+def send_off(proxy: ClientProxy, reason: str) -> None:
+    """Tell a refused client why (a Bouquet client exits naming the setting) and ask it to
+    disconnect, then close its stream whatever it did: one that kept the stream open would
+    hold a server thread."""
+    try:
+        proxy.get_properties(GetPropertiesIns(config={protocol.JOIN_REFUSED: reason}), timeout=REFUSAL_TIMEOUT_S, group_id=None)
+        proxy.reconnect(ReconnectIns(seconds=None), timeout=REFUSAL_TIMEOUT_S, group_id=None)
+    except Exception:  # a client that does not play along is cut off all the same
+        pass
+    finally:
+        bridge = getattr(proxy, "bridge", None)
+        if bridge is not None:
+            bridge.close()
 
 
 class ChosenClients(ClientManager):
@@ -343,6 +386,7 @@ class BouquetStrategy(Strategy):
             if "clipped_from_norm" in client:
                 log.warning("round %d: update of client %s (partition %s) clipped from L2 distance %.4g to %g (FL_MAX_UPDATE_NORM)",
                             server_round, client["id"], client["partition"], client["clipped_from_norm"], self.max_update_norm)
+        accepted = self._cap_examples(server_round, accepted, clients)
         self.recorder.fit_finished(clients, failed, self.membership.registry.num_partitions or 0, rejected=rejected)
         if not accepted:
             log.warning("round %d: no client returned a usable update; the global model stays as it was", server_round)
@@ -355,11 +399,26 @@ class BouquetStrategy(Strategy):
         self.recorder.aggregated(time.perf_counter() - started)
         if aggregated is None:
             return self._refuse_aggregate(server_round, f"the {self.strategy_name} strategy returned no model")
-        weights = parameters_to_ndarrays(aggregated)
-        problem = updates.aggregate_problem(self.layout, weights)
-        if problem is not None:
-            return self._refuse_aggregate(server_round, problem)
-        return ndarrays_to_parameters(updates.in_layout(self.layout, weights)), metrics
+        kept = updates.checked_aggregate(self.layout, parameters_to_ndarrays(aggregated))
+        if isinstance(kept, str):
+            return self._refuse_aggregate(server_round, kept)
+        return ndarrays_to_parameters(kept), metrics
+
+    def _cap_examples(self, server_round: int, accepted: list[tuple[ClientProxy, FitRes]], clients: list[dict[str, Any]]) -> list[tuple[ClientProxy, FitRes]]:
+        """The round's updates, each weighed by at most updates.examples_cap of the claims; a
+        capped client's record keeps what it claimed (``num_examples_claimed``)."""
+        cap = updates.examples_cap([res.num_examples for _, res in accepted])
+        if cap is None:
+            return accepted
+        out = []
+        for (proxy, res), client in zip(accepted, clients):
+            if res.num_examples > cap:
+                log.warning("round %d: client %s (partition %s) claimed %d examples; weighed as %d (%d x the round's median claim)",
+                            server_round, client["id"], client["partition"], res.num_examples, cap, updates.MAX_EXAMPLES_OVER_MEDIAN)
+                client.update(num_examples=cap, num_examples_claimed=int(res.num_examples))
+                res = FitRes(status=res.status, parameters=res.parameters, num_examples=cap, metrics=res.metrics)
+            out.append((proxy, res))
+        return out
 
     def _vet(self, res: FitRes) -> tuple[FitRes, dict[str, Any]] | str:
         """The update as it may be aggregated (clipped to FL_MAX_UPDATE_NORM when set) with notes
@@ -529,11 +588,12 @@ def run(
     """Serve the rounds after the last recorded one; returns when the last is recorded, raises
     what ended the run early."""
     client_manager = SimpleClientManager()
+    clients = ConnectedClients(client_manager, settings.join_token, on_refused=recorder.join_refused)
     strategy = BouquetStrategy(
         spec=spec,
         settings=settings,
         membership=membership,
-        clients=ConnectedClients(client_manager, settings.join_token, on_refused=recorder.join_refused),
+        clients=clients,
         recorder=recorder,
         evaluator=evaluator,
         central_evaluation=central_evaluation,
@@ -541,12 +601,15 @@ def run(
     )
     first_round = recorder.rounds[-1]["round"] + 1 if recorder.rounds else 1
     server = RecordingServer(client_manager=client_manager, strategy=strategy, state=state, first_round=first_round)
-    start_server(
-        server_address=settings.listen_address,
-        server=server,
-        # No fixed round timeout: RecordingServer gives every round the job budget (services.budget).
-        config=ServerConfig(num_rounds=settings.rounds, round_timeout=None),
-        certificates=tls.server_files(settings.tls_dir).for_flower() if settings.tls_dir else None,
-    )
+    try:
+        start_server(
+            server_address=settings.listen_address,
+            server=server,
+            # No fixed round timeout: RecordingServer gives every round the job budget (services.budget).
+            config=ServerConfig(num_rounds=settings.rounds, round_timeout=None),
+            certificates=tls.server_files(settings.tls_dir).for_flower() if settings.tls_dir else None,
+        )
+    finally:
+        clients.close()
     if server.error is not None:
         raise server.error

@@ -17,6 +17,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from services import misses
 from services.admission.records import workers_alive
 from services.files import METRICS, atomic_write, json_safe, write_json_atomically
 from services.locks import HeldLock, is_held
@@ -253,33 +254,29 @@ class RoundRecorder:
         return sum(1 for record in self.rounds for client in record["clients"] if "clipped_from_norm" in client)
 
     def rounds_missed_by_partition(self) -> dict[str, dict[str, int]]:
-        """The partitions that missed rounds, and why: its holder was not connected when the round
-        was sampled (``missing``), its worker failed (``failures``), or its update was refused
-        (``rejected``, where recorded). A partition missed a round at most once, whatever the
-        reasons; one never sampled (FL_FRACTION_FIT below 1) missed nothing. Partitions that
+        """The partitions that missed rounds, and why (services.misses: not connected, failed,
+        update rejected, aggregate refused). A partition missed a round at most once, whatever
+        the reasons; one never sampled (FL_FRACTION_FIT below 1) missed nothing. Partitions that
         missed nothing are left out, so an empty dict says every partition trained when asked."""
-        reasons = (("missing", "not_connected"), ("failures", "failed"), ("rejected", "rejected"))
         out: dict[str, dict[str, int]] = {}
         for record in self.rounds:
             missed: dict[str, set[str]] = {}
-            for field, reason in reasons:
-                for entry in record.get(field) or []:
-                    if entry.get("partition") is not None:
-                        missed.setdefault(str(entry["partition"]), set()).add(reason)
+            for miss in misses.misses(record):
+                missed.setdefault(str(miss.partition), set()).add(miss.reason)
             for partition, why in missed.items():
                 counts = out.setdefault(partition, {"missed": 0})
                 counts["missed"] += 1
-                for reason in why:
+                for reason in (reason for reason in misses.REASONS if reason in why):
                     counts[reason] = counts.get(reason, 0) + 1
         return dict(sorted(out.items(), key=lambda item: int(item[0])))
 
     def rounds_trained_by_partition(self, num_partitions: int | None) -> dict[str, int]:
-        """How many rounds each partition trained in (0 for one that never did)."""
+        """How many rounds each partition's training became part of the model in (0 for one
+        that never did; a round whose aggregate was refused counts for nobody)."""
         counts = {str(partition): 0 for partition in range(num_partitions or 0)}
         for record in self.rounds:
-            for client in record["clients"]:
-                if client.get("partition") is not None:
-                    counts[str(client["partition"])] = counts.get(str(client["partition"]), 0) + 1
+            for partition in misses.trained(record):
+                counts[str(partition)] = counts.get(str(partition), 0) + 1
         return counts
 
 

@@ -59,6 +59,23 @@ def update_problem(layout: Layout, weights: Sequence[np.ndarray], num_examples: 
     return metrics_problem(metrics)
 
 
+MAX_EXAMPLES_OVER_MEDIAN = 10
+
+
+def examples_cap(claims: Sequence[int]) -> int | None:
+    """The most examples one update of a round may be weighed by: MAX_EXAMPLES_OVER_MEDIAN times
+    the round's lower median claim (None for a round of one, which has nothing to outweigh).
+
+    The server cannot know a partition's size (a task's load_data decides it, in a worker the
+    server never runs), and FedAvg weighs each update by the number its client claims: one
+    client claiming 2**62 would take all the weight. Capping (rather than refusing) keeps an
+    honest client with a large partition in the round, at most that many times a typical one.
+    The lower median is an honest client's claim whenever honest clients are at least half."""
+    if len(claims) < 2:
+        return None
+    return MAX_EXAMPLES_OVER_MEDIAN * sorted(claims)[(len(claims) - 1) // 2]
+
+
 def metrics_problem(metrics: Mapping[str, Any]) -> str | None:
     """Numeric metrics must be finite (they are averaged and plotted); text is left alone."""
     for key, value in metrics.items():
@@ -78,6 +95,8 @@ def evaluation_problem(loss: Any, num_examples: Any, metrics: Mapping[str, Any])
     accuracy = metrics.get("accuracy")
     if accuracy is not None and (isinstance(accuracy, bool) or not isinstance(accuracy, (int, float))):
         return f"metric 'accuracy' is {accuracy!r}, expected a number"
+    if accuracy is not None and math.isfinite(accuracy) and not 0 <= accuracy <= 1:
+        return f"metric 'accuracy' is {accuracy!r}, expected a fraction in [0, 1]"
     return metrics_problem(metrics)
 
 
@@ -122,6 +141,19 @@ def aggregate_problem(layout: Layout, weights: Sequence[np.ndarray]) -> str | No
             bad = array.size - int(np.isfinite(array).sum())
             return f"aggregate array {index}: {bad} of {array.size} values are not finite"
     return None
+
+
+def checked_aggregate(layout: Layout, weights: Sequence[np.ndarray]) -> list[np.ndarray] | str:
+    """The aggregate as it would become the global model (in the model's dtypes), or why it may
+    not: checked before the cast (a non-finite value would be rounded into an integer buffer)
+    and after it (a finite float64 mean can overflow float32)."""
+    problem = aggregate_problem(layout, weights)
+    if problem is not None:
+        return problem
+    with np.errstate(over="ignore", invalid="ignore"):
+        kept = in_layout(layout, weights)
+    problem = aggregate_problem(layout, kept)
+    return f"{problem} in the model's dtypes" if problem is not None else kept
 
 
 def in_layout(layout: Layout, weights: Sequence[np.ndarray]) -> list[np.ndarray]:
