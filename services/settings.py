@@ -187,6 +187,13 @@ def path(raw: str) -> str:
     return raw
 
 
+def experiment_name(raw: str) -> str:
+    """An MLflow experiment name: any text, but not blank (MLflow refuses an empty name)."""
+    if not raw.strip():
+        raise ValueError("must be a non-empty name")
+    return raw
+
+
 def optional(parse: Callable[[str], T]) -> Callable[[str], T | None]:
     """An empty string means 'not set' (lets .env files leave a value blank)."""
 
@@ -504,6 +511,10 @@ class ServerSettings(TaskSettings, LocalSettings):
     results_dir: str = setting(path, "results", "folder under which each run gets its own <run-id>/ folder")
     run_id: str | None = setting(optional(identifier), None, "name of this run's results folder (default: UTC timestamp + random suffix); with --resume auto an unfinished run of that name is continued, a completed one is never touched")
     resume: str = setting(choice("auto", "never"), "auto", "auto: continue an unfinished run (the one named by --run-id, else the newest in --results-dir with the same task settings) from its last checkpoint; never: always start a new run")
+    mlflow_experiment: str = setting(experiment_name, "bouquet", "MLflow experiment each run is recorded in as one MLflow run, when MLflow's own MLFLOW_TRACKING_URI is set (unset: no MLflow)")
+    tensorboard: bool = setting(boolean, True, "write TensorBoard event files into the run folder's tensorboard/ (tensorboard --logdir <results dir> shows every run)")
+    server_metrics_port: int | None = setting(optional(port), None, "serve the server's round figures (round, accuracy, loss, round seconds, clients by outcome) to Prometheus on this port (unset: off)")
+    tracking_flush_timeout: float = setting(non_negative_float, 60.0, "seconds the server waits at the end for MLflow to take what it has not sent yet; what is left stays in the run folder and python -m services.tracking <run folder> sends it later")
 
 
 @dataclass(frozen=True, kw_only=True)

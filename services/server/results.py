@@ -13,7 +13,7 @@ import os
 import secrets
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -140,6 +140,11 @@ class RoundRecorder:
         self.initial: dict[str, Any] = dict(initial or {})
         self._current: dict[str, Any] | None = None
         self._started = 0.0
+        self._listeners: list[Callable[[dict[str, Any]], None]] = []
+
+    def on_commit(self, listener: Callable[[dict[str, Any]], None]) -> None:
+        """Call ``listener(record)`` after each round's line is on disk (the trackers)."""
+        self._listeners.append(listener)
 
     def initial_evaluation(self, loss: float, metrics: dict[str, Any]) -> None:
         self.initial = {"loss": loss, "accuracy": metrics["accuracy"], "metrics": metrics}
@@ -218,6 +223,8 @@ class RoundRecorder:
         self.folder.append_round(record)
         self.rounds.append(record)
         self._current = None
+        for listener in self._listeners:
+            listener(record)
 
     @property
     def trained_rounds(self) -> list[int]:

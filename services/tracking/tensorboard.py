@@ -1,0 +1,52 @@
+"""TensorBoard event files in the run folder (``<run>/tensorboard/``), written with tensorboardX
+(no torch, no TensorFlow): ``tensorboard --logdir results/`` shows every run, one per folder.
+
+Fed from metrics.jsonl like MLflow (the same figures, ``services.tracking.figures``), with the
+rounds written kept in tracking.json: a resumed run adds a new event file for its new rounds only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from services.files import read_rounds
+from services.tracking.figures import initial_figures, round_figures
+from services.tracking.mlflow_run import epoch_ms
+from services.tracking.progress import Progress
+
+FOLDER = "tensorboard"
+
+
+class TensorBoardLog:
+    name = "tensorboard"
+
+    def __init__(self, folder: Path) -> None:
+        from tensorboardX import SummaryWriter
+
+        self.folder = Path(folder)
+        self.progress = Progress(self.folder, self.name)
+        self.writer = SummaryWriter(logdir=str(self.folder / FOLDER), flush_secs=5)
+
+    @property
+    def where(self) -> str:
+        return f"TensorBoard files in {self.folder / FOLDER}"
+
+    def sync(self, final: bool = False) -> int:
+        written = self.progress.get().get("rounds_written", 0)
+        rounds = read_rounds(self.folder)
+        if written == 0:
+            for key, value in initial_figures(self.folder).items():
+                self.writer.add_scalar(key, value, global_step=0)
+        for record in rounds[written:]:
+            walltime = epoch_ms(record.get("ended_at")) / 1000
+            for key, value in round_figures(record).items():
+                self.writer.add_scalar(key.replace(".", "/"), value, global_step=record["round"], walltime=walltime)
+        self.writer.flush()
+        if len(rounds) != written:
+            self.progress.update(rounds_written=len(rounds))
+        if final:
+            self.writer.close()
+        return len(rounds) - written
+
+    def finished(self) -> bool:
+        return self.progress.get().get("rounds_written", 0) == len(read_rounds(self.folder))
