@@ -114,7 +114,8 @@ def test_sending_again_adds_nothing_and_a_lost_run_id_finds_the_same_mlflow_run(
     copy = tmp_path / "tracked"
     shutil.copytree(recorded, copy)
     progress = json.loads((copy / "tracking.json").read_text())
-    before = mlflow_server.history(progress["mlflow"]["run_id"], "accuracy")
+    run_id = progress["mlflow"]["run_id"]
+    before = mlflow_server.history(run_id, "accuracy")
     env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": mlflow_server.uri}
     again = subprocess.run([PYTHON, "-m", "services.tracking", str(copy)], cwd=REPO, capture_output=True, text=True, env=env, timeout=120)
     assert again.returncode == 0, again.stderr
@@ -123,8 +124,9 @@ def test_sending_again_adds_nothing_and_a_lost_run_id_finds_the_same_mlflow_run(
     (copy / "tracking.json").write_text(json.dumps(progress))
     found = subprocess.run([PYTHON, "-m", "services.tracking", str(copy)], cwd=REPO, capture_output=True, text=True, env=env, timeout=120)
     assert found.returncode == 0, found.stderr
-    assert json.loads((copy / "tracking.json").read_text())["mlflow"]["run_id"] == mlflow_server.run_of(EXPERIMENT, "tracked")["info"]["run_id"]
-    assert mlflow_server.history(progress["mlflow"]["run_id"], "accuracy") == before
+    assert json.loads((copy / "tracking.json").read_text())["mlflow"]["run_id"] == run_id
+    assert mlflow_server.run_of(EXPERIMENT, "tracked")["info"]["run_id"] == run_id  # still one MLflow run
+    assert mlflow_server.history(run_id, "accuracy") == before
 
 
 def test_sending_without_a_tracking_uri_is_a_bad_setting(tmp_path):

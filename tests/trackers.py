@@ -102,8 +102,8 @@ class MlflowServer:
 
     # -- MLflow's REST API, as any user's tool would read it --------------------------------------
 
-    def api(self, path: str, payload: dict | None = None, **query: str) -> Any:
-        url = f"{self.uri}/api/2.0/mlflow/{path}" + (f"?{urllib.parse.urlencode(query)}" if query else "")
+    def api(self, endpoint: str, payload: dict | None = None, **query: str) -> Any:
+        url = f"{self.uri}/api/2.0/mlflow/{endpoint}" + (f"?{urllib.parse.urlencode(query)}" if query else "")
         return get_json(url, payload)
 
     def run_of(self, experiment: str, run_id: str) -> dict | None:
