@@ -15,7 +15,7 @@ import pytest
 
 from conftest import PYTHON, REPO
 from services.files import read_rounds
-from trackers import MlflowServer, Prometheus, free_port, wait_for
+from trackers import MlflowServer, Prometheus, free_port, needs, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -54,7 +54,7 @@ def event_scalars(folder: Path) -> dict[str, dict[int, float]]:
 
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow")).start()
+    server = needs(lambda: MlflowServer(tmp_path_factory.mktemp("mlflow"))).start()
     yield server
     server.stop()
 
@@ -139,12 +139,13 @@ def test_a_tracking_server_down_mid_run_neither_fails_nor_stops_the_federation(t
     """The tracking server is stopped once round 1 reached it and started again (same port, same
     database) only after round 3 is recorded: the federation trains every round meanwhile, the
     server logs the failure once, and every round arrives in MLflow by the end."""
-    mlflow = MlflowServer(tmp_path_factory.mktemp("mlflow-down")).start()
+    mlflow = needs(lambda: MlflowServer(tmp_path_factory.mktemp("mlflow-down"))).start()
     results = tmp_path_factory.mktemp("results-down")
     rounds = 5
     process = launch(
         federation(results, "outage", tmp_path_factory.getbasetemp() / "data", rounds),
-        {"MLFLOW_TRACKING_URI": mlflow.uri, "FL_MLFLOW_EXPERIMENT": EXPERIMENT},
+        # the flush may wait for the tracking server's restart, which a loaded machine makes slow
+        {"MLFLOW_TRACKING_URI": mlflow.uri, "FL_MLFLOW_EXPERIMENT": EXPERIMENT, "FL_TRACKING_FLUSH_TIMEOUT": "300"},
         results / "launcher.log",
     )
     try:
@@ -176,7 +177,7 @@ def test_a_tracking_server_down_mid_run_neither_fails_nor_stops_the_federation(t
 def test_prometheus_reads_the_round_figures_of_a_running_federation(tmp_path_factory):
     folder = tmp_path_factory.mktemp("prometheus")
     port = free_port()
-    prometheus = Prometheus(folder, [f"127.0.0.1:{port}"])
+    prometheus = needs(lambda: Prometheus(folder, [f"127.0.0.1:{port}"]))
     results = tmp_path_factory.mktemp("results-prom")
     process = launch(
         federation(results, "scraped", tmp_path_factory.getbasetemp() / "data", 6, "--server-metrics-port", str(port)),

@@ -168,3 +168,11 @@ def test_the_grafana_dashboard_shows_only_series_bouquet_exports():
     names = {name for panel in dashboard["panels"] for target in panel["targets"] for name in re.findall(r"bouquet_[a-z_]+", target["expr"])}
     exported = set(GAUGES) | {"bouquet_server_round_clients"} | set(re.findall(r'"(bouquet_[a-z_]+)"', Path(__import__("inspect").getsourcefile(Exporter)).read_text()))
     assert names and names <= exported, names - exported
+
+
+def test_an_optional_mlflow_whose_host_does_not_resolve_is_off_and_one_that_resolves_is_on():
+    from services.tracking.run import resolvable
+
+    assert resolvable("http://127.0.0.1:5000") and resolvable("http://localhost:5000")
+    assert resolvable("sqlite:///mlflow.db")  # nothing to resolve
+    assert not resolvable("http://no-such-host.invalid:5000", attempts=1)

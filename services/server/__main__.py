@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     recorder = RoundRecorder(folder, rounds=resumed.rounds if resumed else None, initial=state.data.get("initial"))
     tracking = RunTracking(
         folder.path, settings_module.as_dict(settings), task, gauges=gauges,
-        mlflow_experiment=settings.mlflow_experiment, tensorboard=settings.tensorboard, flush_timeout=settings.tracking_flush_timeout,
+        mlflow_experiment=settings.mlflow_experiment, mlflow_optional=settings.mlflow_optional, tensorboard=settings.tensorboard, flush_timeout=settings.tracking_flush_timeout,
     )
     recorder.on_commit(tracking.round_recorded)
     registry = PartitionRegistry()

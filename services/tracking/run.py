@@ -10,7 +10,9 @@ Prometheus gauges (bound by the server before it opens the run folder).
 from __future__ import annotations
 
 import logging
+import socket
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -26,6 +28,22 @@ LOCAL_FLUSH_S = 10.0
 ENGINE_MODE = "task (start_server: Bouquet's server and clients over gRPC)"
 
 
+def resolvable(uri: str, attempts: int = 5) -> bool:
+    """Whether the URI's host name resolves (a few tries a second apart: a compose service's
+    name appears when its container is created, which may be just after the server's)."""
+    host = urllib.parse.urlsplit(uri).hostname
+    if not host:
+        return True  # a file or database URI: nothing to resolve
+    for attempt in range(attempts):
+        try:
+            socket.getaddrinfo(host, None)
+            return True
+        except socket.gaierror:
+            if attempt + 1 < attempts:
+                time.sleep(1.0)
+    return False
+
+
 def resend_hint(folder: Path) -> str:
     return f"python -m services.tracking {folder}"
 
@@ -33,7 +51,7 @@ def resend_hint(folder: Path) -> str:
 class RunTracking:
     def __init__(
         self, folder: Path, settings: Mapping[str, Any], task: Mapping[str, Any], *,
-        mlflow_experiment: str, tensorboard: bool, flush_timeout: float, gauges: RoundGauges | None = None,
+        mlflow_experiment: str, tensorboard: bool, flush_timeout: float, gauges: RoundGauges | None = None, mlflow_optional: bool = False,
     ) -> None:
         self.folder = Path(folder)
         self.flush_timeout = flush_timeout
@@ -42,6 +60,9 @@ class RunTracking:
             run.update(params=run_params(settings, task, ENGINE_MODE))
         self.senders: list[Sender] = []
         uri = tracking_uri()
+        if uri and mlflow_optional and not resolvable(uri):
+            log.info("MLflow at %s: its host does not resolve, so no MLflow for this run (FL_MLFLOW_OPTIONAL: compose's tracking profile is off)", uri)
+            uri = None
         if uri:
             from services.tracking.mlflow_run import MlflowRun
 
