@@ -34,12 +34,12 @@ def launch(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
     return process
 
 
-def event_scalars(folder: Path) -> dict[str, dict[int, float]]:
+def event_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
     """Every scalar in a TensorBoard log folder's event files (TFRecord framing: length, its CRC,
     the Event proto, its CRC), read with the Event proto tensorboardX ships."""
     from tensorboardX.proto import event_pb2
 
-    scalars: dict[str, dict[int, float]] = {}
+    scalars: dict[str, list[tuple[int, float]]] = {}
     for path in sorted(folder.glob("events.out.tfevents.*")):
         data = path.read_bytes()
         offset = 0
@@ -48,7 +48,7 @@ def event_scalars(folder: Path) -> dict[str, dict[int, float]]:
             event = event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length])
             offset += 12 + length + 4
             for value in event.summary.value:
-                scalars.setdefault(value.tag, {})[event.step] = value.simple_value
+                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
     return scalars
 
 
@@ -102,10 +102,11 @@ def test_the_run_folders_files_are_mlflow_artifacts(mlflow_server, recorded):
 def test_tensorboard_event_files_in_the_run_folder_hold_every_round(recorded):
     rounds = read_rounds(recorded)
     scalars = event_scalars(recorded / "tensorboard")
-    assert set(scalars["accuracy"]) == {0, 1, 2, 3}
+    assert sorted(step for step, _ in scalars["accuracy"]) == [0, 1, 2, 3], "a step is missing or written twice"
+    accuracy, clients_ok = dict(scalars["accuracy"]), dict(scalars["clients_ok"])
     for record in rounds:
-        assert scalars["accuracy"][record["round"]] == pytest.approx(record["accuracy"], rel=1e-6)
-        assert scalars["clients_ok"][record["round"]] == record["clients_ok"]
+        assert accuracy[record["round"]] == pytest.approx(record["accuracy"], rel=1e-6)
+        assert clients_ok[record["round"]] == record["clients_ok"]
 
 
 def test_sending_again_adds_nothing_and_a_lost_run_id_finds_the_same_mlflow_run(mlflow_server, recorded, tmp_path):
@@ -196,9 +197,58 @@ def test_prometheus_reads_the_round_figures_of_a_running_federation(tmp_path_fac
         assert figures["bouquet_server_accuracy"] == pytest.approx(record["accuracy"])
         assert figures["bouquet_server_loss"] == pytest.approx(record["loss"])
         assert figures["bouquet_server_round_clientsok"] == 3 and figures["bouquet_server_round_clientsfailed"] == 0
+        # the Grafana dashboard's queries are valid PromQL, and the server's have data
+        dashboard = json.loads((REPO / "deploy" / "grafana" / "bouquet-dashboard.json").read_text())
+        for panel in dashboard["panels"]:
+            expression = panel["targets"][0]["expr"]
+            answer = prometheus.query(expression)  # an invalid query is an HTTP error
+            if expression.startswith("bouquet_server_"):
+                assert answer, f"{panel['title']}: {expression} has no data"
         assert process.wait(420) == 0, (results / "launcher.log").read_text()[-3000:]
     finally:
         if process.poll() is None:
             process.terminate()
             process.wait(60)
         prometheus.stop()
+
+
+def test_a_resumed_run_continues_the_same_mlflow_run(mlflow_server, tmp_path):
+    """The server is stopped (SIGTERM: the MLflow run ends KILLED) once round 2 is on disk and
+    started again with the same command: the run resumes (FL_RESUME=auto) into the same MLflow
+    run, which ends FINISHED with each round once."""
+    from services.client.connect import free_port as free_address_port, wait_until_listening
+
+    address = f"127.0.0.1:{free_address_port()}"
+    results, data, logs = tmp_path / "results", tmp_path / "data", tmp_path / "logs"
+    logs.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": mlflow_server.uri, "FL_MLFLOW_EXPERIMENT": EXPERIMENT}
+    command = [PYTHON, "-m", "services.server", "--listen-address", address, "--rounds", "4", "--min-clients", "3", "--join-grace", "0",
+               "--min-fit-clients", "3", "--dataset", "digits", "--local-epochs", "1", "--torch-threads", "1", "--run-id", "resumed",
+               "--results-dir", str(results), "--data-dir", str(data)]
+    server = subprocess.Popen(command, cwd=REPO, env=env, stdout=open(logs / "server-1.log", "w"), stderr=subprocess.STDOUT)
+    clients: list[subprocess.Popen] = []
+    try:
+        wait_until_listening(address, server, timeout=120, name="server")
+        for index in range(3):
+            clients.append(subprocess.Popen(
+                [PYTHON, "-m", "services.client", "--server-address", address, "--client-id", f"client-{index}", "--data-dir", str(data), "--torch-threads", "1"],
+                cwd=REPO, env=env, stdout=open(logs / f"client-{index}.log", "w"), stderr=subprocess.STDOUT,
+            ))
+        wait_for(lambda: len(read_rounds(results / "resumed")) >= 2 if (results / "resumed").exists() else False, 300, "round 2 on disk")
+        server.terminate()
+        assert server.wait(120) != 0
+        first = mlflow_server.run_of(EXPERIMENT, "resumed")
+        assert first["info"]["status"] == "KILLED"
+        server = subprocess.Popen(command, cwd=REPO, env=env, stdout=open(logs / "server-2.log", "w"), stderr=subprocess.STDOUT)
+        assert server.wait(300) == 0, (logs / "server-2.log").read_text()[-3000:]
+    finally:
+        for process in (server, *clients):
+            process.kill()
+            process.wait()
+    run = mlflow_server.run_of(EXPERIMENT, "resumed")  # still one MLflow run for the Bouquet run
+    assert run["info"]["run_id"] == first["info"]["run_id"] and run["info"]["status"] == "FINISHED"
+    rounds = read_rounds(results / "resumed")
+    assert [r["round"] for r in rounds] == [1, 2, 3, 4]
+    points = mlflow_server.api("metrics/get-history", run_id=run["info"]["run_id"], metric_key="accuracy")["metrics"]
+    assert sorted(int(p["step"]) for p in points) == [0, 1, 2, 3, 4], "a round is missing or sent twice"
+    assert {int(p["step"]): p["value"] for p in points if int(p["step"]) > 0} == {r["round"]: r["accuracy"] for r in rounds}

@@ -115,16 +115,15 @@ class MlflowRun:
         from mlflow.entities import Metric
 
         rounds = read_rounds(self.folder)
-        initial = initial_figures(self.folder)
-        points: list[Metric] = []
-        if rounds_sent == 0 and initial:
-            for key, value in initial.items():
-                points.append(Metric(key, value, epoch_ms(None), 0))
+        initial = {} if self.progress.get().get("initial_sent") else initial_figures(self.folder)
+        points = [Metric(key, value, epoch_ms(None), 0) for key, value in initial.items()]
         for record in rounds[rounds_sent:]:
             stamp = epoch_ms(record.get("ended_at"))
             points.extend(Metric(key, value, stamp, record["round"]) for key, value in round_figures(record).items())
         for start in range(0, len(points), BATCH):
             self.client.log_batch(run_id, metrics=points[start : start + BATCH])
+        if initial:
+            self.progress.update(initial_sent=True)
         if rounds[rounds_sent:] and not self.progress.get().get("num_partitions_sent"):
             partitions = rounds[-1].get("num_partitions")
             if partitions:

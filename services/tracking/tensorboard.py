@@ -32,16 +32,19 @@ class TensorBoardLog:
         return f"TensorBoard files in {self.folder / FOLDER}"
 
     def sync(self, final: bool = False) -> int:
-        written = self.progress.get().get("rounds_written", 0)
+        state = self.progress.get()
+        written = state.get("rounds_written", 0)
         rounds = read_rounds(self.folder)
-        if written == 0:
-            for key, value in initial_figures(self.folder).items():
-                self.writer.add_scalar(key, value, global_step=0)
+        initial = {} if state.get("initial_written") else initial_figures(self.folder)
+        for key, value in initial.items():
+            self.writer.add_scalar(key, value, global_step=0)
         for record in rounds[written:]:
             walltime = epoch_ms(record.get("ended_at")) / 1000
             for key, value in round_figures(record).items():
                 self.writer.add_scalar(key.replace(".", "/"), value, global_step=record["round"], walltime=walltime)
         self.writer.flush()
+        if initial:
+            self.progress.update(initial_written=True)
         if len(rounds) != written:
             self.progress.update(rounds_written=len(rounds))
         if final:
