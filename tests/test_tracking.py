@@ -61,10 +61,10 @@ def mlflow_server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def recorded(mlflow_server, tmp_path_factory):
-    """A 3-client, 3-round federation with MLFLOW_TRACKING_URI set."""
+    """A 3-client, 3-round federation with MLFLOW_TRACKING_URI set and the memory monitor on."""
     results = tmp_path_factory.mktemp("results")
     done = subprocess.run(
-        federation(results, "tracked", tmp_path_factory.getbasetemp() / "data", 3),
+        federation(results, "tracked", tmp_path_factory.getbasetemp() / "data", 3, "--monitor"),
         cwd=REPO, capture_output=True, text=True, timeout=420,
         env={**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": mlflow_server.uri, "FL_MLFLOW_EXPERIMENT": EXPERIMENT},
     )
@@ -97,6 +97,12 @@ def test_the_run_folders_files_are_mlflow_artifacts(mlflow_server, recorded):
     artifacts = mlflow_server.artifacts(run_id)
     assert {"summary.json", "metrics.jsonl", "state.json", "checkpoints", "tensorboard"} <= set(artifacts)
     assert mlflow_server.artifacts(run_id, "checkpoints") == ["checkpoints/round-0003.npz"]
+    # the memory monitor's, written after the server ended, sent by the monitor
+    assert {"memory.csv", "memory_summary.json", "report.html"} <= set(artifacts), artifacts
+    memory = json.loads((recorded / "memory_summary.json").read_text())
+    assert mlflow_server.history(run_id, "memory_residual_mib") == {r["round"]: r["residual_mib"] for r in memory["rounds"]}
+    tags = {t["key"]: t["value"] for t in mlflow_server.run_of(EXPERIMENT, "tracked")["data"]["tags"]}
+    assert tags["bouquet.memory_verdict"] == memory["verdict"]["text"]
 
 
 def test_tensorboard_event_files_in_the_run_folder_hold_every_round(recorded):
@@ -132,6 +138,7 @@ def test_sending_again_adds_nothing_and_a_lost_run_id_finds_the_same_mlflow_run(
 
 def test_sending_without_a_tracking_uri_is_a_bad_setting(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    (tmp_path / "metrics.jsonl").write_text("")  # a run folder never sent to MLflow
     done = subprocess.run([PYTHON, "-m", "services.tracking", str(tmp_path)], cwd=REPO, capture_output=True, text=True, env={**env, "PYTHONPATH": str(REPO)})
     assert done.returncode == 2 and "MLFLOW_TRACKING_URI" in done.stderr
 

@@ -79,8 +79,11 @@ class MlflowRun:
         if not state.get("params_sent"):
             self._send_params(run_id)
         sent = self._send_rounds(run_id, state.get("rounds_sent", 0))
-        if final and (self.folder / "summary.json").exists() and not self.finished():
-            self._send_end(run_id)
+        if final and (self.folder / "summary.json").exists():
+            if not self.finished():
+                self._send_end(run_id)
+            if (self.folder / "memory_summary.json").exists():
+                self.send_monitor_records()
         return sent
 
     # -- the steps -----------------------------------------------------------------------------
@@ -136,33 +139,52 @@ class MlflowRun:
         return len(rounds) - rounds_sent
 
     def _send_end(self, run_id: str) -> None:
-        """The summary's status and verdict, the monitor's memory per round, the artifacts."""
-        from mlflow.entities import Metric, RunStatus, RunTag
+        """The summary's status, the run folder's files as artifacts, the run's MLflow status."""
+        from mlflow.entities import RunTag
 
         summary = json.loads((self.folder / "summary.json").read_text())
         tags = [RunTag("bouquet.status", str(summary.get("status"))), RunTag("bouquet.rounds_completed", str(summary.get("rounds_completed")))]
-        points: list[Metric] = []
+        self.client.log_batch(run_id, tags=tags)
+        self._send_files(run_id)
+        self.client.set_terminated(run_id, status=STATUS.get(summary.get("status"), "FAILED"))
+        self.progress.update(ended=summary.get("ended_at"))
+
+    def send_monitor_records(self) -> None:
+        """What the memory monitor writes after the server ended: its verdict, the memory held
+        after each round, memory.csv and report.html (called by the monitor when it is done)."""
+        from mlflow.entities import Metric, RunTag
+
+        run_id = self.progress.get()["run_id"]
         memory = self._memory_summary()
-        if memory:
+        if memory and not self.progress.get().get("memory_sent"):
             verdict = memory.get("verdict") or {}
-            tags.append(RunTag("bouquet.memory_verdict", str(verdict.get("text"))))
-            if verdict.get("ok") is not None:
-                points.append(Metric("memory_verdict_ok", float(verdict["ok"]), epoch_ms(None), 0))
+            points = [Metric("memory_verdict_ok", float(verdict["ok"]), epoch_ms(None), 0)] if verdict.get("ok") is not None else []
             by_round = {r["round"]: r for r in read_rounds(self.folder)}
             for entry in memory.get("rounds", []):
                 stamp = epoch_ms(by_round.get(entry.get("round"), {}).get("ended_at"))
                 points.extend(Metric(k, v, stamp, entry["round"]) for k, v in round_figures({}, entry).items())
-        self.client.log_batch(run_id, metrics=points, tags=tags)
-        for name in ARTIFACT_FILES:
-            if (self.folder / name).exists():
-                self.client.log_artifact(run_id, str(self.folder / name))
+            for start in range(0, len(points), BATCH):
+                self.client.log_batch(run_id, metrics=points[start : start + BATCH])
+            self.client.log_batch(run_id, tags=[RunTag("bouquet.memory_verdict", str(verdict.get("text")))])
+            self.progress.update(memory_sent=True)
+        self._send_files(run_id)
+
+    def _send_files(self, run_id: str) -> None:
+        """The run folder's files that were not sent yet, or changed since (by size and time)."""
+        sent = self.progress.get().get("artifacts", {})
         checkpoints = sorted((self.folder / "checkpoints").glob("round-*.npz"))
-        if checkpoints:
-            self.client.log_artifact(run_id, str(checkpoints[-1]), artifact_path="checkpoints")
+        files = [(self.folder / name, None) for name in ARTIFACT_FILES] + [(checkpoint, "checkpoints") for checkpoint in checkpoints[-1:]]
+        for path, under in files:
+            if not path.exists():
+                continue
+            stat = path.stat()
+            key, version = str(path.relative_to(self.folder)), [stat.st_size, stat.st_mtime_ns]
+            if sent.get(key) != version:
+                self.client.log_artifact(run_id, str(path), artifact_path=under)
+                sent[key] = version
+                self.progress.update(artifacts=sent)
         if (self.folder / "tensorboard").is_dir():
             self.client.log_artifacts(run_id, str(self.folder / "tensorboard"), artifact_path="tensorboard")
-        self.client.set_terminated(run_id, status=STATUS.get(summary.get("status"), "FAILED"))
-        self.progress.update(ended=summary.get("ended_at"))
 
     def _memory_summary(self) -> dict[str, Any] | None:
         try:
@@ -178,3 +200,14 @@ class MlflowRun:
             return False
         return self.progress.get().get("ended") == ended
 
+
+def send_later(folder: Path, experiment: str | None = None, uri: str | None = None) -> MlflowRun | None:
+    """The run folder's MLflow run, for sending after the server: the tracking server and
+    experiment it was recorded with (tracking.json), else MLFLOW_TRACKING_URI and the given
+    experiment. None when neither names a tracking server."""
+    recorded = Progress(folder, MlflowRun.name).get()
+    uri = uri or recorded.get("uri") or tracking_uri()
+    if not uri:
+        return None
+    params = Progress(folder, "run").get().get("params", {})
+    return MlflowRun(folder, experiment or params.get("mlflow_experiment") or "bouquet", uri)
