@@ -59,15 +59,23 @@ def test_run_params_carry_settings_task_hash_engine_and_versions():
     assert params["version.flwr"] == "1.42.0" and params["version.torch"] == "2.15.0"  # requirements.lock's pins
 
 
-def test_the_trackers_import_neither_torch_nor_the_mlflow_client_into_the_server():
-    """The server imports services.tracking.run at start; torch never, MLflow's client only in
-    its sender's thread."""
+def test_the_trackers_keep_torch_out_of_the_server_and_import_mlflow_only_in_the_sender(tmp_path):
+    """The server imports services.tracking.run at start: no torch, no MLflow. Then TensorBoard's
+    writer (tensorboardX imports torch when it can) writes a round, and MLflow's client is
+    imported as the sender does: still no torch in the process."""
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"round": 1, "accuracy": 0.5, "trained": True}) + "\n")
     code = (
-        "import sys; from services.tracking.run import RunTracking; from services.tracking.figures import run_params; "
-        "run_params({}, {}, 'task'); print(sorted(m for m in ('torch', 'mlflow', 'tensorboardX') if m in sys.modules))"
+        "import sys; from services.tracking.run import RunTracking; from services.tracking.figures import run_params\n"
+        "print(sorted(m for m in ('torch', 'mlflow', 'tensorboardX') if m in sys.modules))\n"
+        "from services.tracking.tensorboard import TensorBoardLog, import_writer\n"
+        f"import_writer(); log = TensorBoardLog({str(tmp_path)!r}); log.sync(final=True)\n"
+        "from mlflow.tracking import MlflowClient\n"
+        "print('torch' in sys.modules, log.finished())\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert out.stdout.strip() == "[]"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["[]", "False True"]
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
 
 
 def test_initial_figures_come_from_state_json(tmp_path):

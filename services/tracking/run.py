@@ -69,7 +69,9 @@ class RunTracking:
             self.senders.append(Sender("mlflow", lambda: MlflowRun(self.folder, mlflow_experiment, uri), resend_hint(self.folder)).start())
             log.info("recording the run in MLflow at %s, experiment %r (MLFLOW_TRACKING_URI), in the background", uri, mlflow_experiment)
         if tensorboard:
-            from services.tracking.tensorboard import TensorBoardLog
+            from services.tracking.tensorboard import TensorBoardLog, import_writer
+
+            import_writer()  # here, in the main thread: see import_writer
 
             self.senders.append(Sender("tensorboard", lambda: TensorBoardLog(self.folder), "the next start of this run writes it").start())
         self.gauges = gauges

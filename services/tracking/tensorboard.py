@@ -7,6 +7,7 @@ rounds written kept in tracking.json: a resumed run adds a new event file for it
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from services.files import read_rounds
@@ -17,12 +18,28 @@ from services.tracking.progress import Progress
 FOLDER = "tensorboard"
 
 
+def import_writer() -> type:
+    """tensorboardX's SummaryWriter, imported so that torch is not: tensorboardX imports torch
+    when it can (only to accept torch tensors, which Bouquet never gives it), and the server
+    process never imports torch. Call it from the main thread at start (``RunTracking`` does),
+    so that no other import of torch can run while it is kept out."""
+    if "tensorboardX.writer" in sys.modules or "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter
+    sys.modules["torch"] = None  # type: ignore[assignment]  # `import torch` raises ImportError meanwhile
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
+
+
 class TensorBoardLog:
     name = "tensorboard"
 
     def __init__(self, folder: Path) -> None:
-        from tensorboardX import SummaryWriter
-
+        SummaryWriter = import_writer()
         self.folder = Path(folder)
         self.progress = Progress(self.folder, self.name)
         self.writer = SummaryWriter(logdir=str(self.folder / FOLDER), flush_secs=5)
