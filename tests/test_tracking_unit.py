@@ -59,7 +59,7 @@ def test_run_params_carry_settings_task_hash_engine_and_versions():
     assert params["version.flwr"] == "1.42.0" and params["version.torch"] == "2.15.0"  # requirements.lock's pins
 
 
-def test_the_trackers_keep_torch_out_of_the_server_and_import_mlflow_only_in_the_sender(tmp_path):
+def test_the_trackers_keep_torch_out_of_the_server_and_mlflow_out_until_it_is_on(tmp_path):
     """The server imports services.tracking.run at start: no torch, no MLflow. Then TensorBoard's
     writer (tensorboardX imports torch when it can) writes a round, and MLflow's client is
     imported as the sender does: still no torch in the process."""

@@ -46,6 +46,13 @@ def epoch_ms(iso: str | None) -> int:
     return int(dt.datetime.fromisoformat(iso).timestamp() * 1000)
 
 
+def import_client() -> None:
+    """MLflow's client library (about a second of CPU to import): the server imports it at start,
+    before any round, so that the import never competes with a round."""
+    import mlflow.entities  # noqa: F401
+    from mlflow.tracking import MlflowClient  # noqa: F401
+
+
 class MlflowRun:
     """Sends one run folder to one MLflow experiment."""
 
@@ -54,7 +61,7 @@ class MlflowRun:
     def __init__(self, folder: Path, experiment: str, uri: str | None = None) -> None:
         for key, value in CLIENT_DEFAULTS.items():
             os.environ.setdefault(key, value)
-        from mlflow.tracking import MlflowClient  # imported in the sender's thread, not at the server's start
+        from mlflow.tracking import MlflowClient
 
         self.folder = Path(folder)
         self.experiment = experiment

@@ -64,7 +64,9 @@ class RunTracking:
             log.info("MLflow at %s: its host does not resolve, so no MLflow for this run (FL_MLFLOW_OPTIONAL: compose's tracking profile is off)", uri)
             uri = None
         if uri:
-            from services.tracking.mlflow_run import MlflowRun
+            from services.tracking.mlflow_run import MlflowRun, import_client
+
+            import_client()  # ~1 s of CPU, here at start rather than in the sender during the first rounds
 
             self.senders.append(Sender("mlflow", lambda: MlflowRun(self.folder, mlflow_experiment, uri), resend_hint(self.folder)).start())
             log.info("recording the run in MLflow at %s, experiment %r (MLFLOW_TRACKING_URI), in the background", uri, mlflow_experiment)

@@ -32,7 +32,7 @@ class Tracker(Protocol):
 
 
 class Sender:
-    """Runs ``make()`` (the tracker, built in the thread: importing its client library is slow)
+    """Runs ``make()`` (the tracker, built in the thread: its first requests may hang on a slow server)
     and its ``sync`` in a daemon thread."""
 
     def __init__(self, name: str, make: Callable[[], Tracker], resend_hint: str) -> None:
