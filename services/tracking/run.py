@@ -87,9 +87,10 @@ class RunTracking:
             sender.poke()
 
     def finish(self) -> None:
-        """After summary.json: each sender gets what is left of the flush timeout."""
+        """After summary.json: TensorBoard first (its files are local, and MLflow takes them as
+        artifacts), then MLflow with what is left of the flush timeout."""
         deadline = time.monotonic() + self.flush_timeout
-        for sender in self.senders:  # TensorBoard's files are local: it always gets a few seconds
+        for sender in sorted(self.senders, key=lambda sender: sender.name != "tensorboard"):
             left = deadline - time.monotonic()
             sender.finish(max(left, LOCAL_FLUSH_S) if sender.name == "tensorboard" else max(left, 0.0))
         if self.gauges is not None:
