@@ -87,6 +87,8 @@ class MlflowServer:
             [self.executable, "server", "--backend-store-uri", f"sqlite:///{self.folder / 'mlflow.db'}",
              "--artifacts-destination", str(self.folder / "artifacts"), "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            # no GenAI job consumers (seven huey processes that Bouquet's runs never use)
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
         )
         log.close()
         wait_for(self._healthy, START_TIMEOUT_S, f"mlflow server on {self.uri} (log {log.name})")
@@ -102,13 +104,20 @@ class MlflowServer:
             return False
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
+        """The server and every process it started (its own session): none outlives it."""
+        if self.process is None:
+            return
+        if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGTERM)
             try:
                 self.process.wait(30)
             except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(10)
+                pass
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)  # workers that outlived the server
+        except ProcessLookupError:
+            pass
+        self.process.wait(10)
 
     # -- MLflow's REST API, as any user's tool would read it --------------------------------------
 

@@ -13,7 +13,8 @@ fi
     || "$pg/createdb" -h /tmp -U mlflow mlflow
 stop() { kill -TERM "$mlflow" 2>/dev/null; wait "$mlflow" 2>/dev/null; "$pg/pg_ctl" -D "$data" -m fast stop >/dev/null; exit 0; }
 trap stop TERM INT
-/opt/mlflow/venv/bin/mlflow server \
+# no GenAI job consumers (seven huey processes that Bouquet's runs never use)
+MLFLOW_SERVER_ENABLE_JOB_EXECUTION=${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false} /opt/mlflow/venv/bin/mlflow server \
     --backend-store-uri "postgresql+psycopg2://mlflow@/mlflow?host=/tmp" \
     --artifacts-destination /mlflow/artifacts \
     --host 0.0.0.0 --port 5000 --workers 2 \

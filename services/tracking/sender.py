@@ -2,7 +2,7 @@
 
 The server only pokes it when a round was recorded (a set Event: no I/O, no lock held). The
 thread then calls the tracker's ``sync``, which reads the run folder and sends what was not
-sent. A failure is logged once, then retried with backoff (while the tracker stays down, the
+sent, at most once every MIN_INTERVAL_S seconds. A failure is logged once, then retried with backoff (while the tracker stays down, the
 rounds pile up in the run folder, not in memory); when it answers again, everything missed goes
 at once and that is logged too. At the end ``finish`` gives it a bounded time for the rest.
 """
@@ -18,6 +18,9 @@ log = logging.getLogger("bouquet.tracking")
 
 RETRY_FIRST_S = 1.0
 RETRY_MAX_S = 30.0
+# At most one send per this many seconds: fast rounds (a second or less) are sent a few at a time,
+# so a tracker costs a round almost nothing however short rounds are; a tracker lags by this much.
+MIN_INTERVAL_S = 5.0
 
 
 class Tracker(Protocol):
@@ -35,8 +38,9 @@ class Sender:
     """Runs ``make()`` (the tracker, built in the thread: its first requests may hang on a slow server)
     and its ``sync`` in a daemon thread."""
 
-    def __init__(self, name: str, make: Callable[[], Tracker], resend_hint: str) -> None:
+    def __init__(self, name: str, make: Callable[[], Tracker], resend_hint: str, min_interval: float = MIN_INTERVAL_S) -> None:
         self.name = name
+        self.min_interval = min_interval
         self._make = make
         self._hint = resend_hint
         self._wake = threading.Event()
@@ -92,6 +96,7 @@ class Sender:
                 if final:
                     self.complete = tracker.finished()
                     return
+                self._stop.wait(self.min_interval)  # rounds recorded meanwhile go in the next send
                 self._wake.wait()
                 self._wake.clear()
         finally:
