@@ -43,7 +43,7 @@ from services.settings import (
 )
 from services.taskspec import Placement, TaskSpec, check_model_fits
 from services.monitor.processes import is_worker_process
-from services.monitor.trees import TreeSampler, gpu_name
+from benchmarks.trees import TreeSampler, gpu_name
 
 REPO = Path(__file__).resolve().parent.parent
 PROGRAM = "bench.py"

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from benchmarks import deployment_config, processes
-from services.client.connect import free_port, wait_until_listening
+from services.net import free_port, wait_until_listening
 from services.files import read_json_lines, tail
 from services.taskspec import Placement, TaskSpec
 

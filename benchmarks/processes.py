@@ -1,5 +1,5 @@
 """Start and stop the benchmark's background processes, each with its own log file. Ports and
-waiting for a process to listen: services.client.connect (free_port, wait_until_listening);
+waiting for a process to listen: services.net (free_port, wait_until_listening);
 the end of a log: services.files.tail."""
 
 from __future__ import annotations

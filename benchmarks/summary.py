@@ -12,7 +12,7 @@ from __future__ import annotations
 import statistics
 from typing import Any, Iterable
 
-from services.monitor.trees import Sample
+from benchmarks.trees import Sample
 
 MIB = 2**20
 

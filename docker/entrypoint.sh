@@ -20,6 +20,16 @@ if [ "$(id -u)" != 0 ]; then
     exec "$@"
 fi
 
+# copy_tls FROM TO UID GID: the TLS files present in FROM, owned by UID:GID and private to it.
+copy_tls() {
+    for name in ca.crt server.crt server.key; do
+        if [ -e "$1/$name" ]; then
+            install -m 0600 -o "$3" -g "$4" "$1/$name" "$2/$name" || return 1
+        fi
+    done
+    chown "$3:$4" "$2"
+}
+
 results=${FL_RESULTS_DIR:-/results}
 mkdir -p "$results"
 uid=$(stat -c %u "$results")
@@ -36,6 +46,21 @@ else
     export HOME=/tmp  # a host uid has no home in the image
 fi
 echo "bouquet-entrypoint: running as uid $uid gid $gid (owner of $results)" >&2
+
+# TLS (FL_TLS_DIR; compose mounts the host folder read-only at /tls). The server must read
+# server.key, which scripts/make_certs.py (like any careful operator) leaves readable by its
+# owner only, and that owner need not be the uid stepped down to: certificates made as root
+# (CI, sudo), or by another user than the owner of ./results. Root reads the files here and
+# gives that uid a private copy (0600 in a 0700 folder), so the host folder's owner and modes
+# never matter. A file root cannot read either is not copied around: the program then names it.
+if [ -n "${FL_TLS_DIR:-}" ] && [ -d "$FL_TLS_DIR" ]; then
+    copy=/run/bouquet-tls
+    if rm -rf "$copy" && mkdir -m 0700 "$copy" && copy_tls "$FL_TLS_DIR" "$copy" "$uid" "$gid"; then
+        export BOUQUET_TLS_SOURCE="$FL_TLS_DIR" FL_TLS_DIR="$copy"
+    else
+        rm -rf "$copy"
+    fi
+fi
 if [ -n "${BOUQUET_AMBIENT_CAPS:-}" ]; then
     keep=+$(echo "$BOUQUET_AMBIENT_CAPS" | sed 's/,/,+/g')
     exec setpriv --reuid="$uid" --regid="$gid" --groups="$(id -g bouquet)" --inh-caps="$keep" --ambient-caps="$keep" -- "$@"

@@ -198,9 +198,9 @@ esac
 [ -z "$tag" ] || tags=("$tag")
 for image in server client; do
     first="bouquet/$image:${tags[0]}"
-    say "docker build $first (Dockerfile.$image, torch from the wheelhouse: PyPI's build)"
+    say "docker build $first (Dockerfile, target $image; torch from the wheelhouse: PyPI's build)"
     docker build --network host \
-        --file "$repo/Dockerfile.$image" \
+        --file "$repo/Dockerfile" --target "$image" \
         --build-arg BASE_IMAGE="$base_image" \
         --build-arg TORCH_FLAVOUR=gpu \
         --build-arg PIP_INSTALL_OPTS="$pip_opts" \
@@ -218,3 +218,8 @@ docker image prune --force --filter "label=$vendor_label" >/dev/null
 say "done:"
 # (filter in docker, indent with sed: the CLI strips a --format's leading spaces)
 docker image ls --filter 'reference=bouquet/*' --format '{{.Repository}}:{{.Tag}}  {{.ID}}  {{.Size}}' | sed 's/^/  /'
+if [ "$flavour" = cpu ] && [ -z "$tag" ]; then
+    # .env's COMPOSE_FILE lists the GPU overlay, whose bouquet/*:gpu tags this run did not make: without
+    # the switch, `up` fails with "No such image: bouquet/server:gpu" or a registry error (docs/containers.md)
+    say "to run these cpu images: export COMPOSE_FILE=docker-compose.yml (the CPU switch), then docker compose up --no-build"
+fi

@@ -8,11 +8,11 @@ so a half-written entry is never read.
 
 from __future__ import annotations
 
-import fcntl
 from pathlib import Path
 from typing import Callable
 
 from services.files import replaced_atomically
+from services.locks import exclusively
 
 
 def build_once(target: Path, build: Callable[[Path], None]) -> Path:
@@ -21,15 +21,10 @@ def build_once(target: Path, build: Callable[[Path], None]) -> Path:
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    lock_path = target.with_name(f".{target.name}.lock")
-    with open(lock_path, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            if target.exists():
-                return target
-            with replaced_atomically(target, unique=True) as scratch:
-                build(scratch)
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    with exclusively(target.with_name(f".{target.name}.lock")):
+        if target.exists():
+            return target
+        with replaced_atomically(target, unique=True) as scratch:
+            build(scratch)
     return target
 

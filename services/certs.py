@@ -44,7 +44,10 @@ def make_certificates(out: Path, dns_names: list[str], ip_addresses: list[str], 
     if not dns_names and not ip_addresses:
         raise ValueError("the server certificate needs at least one DNS name or IP address")
     addresses = [ipaddress.ip_address(raw) for raw in ip_addresses]  # ValueError names a bad one
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    if created:  # the replicas (another uid) read ca.crt in it, whatever the user's umask
+        out.chmod(0o755)
     existing = [name for name in FILES if (out / name).exists()]
     if existing:
         raise FileExistsError(f"{out} already holds {', '.join(existing)}; choose another folder or remove them first")
@@ -89,12 +92,13 @@ def make_certificates(out: Path, dns_names: list[str], ip_addresses: list[str], 
         CA_FILE: (ca_certificate.public_bytes(serialization.Encoding.PEM), 0o644),
         CA_KEY_FILE: (_pem_key(ca_key), 0o600),
         SERVER_CERT_FILE: (server_certificate.public_bytes(serialization.Encoding.PEM), 0o644),
-        SERVER_KEY_FILE: (_pem_key(server_key), 0o600),  # readable by its owner only: run the server as that user
+        SERVER_KEY_FILE: (_pem_key(server_key), 0o600),  # its owner only; in compose the entrypoint hands the server a copy
     }
     written = []
     for name, (data, mode) in contents.items():
         path = out / name
         descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        os.fchmod(descriptor, mode)  # exactly this mode: open()'s is narrowed by the umask (077: ca.crt unreadable)
         with os.fdopen(descriptor, "wb") as handle:
             handle.write(data)
         written.append(path)

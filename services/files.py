@@ -60,9 +60,12 @@ def atomic_write(target: Path, mode: str = "w", **open_args: Any) -> Iterator[IO
 
 
 def json_safe(value: Any) -> Any:
-    """``value`` with NaN and infinity as None (JSON has neither) and numpy scalars as Python's."""
+    """``value`` with NaN and infinity as None (JSON has neither), numpy scalars as Python's and
+    bytes (a Flower metric may be bytes) as hex text, so no client's metric can break a record."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
+    if isinstance(value, bytes):
+        return value.hex()
     if isinstance(value, dict):
         return {key: json_safe(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):

@@ -32,12 +32,14 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from services import joining
 from services import settings as settings_module
 from services.certs import make_certificates
-from services.client.connect import free_port, wait_until_listening
+from services.lifetime import die_with_parent
+from services.net import free_port, wait_until_listening
 from services.files import read_rounds, tail
 from services.server.results import new_run_id
-from services.settings import ClientSettings, LocalSettings, ServerSettings, boolean, positive_int, reuse, setting
+from services.settings import ClientSettings, JoinSettings, LocalSettings, ServerSettings, boolean, positive_int, reuse, setting
 
 # The server, clients and monitor run from the folder that holds the package (the repository,
 # where scripts/bootstrap.sh installs it in editable mode).
@@ -107,12 +109,20 @@ def throwaway_certificates() -> Path:
     return folder
 
 
+def join_token_file(token: str | None) -> Path:
+    """The run's join token (--join-token, else a new one) in a private temporary folder, passed
+    to the server and the clients as FL_JOIN_TOKEN_FILE: never on a command line (`ps` shows
+    those to every user) nor in the logs; deleted at the end."""
+    folder = Path(tempfile.mkdtemp(prefix="bouquet-join-"))  # mode 0700
+    path = folder / "join-token"
+    path.write_text((token or joining.new_token()) + "\n")
+    path.chmod(0o600)
+    return path
+
+
 def _die_with_launcher() -> None:
     """In each child before exec: get SIGTERM if the launcher dies, even by SIGKILL (Linux)."""
-    import ctypes
-
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    die_with_parent(signal.SIGTERM)
 
 
 class Federation:
@@ -122,6 +132,7 @@ class Federation:
         self.run_path = Path(values.results_dir) / self.run_id
         self.log_dir = Path(values.results_dir) / f".{self.run_id}.logs"  # moved into the run folder at the end
         self.processes: dict[str, tuple[subprocess.Popen, Path]] = {}
+        self.join_env: dict[str, str] = {}  # FL_JOIN_TOKEN_FILE for the server and every client (main sets it)
 
     def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
         log_path = self.log_dir / f"{name}.log"
@@ -131,7 +142,8 @@ class Federation:
             cwd=REPO,
             stdout=log_file,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+            # FL_JOIN_TOKEN stays out: the run's token reaches the processes as FL_JOIN_TOKEN_FILE.
+            env={**{key: value for key, value in os.environ.items() if key != "FL_JOIN_TOKEN"}, "PYTHONUNBUFFERED": "1", **(env or {})},
             start_new_session=True,  # Ctrl-C reaches the launcher only; it stops the others in order
             preexec_fn=_die_with_launcher,
         )
@@ -141,8 +153,9 @@ class Federation:
     def run(self) -> int:
         v = self.values
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        server_names = [s.name for s in settings_module.declared(ServerSettings)]
-        self.start("server", ["-m", "services.server", *settings_module.as_flags(v, server_names)])
+        joins = {s.name for s in settings_module.declared(JoinSettings)}  # the token goes as a file, in the environment
+        server_names = [s.name for s in settings_module.declared(ServerSettings) if s.name not in joins]
+        self.start("server", ["-m", "services.server", *settings_module.as_flags(v, server_names)], self.join_env)
         host_port = v.listen_address.replace("0.0.0.0", "127.0.0.1").replace("[::]", "127.0.0.1")
         try:
             wait_until_listening(host_port, self.processes["server"][0], 120, "server")
@@ -153,7 +166,7 @@ class Federation:
         client_names = [s.name for s in settings_module.declared(LocalSettings)] + ["connect_timeout"]
         client_flags = ["--server-address", host_port, *settings_module.as_flags(v, client_names)]
         for index in range(v.clients):
-            self.start(f"client-{index}", ["-m", "services.client", *client_flags], {"FL_CLIENT_ID": f"client-{index}"})
+            self.start(f"client-{index}", ["-m", "services.client", *client_flags], {"FL_CLIENT_ID": f"client-{index}", **self.join_env})
         return self._follow()
 
     def _follow(self) -> int:
@@ -232,12 +245,47 @@ class Federation:
         return 130
 
 
+MAX_LISTED_PARTITIONS = 5
+
+
+def missed_rounds_lines(result: dict[str, Any]) -> list[str]:
+    """One line per partition that missed rounds (summary.json's rounds_missed_by_partition),
+    the first few of them: a run can complete while a partition trained 2 of 6 rounds."""
+    missed = result.get("rounds_missed_by_partition") or {}
+    asked = result.get("rounds_recorded") or result.get("rounds_requested")
+    lines = []
+    for partition, counts in list(missed.items())[:MAX_LISTED_PARTITIONS]:
+        why = ", ".join(f"{reason.replace('_', ' ')} {count}" for reason, count in counts.items() if reason != "missed")
+        lines.append(f"partition {partition} missed {counts['missed']} of {asked} rounds ({why})")
+    if len(missed) > MAX_LISTED_PARTITIONS:
+        lines.append(f"... and {len(missed) - MAX_LISTED_PARTITIONS} more: summary.json rounds_missed_by_partition")
+    return lines
+
+
+def final_line(result: dict[str, Any], seconds: float) -> str:
+    """The launcher's last line before the run folder: short enough for an 80-column terminal,
+    accuracy rounded, and the partitions that missed rounds counted (a completed run may have some)."""
+    accuracy = result.get("final_accuracy")
+    parts = [
+        f"{result['status']}: {result['rounds_completed']}/{result['rounds_requested']} rounds",
+        f"accuracy {accuracy:.4f}" if isinstance(accuracy, (int, float)) else "no accuracy",
+        f"{seconds:.1f} s",
+    ]
+    missed = len(result.get("rounds_missed_by_partition") or {})
+    if missed:
+        parts.insert(1, f"{missed} partition{'s' if missed > 1 else ''} missed rounds")
+    return ", ".join(parts)
+
+
 def main(argv: list[str] | None = None) -> int:
     values = parse(argv)
     certificates = throwaway_certificates() if values.tls else None
     if certificates is not None:
         values = dataclasses.replace(values, tls_dir=str(certificates))
+    token = join_token_file(values.join_token)
+    values = dataclasses.replace(values, join_token=None, join_token_file=None)
     federation = Federation(values)
+    federation.join_env = {"FL_JOIN_TOKEN_FILE": str(token)}
     started = time.monotonic()
     try:
         code = federation.run()
@@ -246,14 +294,13 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if certificates is not None:
             shutil.rmtree(certificates, ignore_errors=True)
+        shutil.rmtree(token.parent, ignore_errors=True)
     federation._collect_logs()
     summary = federation.run_path / "summary.json"
     if summary.exists():
         result = json.loads(summary.read_text())
-        console.print(
-            f"run {result['run_id']}: {result['status']}, {result['rounds_completed']}/{result['rounds_requested']} rounds, "
-            f"final accuracy {result['final_accuracy']}, {time.monotonic() - started:.1f} s"
-        )
+        for line in (*missed_rounds_lines(result), final_line(result, time.monotonic() - started)):
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
     print(federation.run_path if federation.run_path.exists() else "(no run folder was created)")
     return code
 

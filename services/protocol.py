@@ -12,10 +12,20 @@ SERVER_ROUND = "server_round"
 PARTITION_ID = "partition_id"
 NUM_PARTITIONS = "num_partitions"
 PROXIMAL_MU = "proximal_mu"  # what Flower's FedProx puts in each round's fit config
+JOIN_NONCE = "join-nonce"  # get_properties config: the server's challenge (services.joining)
+JOIN_PROOF = "join-proof"  # get_properties answer: HMAC of the nonce and identity under the join token
+JOIN_REFUSED = "join-refused"  # get_properties config: the server refuses this connection, and why
+SLOT_WAIT_TIMEOUT = "slot_wait_timeout"  # seconds a job may wait for its worker slot this round (services.budget)
 
 
-def encode_failure(cause: str, **details: Any) -> str:
-    return json.dumps({"cause": cause, **details}, sort_keys=True)
+TRACEBACK_CHARS = 4000  # the end of a worker's traceback that travels with its failure (the frames nearest the error)
+
+
+def encode_failure(cause: str, kind: str, traceback: str = "", **details: Any) -> str:
+    """A failed job as the client reports it: ``kind`` (services.failures.Kind's value) and ``cause``
+    always, the end of the traceback when there is one, and whatever ``details`` (pids)."""
+    trace = {"traceback": traceback[-TRACEBACK_CHARS:]} if traceback else {}
+    return json.dumps({"cause": cause, "kind": kind, **trace, **details}, sort_keys=True)
 
 
 def decode_failure(message: str) -> dict[str, Any]:

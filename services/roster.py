@@ -15,13 +15,13 @@ data dir); on other hosts the join grace alone decides.
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import logging
 import os
 import re
 import time
 from pathlib import Path
+
+from services.locks import open_lock_file, try_lock
 
 log = logging.getLogger("bouquet")
 
@@ -64,10 +64,8 @@ def announce(data_dir: str | Path, identity: str) -> Announcement | None:
     try:
         entries.mkdir(parents=True, exist_ok=True)
         for _ in range(LOCK_ATTEMPTS):
-            handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o664)
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:  # the server checking a stale entry, or a live twin (below)
+            handle = open_lock_file(path)
+            if not try_lock(handle):  # the server checking a stale entry, or a live twin (below)
                 os.close(handle)
                 time.sleep(LOCK_RETRY_S)
                 continue
@@ -98,10 +96,12 @@ def live(data_dir: str | Path) -> set[str]:
         except OSError:  # removed since the listing, or not ours to read
             continue
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as error:
-            if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                alive.add(name)
+            taken = try_lock(handle)
+        except OSError:  # not lockable: neither counted nor removed
+            os.close(handle)
+            continue
+        if not taken:
+            alive.add(name)
             os.close(handle)
             continue
         try:

@@ -42,7 +42,9 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Mapping, Sequence, TypeVar
 
-from services.admission.slots import MAX_SLOTS
+from services.net import split_address
+
+MAX_SLOTS = 64  # per device (FL_WORKER_SLOTS at most): the lock files services.admission.slots keeps per device
 
 EXIT_BAD_SETTING = 2
 
@@ -145,25 +147,9 @@ def choice(*allowed: str) -> Callable[[str], str]:
     return parse
 
 
-_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?$")
-
-
 def address(raw: str) -> str:
-    """host:port, [ipv6]:port; the host is an IP address or a DNS name."""
-    allowed = "must be HOST:PORT (e.g. 0.0.0.0:8080, server:8080, [::]:8080) with PORT in 1-65535"
-    match = re.fullmatch(r"\[(?P<v6>[0-9A-Fa-f:.]+)\]:(?P<port>\d+)|(?P<host>[^:\[\]]+):(?P<port2>\d+)", raw)
-    if not match:
-        raise ValueError(allowed)
-    port = int(match.group("port") or match.group("port2"))
-    if not 1 <= port <= 65535:
-        raise ValueError(allowed)
-    if match.group("v6"):
-        try:
-            ipaddress.IPv6Address(match.group("v6"))
-        except ValueError:
-            raise ValueError(allowed) from None
-    elif not _HOSTNAME.match(match.group("host")):
-        raise ValueError(allowed)
+    """host:port, [ipv6]:port; the host is an IP address or a DNS name (services.net parses it)."""
+    split_address(raw)
     return raw
 
 
@@ -221,6 +207,21 @@ def key_values(raw: str) -> dict[str, str]:
             raise ValueError(f"must be key=value pairs separated by commas (e.g. proximal_mu=0.1), not {item!r}")
         out[key.strip()] = value.strip()
     return out
+
+
+def secret(raw: str) -> str:
+    """A shared secret (the join token): long enough not to be guessed; never shown back
+    (``as_dict`` writes it as "(set)")."""
+    if len(raw.strip()) < 16 or raw != raw.strip():
+        raise ValueError("must be at least 16 characters without surrounding whitespace (e.g. python -c 'import secrets; print(secrets.token_hex(32))'); value not shown")
+    return raw
+
+
+optional_secret = optional(secret)
+
+
+def is_secret(item: "Setting") -> bool:
+    return item.parse in (secret, optional_secret)
 
 
 def port(raw: str) -> int:
@@ -349,7 +350,12 @@ def as_flags(values: Any, names: Sequence[str] | None = None) -> list[str]:
 
 
 def as_dict(values: Any) -> dict[str, Any]:
-    return {item.name: getattr(values, item.name) for item in declared(type(values))}
+    """The values as recorded (summary.json): a secret only as "(set)"."""
+    return {item.name: _shown(item, getattr(values, item.name)) for item in declared(type(values))}
+
+
+def _shown(item: Setting, value: Any) -> Any:
+    return "(set)" if is_secret(item) and value is not None else value
 
 
 def _report_and_exit(program: str, message: str) -> None:
@@ -393,7 +399,8 @@ def _value(item: Setting, from_flag: Any, environ: Mapping[str, str] | None, pro
             values.append(item.parse(text))
         except ValueError as allowed:
             where = "" if environ is None else f" (from {source})"
-            _report_and_exit(program, f"{label} = {text!r}{where}: {allowed}")
+            shown = "(hidden)" if is_secret(item) else repr(text)
+            _report_and_exit(program, f"{label} = {shown}{where}: {allowed}")
     return values if item.repeat else values[0]
 
 
@@ -494,7 +501,15 @@ class LocalSettings:
 
 
 @dataclass(frozen=True, kw_only=True)
-class ServerSettings(TaskSettings, LocalSettings):
+class JoinSettings:
+    """Who may join: a secret the server and every client hold (services.joining)."""
+
+    join_token: str | None = setting(optional_secret, None, "secret a client must hold to join (the server checks it by challenge-response; it never travels); the same on the server and every client; unset on the server: any client that reaches the port may join")
+    join_token_file: str | None = setting(optional(path), None, "file holding the join token (first line), instead of --join-token: keeps it out of the environment that `docker inspect` shows (compose: written once per deployment into the secrets volume; Kubernetes: a Secret)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerSettings(TaskSettings, LocalSettings, JoinSettings):
     """``python -m services.server``."""
 
     listen_address: str = setting(address, "0.0.0.0:8080", "address the Flower gRPC server listens on")
@@ -510,6 +525,7 @@ class ServerSettings(TaskSettings, LocalSettings):
     strategy_args: dict[str, Any] = setting(key_values, {}, "the strategy's own hyper-parameters as key=value,... (e.g. proximal_mu=0.1 for fedprox), checked against its constructor")
     results_dir: str = setting(path, "results", "folder under which each run gets its own <run-id>/ folder")
     run_id: str | None = setting(optional(identifier), None, "name of this run's results folder (default: UTC timestamp + random suffix); with --resume auto an unfinished run of that name is continued, a completed one is never touched")
+    max_update_norm: float | None = setting(optional(positive_float), None, "largest L2 distance (over the model's floating-point arrays) a client's update may move the model; a farther update is clipped to it and recorded (unset: no bound)")
     resume: str = setting(choice("auto", "never"), "auto", "auto: continue an unfinished run (the one named by --run-id, else the newest in --results-dir with the same task settings) from its last checkpoint; never: always start a new run")
     mlflow_experiment: str = setting(experiment_name, "bouquet", "MLflow experiment each run is recorded in as one MLflow run, when MLflow's own MLFLOW_TRACKING_URI is set (unset: no MLflow)")
     mlflow_optional: bool = setting(boolean, False, "with MLFLOW_TRACKING_URI set: true records the run in MLflow only when the URI's host name resolves at start (compose sets it, so that its tracking profile turns MLflow on and off), false always records it")
@@ -519,7 +535,7 @@ class ServerSettings(TaskSettings, LocalSettings):
 
 
 @dataclass(frozen=True, kw_only=True)
-class ClientSettings(LocalSettings):
+class ClientSettings(LocalSettings, JoinSettings):
     """``python -m services.client``: no training settings, the server sends them."""
 
     server_address: str = setting(address, "server:8080", "address of the Flower server")

@@ -2,7 +2,8 @@
 data, ``train`` or ``test``, and hand back plain values (numpy weights, counts, metrics).
 
 A task module is shaped like Flower's quickstart-pytorch ``task.py`` (README: "Bring your own
-task"): ``Net``, ``load_data(partition_id, num_partitions, batch_size)``, ``train(net,
+task"): ``Net``, ``load_data(partition_id, num_partitions[, batch_size])`` (with batch_size
+when it takes one, as in quickstart-pytorch; without, as in advanced-pytorch), ``train(net,
 trainloader, epochs, lr, device)``, ``test(net, testloader, device)`` and optionally
 ``load_centralized_dataset()`` and ``configure(**knobs)``. Bouquet's built-in task is one such
 module (``services.builtin_task``), so every task takes this one path.
@@ -33,13 +34,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from services.failures import is_out_of_memory
 from services.taskspec import Placement, TaskSpec
 
 BUILTIN = "services.builtin_task"
-REQUIRED = {  # function -> the positional arguments Bouquet calls it with
-    "load_data": ("partition_id", "num_partitions", "batch_size"),
-    "train": ("net", "trainloader", "epochs", "lr", "device"),
-    "test": ("net", "testloader", "device"),
+REQUIRED = {  # function -> the ways Bouquet may call it (positional arguments), the first that fits
+    "load_data": (("partition_id", "num_partitions", "batch_size"), ("partition_id", "num_partitions")),
+    "train": (("net", "trainloader", "epochs", "lr", "device"),),
+    "test": (("net", "testloader", "device"),),
 }
 
 
@@ -91,18 +93,11 @@ def inspect(task: str) -> dict[str, Any]:
     """Worker job run once by the server at start: everything that can be wrong with FL_TASK,
     found before any client trains. Returns what the server records and needs to know."""
     module = load(task)
-    for name, positional in REQUIRED.items():
-        function = getattr(module, name, None)
-        if not callable(function):
-            raise TaskError(f"defines no function {name}({', '.join(positional)})")
-        try:
-            introspect.signature(function).bind(*positional)
-        except TypeError as error:
-            raise TaskError(f"{name}{introspect.signature(function)} cannot be called as {name}({', '.join(positional)}): {error}") from None
-        except ValueError:  # a builtin without a signature: trust it
-            pass
+    problems = [problem for name, calls in REQUIRED.items() if (problem := _mismatch(module, name, calls))]
     if not callable(getattr(module, "Net", None)):
-        raise TaskError("defines no Net (the torch.nn.Module class, built with no arguments)")
+        problems.append("defines no Net (the torch.nn.Module class, built with no arguments)")
+    if problems:  # every one at once: a user fixes them in one go, not one per start
+        raise TaskError(problems[0] if len(problems) == 1 else f"{len(problems)} problems: " + "; ".join(f"({n}) {p}" for n, p in enumerate(problems, 1)))
     central = getattr(module, "load_centralized_dataset", None)
     return {
         "task": task,
@@ -112,6 +107,40 @@ def inspect(task: str) -> dict[str, Any]:
         "train_takes_proximal_mu": _accepts(module.train, "proximal_mu"),
         "has_configure": callable(getattr(module, "configure", None)),
     }
+
+
+def _shown(name: str, positional: tuple[str, ...]) -> str:
+    return f"{name}({', '.join(positional)})"
+
+
+def _mismatch(module: ModuleType, name: str, calls: tuple[tuple[str, ...], ...]) -> str | None:
+    """Why ``module.name`` cannot be called any of the ways in ``calls``, or None when it can."""
+    function = getattr(module, name, None)
+    if not callable(function):
+        return f"defines no function {' or '.join(_shown(name, call) for call in calls)}"
+    try:
+        signature = introspect.signature(function)
+    except ValueError:  # a builtin without a signature: trust it
+        return None
+    errors = []
+    for positional in calls:
+        try:
+            signature.bind(*positional)
+            return None
+        except TypeError as error:
+            errors.append(str(error))
+    return f"{name}{signature} cannot be called as {' or as '.join(_shown(name, call) for call in calls)}: {errors[0]}"
+
+
+def load_data_arguments(load_data: Any, partition_id: int, num_partitions: int, batch_size: int) -> tuple[Any, ...]:
+    """What this task's ``load_data`` is called with: the batch size too when it takes a third argument."""
+    try:
+        introspect.signature(load_data).bind(partition_id, num_partitions, batch_size)
+    except TypeError:
+        return (partition_id, num_partitions)
+    except ValueError:  # no signature to read: the documented shape
+        pass
+    return (partition_id, num_partitions, batch_size)
 
 
 def _accepts(function: Any, keyword: str) -> bool:
@@ -150,7 +179,7 @@ def _call(module: ModuleType, name: str, *args: Any, **kwargs: Any) -> Any:
     try:
         return getattr(module, name)(*args, **kwargs)
     except Exception as error:
-        if "out of memory" in str(error).lower():
+        if is_out_of_memory(error):  # the worker classifies it (and admission retries it), not a task error
             raise
         raise TaskError(f"{name} raised {_located(error, source_path(module))}") from error
 
@@ -213,7 +242,7 @@ def train(
     started = time.monotonic()
     module, device = _ready(spec, placement)
     torch.manual_seed(spec.seed * 100_003 + server_round * 1_009 + partition_id)  # the loaders' shuffles
-    trainloader, _ = _call(module, "load_data", partition_id, num_partitions, spec.batch_size)
+    trainloader, _ = _call(module, "load_data", *load_data_arguments(module.load_data, partition_id, num_partitions, spec.batch_size))
     net = _net(module, weights)
     extra = {"proximal_mu": proximal_mu} if proximal_mu is not None else {}
     loss = _call(module, "train", net, trainloader, spec.local_epochs, spec.learning_rate, device, **extra)
@@ -241,7 +270,7 @@ def evaluate(
         loader = _call(module, "load_centralized_dataset")
     else:
         torch.manual_seed(spec.seed * 100_003 + partition_id)
-        _, loader = _call(module, "load_data", partition_id, num_partitions, spec.batch_size)
+        _, loader = _call(module, "load_data", *load_data_arguments(module.load_data, partition_id, num_partitions, spec.batch_size))
     net = _net(module, weights)
     loss, metrics = normalise_test_result(_call(module, "test", net, loader, device))
     return {

@@ -19,13 +19,22 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
-from services.client.connect import split_address
+from services.net import split_address
 from services.settings import SettingError
 
 CA_FILE = "ca.crt"
 SERVER_CERT_FILE = "server.crt"
 SERVER_KEY_FILE = "server.key"
 LABEL = "--tls-dir / FL_TLS_DIR"
+# Set by bouquet-entrypoint when it handed the stepped-down server a private copy of the TLS
+# folder (docker/entrypoint.sh says why): errors then name the folder the user mounted too.
+SOURCE_ENV = "BOUQUET_TLS_SOURCE"
+
+
+def _shown(tls_dir: str) -> str:
+    """The folder as a user should read it in an error: the value, and what it is a copy of."""
+    source = os.environ.get(SOURCE_ENV)
+    return f"{tls_dir!r} (a private copy of {source!r})" if source else repr(tls_dir)
 
 
 @dataclass(frozen=True)
@@ -42,13 +51,13 @@ class ServerFiles:
 def _read(tls_dir: str, name: str) -> bytes:
     path = Path(tls_dir) / name
     if not Path(tls_dir).is_dir():
-        raise SettingError(f"{LABEL} = {tls_dir!r}: no such folder")
+        raise SettingError(f"{LABEL} = {_shown(tls_dir)}: no such folder")
     try:
         return path.read_bytes()
     except FileNotFoundError:
-        raise SettingError(f"{LABEL} = {tls_dir!r}: {name} is missing (scripts/make_certs.py makes it)") from None
+        raise SettingError(f"{LABEL} = {_shown(tls_dir)}: {name} is missing (scripts/make_certs.py makes it)") from None
     except OSError as error:
-        raise SettingError(f"{LABEL} = {tls_dir!r}: cannot read {name} as uid {os.getuid()} ({error.strerror})") from None
+        raise SettingError(f"{LABEL} = {_shown(tls_dir)}: cannot read {name} as uid {os.getuid()} ({error.strerror})") from None
 
 
 def _certificate(tls_dir: str, name: str) -> tuple[bytes, x509.Certificate]:
@@ -56,9 +65,9 @@ def _certificate(tls_dir: str, name: str) -> tuple[bytes, x509.Certificate]:
     try:
         certificate = x509.load_pem_x509_certificate(data)
     except ValueError:
-        raise SettingError(f"{LABEL} = {tls_dir!r}: {name} is not a PEM certificate") from None
+        raise SettingError(f"{LABEL} = {_shown(tls_dir)}: {name} is not a PEM certificate") from None
     if certificate.not_valid_after_utc < datetime.datetime.now(datetime.timezone.utc):
-        raise SettingError(f"{LABEL} = {tls_dir!r}: {name} expired on {certificate.not_valid_after_utc:%Y-%m-%d}")
+        raise SettingError(f"{LABEL} = {_shown(tls_dir)}: {name} expired on {certificate.not_valid_after_utc:%Y-%m-%d}")
     return data, certificate
 
 
@@ -76,14 +85,14 @@ def server_files(tls_dir: str) -> ServerFiles:
     try:
         private_key = serialization.load_pem_private_key(key, password=None)
     except (ValueError, TypeError):
-        raise SettingError(f"{LABEL} = {tls_dir!r}: {SERVER_KEY_FILE} is not an unencrypted PEM private key") from None
+        raise SettingError(f"{LABEL} = {_shown(tls_dir)}: {SERVER_KEY_FILE} is not an unencrypted PEM private key") from None
     public = serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     if private_key.public_key().public_bytes(*public) != server_certificate.public_key().public_bytes(*public):
-        raise SettingError(f"{LABEL} = {tls_dir!r}: {SERVER_KEY_FILE} is not the key of {SERVER_CERT_FILE}")
+        raise SettingError(f"{LABEL} = {_shown(tls_dir)}: {SERVER_KEY_FILE} is not the key of {SERVER_CERT_FILE}")
     try:
         server_certificate.verify_directly_issued_by(ca_certificate)
     except (InvalidSignature, ValueError, TypeError) as error:  # InvalidSignature has no message
-        raise SettingError(f"{LABEL} = {tls_dir!r}: {SERVER_CERT_FILE} is not signed by {CA_FILE} ({type(error).__name__})") from None
+        raise SettingError(f"{LABEL} = {_shown(tls_dir)}: {SERVER_CERT_FILE} is not signed by {CA_FILE} ({type(error).__name__})") from None
     return ServerFiles(ca, certificate, key)
 
 

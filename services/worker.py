@@ -8,8 +8,8 @@ the caller, which is the memory problem Bouquet exists to avoid (kept for compar
 
 Parent and worker share one duplex pipe (no Manager process): the parent sends the job and
 its inputs (the weights) down it from a helper thread, the worker answers on it with
-"admitted" (when it was given an ``Admission``: it waited for a slot on a device, see
-services.admission), "started" and then its result or its exception. Whatever happens, the worker is reaped
+"admitted" (when it was given a ``BeforeJob``: something to wait for and set up before the job,
+such as a slot on a device, see services.admission), "started" and then its result or its exception. Whatever happens, the worker is reaped
 before ``run`` returns: a job that raises, dies from a signal (the kernel's OOM killer sends
 SIGKILL) or outlives its timeout becomes a ``WorkerFailed`` naming why.
 """
@@ -26,12 +26,11 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable, Protocol
 
+from services.failures import Kind, classify, first_line
+from services.lifetime import die_with_parent, is_alive
 from services.settings import WORKER_STARTS
-
-if TYPE_CHECKING:  # the worker imports services.admission.gate itself, only when admitted
-    from services.admission.gate import Admission
 
 # Modules the forkserver imports once so forked workers start warm. None of them touches CUDA:
 # importing torch loads its CUDA libraries but neither initialises CUDA nor counts devices.
@@ -41,15 +40,52 @@ if TYPE_CHECKING:  # the worker imports services.admission.gate itself, only whe
 FORKSERVER_PRELOAD = ["torch", "torch._dynamo", "services.task", "services.builtin_task"]
 
 
-class WorkerFailed(RuntimeError):
-    """The job did not produce a result; ``cause`` says why in one line."""
+class Entered(Protocol):
+    """What ``BeforeJob.enter`` hands back: held until the worker exits."""
 
-    def __init__(self, cause: str, pid: int | None, out_of_memory: bool = False, admitted: dict[str, Any] | None = None) -> None:
+    def record(self) -> dict[str, Any]:
+        """What the parent is told (``WorkerResult.admitted``); must hold ``slot_wait_seconds``."""
+
+    def after_job(self) -> None:
+        """Called once the job returned, before its value is sent (e.g. to remember what it used)."""
+
+
+class BeforeJob(Protocol):
+    """The seam before the job: a picklable object that travels with the job to the worker, which
+    calls ``enter()`` after it started and before it imports the job (so before anything can
+    initialise CUDA). The worker knows nothing else of it; services.admission provides one."""
+
+    waiting_for: str  # what enter() waits for, for the timeout's message, e.g. "a slot (FL_WORKER_SLOTS)"
+
+    def enter(self) -> Entered:
+        """Wait (as long as needed: the parent bounds it) and prepare this process for the job."""
+
+
+class WorkerFailed(RuntimeError):
+    """The job did not produce a result: ``kind`` (services.failures.Kind) says what happened,
+    ``cause`` why in one line, ``traceback`` where (the worker's, for an exception; "" otherwise)."""
+
+    def __init__(
+        self, cause: str, pid: int | None, out_of_memory: bool = False, admitted: dict[str, Any] | None = None,
+        *, kind: Kind | None = None, traceback: str = "", error_type: str | None = None, detail: str = "",
+    ) -> None:
         super().__init__(cause)
         self.cause = cause
         self.pid = pid
-        self.out_of_memory = out_of_memory  # a CUDA out-of-memory: services.admission.retry runs it again
+        self.kind = kind or (Kind.OUT_OF_MEMORY if out_of_memory else Kind.TASK_ERROR)
+        self.traceback = traceback
+        self.error_type = error_type  # the exception's class name when the job raised (e.g. "TaskError")
+        self.detail = detail  # its message's first line, without the class name
         self.admitted = admitted  # where it had been admitted (device, slots, share), if it was
+
+    @property
+    def out_of_memory(self) -> bool:
+        """A CUDA out-of-memory: services.admission.retry runs the job again."""
+        return self.kind is Kind.OUT_OF_MEMORY
+
+    def record(self) -> dict[str, Any]:
+        """What the client sends the server and metrics.jsonl keeps."""
+        return {"kind": self.kind.value, "cause": self.cause, "worker_pid": self.pid, "traceback": self.traceback}
 
 
 @dataclass(frozen=True)
@@ -89,6 +125,21 @@ def forkserver_pid() -> int | None:
     return getattr(forkserver._forkserver, "_forkserver_pid", None)
 
 
+def _let_go_of_the_forkserver() -> None:
+    """In a forkserver child: close the copy of the client's "alive" pipe that multiprocessing hands
+    every child (so it could start children of its own). The forkserver exits when the last copy
+    closes; while a worker kept one, a SIGKILLed client's forkserver would wait for the worker and
+    the worker, dying with the forkserver, for the forkserver. A job that starts forkserver
+    children of its own gets a forkserver of its own."""
+    from multiprocessing import forkserver
+
+    server = forkserver._forkserver
+    if server._forkserver_alive_fd is not None:
+        os.close(server._forkserver_alive_fd)
+        server._forkserver_alive_fd = None
+        server._forkserver_address = None
+
+
 def _refuse_poisoned_fork() -> None:
     """In a forkserver child: fail loudly if the forkserver touched CUDA (the child could not use it)."""
     torch = sys.modules.get("torch")
@@ -107,64 +158,56 @@ def resolve(job: str) -> Callable[..., Any]:
     return getattr(importlib.import_module(module), name)
 
 
-def _worker_main(connection: multiprocessing.connection.Connection, forked: bool = False) -> None:
-    """Entry point inside the worker: receive the job, wait for its slot (before anything can
-    initialise CUDA), import the job, report readiness, run it, send its outcome."""
+def _worker_main(connection: multiprocessing.connection.Connection, forked: bool = False, client: int | None = None) -> None:
+    """Entry point inside the worker: receive the job, pass the seam before it (e.g. wait for a
+    slot, before anything can initialise CUDA), import the job, report readiness, run it, send
+    its outcome. First of all it dies with its parent: a forked worker's parent is the forkserver,
+    which exits the moment its client does; a spawned worker's is the client (the ``client`` pid)."""
+    die_with_parent(signal.SIGKILL)
+    if forked:
+        _let_go_of_the_forkserver()
+    if client is not None and (not is_alive(client) if forked else os.getppid() != client):
+        os._exit(1)  # the client died before the request took effect: nobody will signal us
     try:
-        job, kwargs, admission = connection.recv()
+        job, kwargs, before_job = connection.recv()
         if forked:
             _refuse_poisoned_fork()
-        ticket = None
-        if admission is not None:
-            from services.admission import gate
-
-            ticket = gate.admit(admission)
-            connection.send(("admitted", ticket.record()))
-            gate.enter(ticket)
+        entered = None
+        if before_job is not None:
+            entered = before_job.enter()
+            connection.send(("admitted", entered.record()))
         function = resolve(job)
         connection.send(("started", os.getpid()))
         value = function(**kwargs)
-        if ticket is not None:
-            gate.remember(admission, ticket)
+        if entered is not None:
+            entered.after_job()
         connection.send(("ok", value, time.time()))  # the slot is held until this process exits, just after
     except BaseException as error:  # the parent must learn about every failure, even KeyboardInterrupt
-        connection.send(("error", _describe_exception(error), traceback.format_exc(), is_out_of_memory(error)))
+        kind, cause = classify(error)
+        connection.send(("error", kind.value, cause, traceback.format_exc(), type(error).__name__, first_line(error)))
     finally:
         connection.close()
 
 
-def is_out_of_memory(error: BaseException) -> bool:
-    """A CUDA out-of-memory, known by type name (torch.cuda.OutOfMemoryError) or by the message
-    torch and the driver give (CUDA_ERROR_OUT_OF_MEMORY, cudaErrorMemoryAllocation); the
-    caller never imports torch to check the type."""
-    text = str(error).lower()
-    if isinstance(error, MemoryError):  # the host's, not the GPU's
-        return False
-    return type(error).__name__ == "OutOfMemoryError" or any(mark in text for mark in ("out of memory", "cuda_error_out_of_memory", "cudaerrormemoryallocation"))
-
-
-def _describe_exception(error: BaseException) -> str:
-    kind = type(error).__name__
-    if is_out_of_memory(error):
-        return f"out of GPU memory ({kind}: {str(error).splitlines()[0] if str(error) else ''})"
-    first_line = str(error).splitlines()[0] if str(error) else ""
-    return f"{kind}: {first_line}" if first_line else kind
-
-
-def _describe_exit(exitcode: int | None) -> str:
+def _exit_failure(exitcode: int | None, pid: int | None, admitted: dict[str, Any] | None, started: bool) -> WorkerFailed:
+    """The worker ended without a result: killed by a signal, or exited without answering (once
+    the job had started, the job ended it; before, the worker never got to run it)."""
     if exitcode is not None and exitcode < 0:
         name = signal.Signals(-exitcode).name
-        if -exitcode == signal.SIGKILL:
-            return f"killed by {name} (the kernel's OOM killer sends SIGKILL when host memory runs out)"
-        return f"killed by {name}"
-    return f"exited with code {exitcode} without sending a result"
+        why = " (the kernel's OOM killer sends SIGKILL when host memory runs out)" if -exitcode == signal.SIGKILL else ""
+        return WorkerFailed(f"killed by {name}{why}", pid, admitted=admitted, kind=Kind.KILLED)
+    return WorkerFailed(f"exited with code {exitcode} without sending a result", pid, admitted=admitted, kind=Kind.TASK_ERROR if started else Kind.START_FAILED)
 
 
-def run(job: str, kwargs: dict[str, Any], *, timeout: float, start_method: str = "spawn", admission: "Admission | None" = None) -> WorkerResult:
+def run(
+    job: str, kwargs: dict[str, Any], *, timeout: float, start_method: str = "spawn", admission: BeforeJob | None = None,
+    wait_timeout: float | None = None,
+) -> WorkerResult:
     """Run the job ('module:function') with ``kwargs`` in a new process; return its value or raise WorkerFailed.
 
-    With ``admission`` the worker first waits for a slot (services.admission); the timeout
-    counts from when it holds one, and the wait for it is bounded by the same timeout."""
+    With ``admission`` (any ``BeforeJob``, e.g. services.admission's Admission) the worker first
+    passes it; the wait is bounded by ``wait_timeout`` (default: ``timeout``, see services.budget)
+    and ``timeout`` counts from when it has passed."""
     if start_method not in WORKER_STARTS:
         raise ValueError(f"start_method must be one of {WORKER_STARTS}, got {start_method!r}")
     if start_method == "inprocess":
@@ -173,7 +216,7 @@ def run(job: str, kwargs: dict[str, Any], *, timeout: float, start_method: str =
     asked = time.monotonic()
     context = _context(start_method)
     receiver, worker_end = context.Pipe()
-    process = context.Process(target=_worker_main, args=(worker_end, start_method == "forkserver"), name=f"bouquet-worker-{job.partition(':')[2]}", daemon=True)
+    process = context.Process(target=_worker_main, args=(worker_end, start_method == "forkserver", os.getpid()), name=f"bouquet-worker-{job.partition(':')[2]}", daemon=True)
     started_at: float | None = None
     admitted: dict[str, Any] | None = None
     waited = 0.0  # for a slot: not part of the worker's start or run time
@@ -182,12 +225,14 @@ def run(job: str, kwargs: dict[str, Any], *, timeout: float, start_method: str =
         _start(process, start_method)
         worker_end.close()  # only the worker holds its end now: we see EOF once it is gone
         handover.start()
-        deadline = asked + timeout
+        waiting = admission is not None
+        limit = wait_timeout if waiting and wait_timeout is not None else timeout
+        deadline = asked + limit
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                waiting = " waiting for a slot (FL_WORKER_SLOTS)" if admission is not None and admitted is None else ""
-                raise WorkerFailed(f"timed out after {timeout:g} s{waiting} (FL_WORKER_TIMEOUT)", process.pid, admitted=admitted)
+                what = f" waiting for {admission.waiting_for}" if waiting and admitted is None else " (FL_WORKER_TIMEOUT)"
+                raise WorkerFailed(f"timed out after {limit:g} s{what}", process.pid, admitted=admitted, kind=Kind.TIMED_OUT)
             ready = multiprocessing.connection.wait([receiver, process.sentinel], timeout=remaining)
             if not ready:
                 continue
@@ -196,9 +241,10 @@ def run(job: str, kwargs: dict[str, Any], *, timeout: float, start_method: str =
                     message = receiver.recv()
                 except (EOFError, OSError):  # a worker killed with our inputs unread resets the socket
                     process.join(timeout=5)
-                    raise WorkerFailed(_describe_exit(process.exitcode), process.pid, admitted=_ended(admitted, time.time())) from None
+                    raise _exit_failure(process.exitcode, process.pid, _ended(admitted, time.time()), started_at is not None) from None
                 if message[0] == "admitted":
                     admitted = message[1]
+                    limit = timeout
                     deadline = time.monotonic() + timeout  # the job's own time starts now
                     waited = admitted["slot_wait_seconds"]  # as the worker measured it: its own start is not waiting
                 elif message[0] == "started":
@@ -208,10 +254,11 @@ def run(job: str, kwargs: dict[str, Any], *, timeout: float, start_method: str =
                     process.join(timeout=30)
                     return WorkerResult(message[1], process.pid, (started_at or finished) - asked, finished - asked, _ended(admitted, message[2]))
                 else:
-                    raise WorkerFailed(message[1], process.pid, out_of_memory=message[3], admitted=_ended(admitted, time.time()))
+                    _, kind, cause, trace, error_type, detail = message
+                    raise WorkerFailed(cause, process.pid, admitted=_ended(admitted, time.time()), kind=Kind(kind), traceback=trace, error_type=error_type, detail=detail)
             else:  # the process ended and nothing is left in the pipe
                 process.join(timeout=5)
-                raise WorkerFailed(_describe_exit(process.exitcode), process.pid, admitted=_ended(admitted, time.time()))
+                raise _exit_failure(process.exitcode, process.pid, _ended(admitted, time.time()), started_at is not None)
     finally:
         if process.is_alive():
             process.kill()
@@ -228,7 +275,7 @@ def _ended(admitted: dict[str, Any] | None, ended_at: float) -> dict[str, Any] |
     return None if admitted is None else {**admitted, "worker_ended_at": round(ended_at, 4)}
 
 
-def _hand_over(connection: multiprocessing.connection.Connection, job: str, kwargs: dict[str, Any], admission: Any) -> None:
+def _hand_over(connection: multiprocessing.connection.Connection, job: str, kwargs: dict[str, Any], before_job: BeforeJob | None) -> None:
     """Send the job and its inputs over our own pipe, from a thread.
 
     The inputs (weights) do not travel as Process arguments: multiprocessing writes those
@@ -236,7 +283,7 @@ def _hand_over(connection: multiprocessing.connection.Connection, job: str, kwar
     worker killed before it read them all would block the parent forever. Here a dead worker
     only makes this send fail, and the main loop reports why the worker died."""
     try:
-        connection.send((job, kwargs, admission))
+        connection.send((job, kwargs, before_job))
     except OSError:
         pass
 
@@ -249,7 +296,7 @@ def _start(process: multiprocessing.process.BaseProcess, start_method: str) -> N
         return
     except (OSError, EOFError) as error:
         if start_method != "forkserver":
-            raise WorkerFailed(f"could not start a {start_method} worker: {type(error).__name__}: {error}", None) from error
+            raise WorkerFailed(f"could not start a {start_method} worker: {type(error).__name__}: {error}", None, kind=Kind.START_FAILED) from error
         first_error = error
     _await_forkserver_exit(forkserver_pid())
     try:
@@ -258,7 +305,7 @@ def _start(process: multiprocessing.process.BaseProcess, start_method: str) -> N
         raise WorkerFailed(
             f"could not start a forkserver worker ({type(first_error).__name__}: {first_error}; "
             f"after restarting the forkserver: {type(error).__name__}: {error})",
-            None,
+            None, kind=Kind.START_FAILED,
         ) from error
 
 
@@ -281,5 +328,6 @@ def _run_inprocess(job: str, kwargs: dict[str, Any]) -> WorkerResult:
     try:
         value = resolve(job)(**kwargs)
     except Exception as error:
-        raise WorkerFailed(_describe_exception(error), os.getpid()) from error
+        kind, cause = classify(error)
+        raise WorkerFailed(cause, os.getpid(), kind=kind, traceback=traceback.format_exc(), error_type=type(error).__name__, detail=first_line(error)) from error
     return WorkerResult(value, os.getpid(), 0.0, time.monotonic() - asked)

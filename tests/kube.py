@@ -130,8 +130,9 @@ class Pod:
             and doc["spec"]["selector"].items() <= self.labels.items()
         ]
 
-    def run_options(self, volume_names: dict[str, str], network: str, project: str) -> dict:
-        """docker SDK ``containers.run`` keyword arguments (the image as rendered)."""
+    def run_options(self, volume_names: dict[str, str], network: str, project: str, secret_folders: dict[str, str] | None = None) -> dict:
+        """docker SDK ``containers.run`` keyword arguments (the image as rendered). A Secret
+        volume is a host folder the caller filled (``secret_folder``), by secret name."""
         container = self.container()
         context = {**self.spec.get("securityContext", {}), **container.get("securityContext", {})}
         options: dict = {
@@ -173,11 +174,28 @@ class Pod:
                 source = volume_names[volume["persistentVolumeClaim"]["claimName"]]
             elif "emptyDir" in volume:
                 source = f"{project}-{self.name}-{mount['name']}"
+            elif "secret" in volume and volume["secret"]["secretName"] in (secret_folders or {}):
+                source = secret_folders[volume["secret"]["secretName"]]
             else:
-                raise AssertionError(f"{self.name}: volume {volume} is not a PVC or an emptyDir; this runner cannot start it")
+                raise AssertionError(f"{self.name}: volume {volume} is not a PVC, an emptyDir or a Secret given to the runner; it cannot start it")
             mounts[source] = {"bind": mount["mountPath"], "mode": "ro" if mount.get("readOnly") else "rw"}
         options["volumes"] = mounts
         return options
+
+
+def secret_folder(folder: Path, secret: dict, data: dict[str, str], fs_group: int) -> str:
+    """A Secret volume as the kubelet makes it: the items (all keys when none are listed) as
+    files with the volume's defaultMode, group fsGroup."""
+    folder.mkdir(parents=True)
+    items = secret.get("items") or [{"key": key, "path": key} for key in data]
+    for item in items:
+        path = folder / item["path"]
+        path.write_text(data[item["key"]])
+        if os.geteuid() == 0:
+            os.chown(path, 0, fs_group)
+        path.chmod(item.get("mode", secret.get("defaultMode", 0o644)) if os.geteuid() == 0 else 0o444)
+    folder.chmod(0o755)
+    return str(folder)
 
 
 def docker_ready() -> str | None:

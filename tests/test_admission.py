@@ -18,12 +18,14 @@ import pytest
 from services import worker
 from services.admission import retry
 from services.admission.gate import Admission
-from services.admission.inventory import Device, FakeGpus, _allowed
+from services.admission.inventory import Device, _allowed
 from services.admission.sizing import NeedBook, size
+from services.failures import is_out_of_memory
 from services.admission.slots import DeviceSlots
 from services.server.results import concurrent_workers_peak, slots_per_device
 
 from conftest import PYTHON, REPO
+from fake_gpus import FakeGpus
 
 START = "forkserver"  # the default, and fast: a forked worker starts in milliseconds
 
@@ -88,11 +90,19 @@ def test_slot_files_count_holders_and_a_reserved_device_admits_nobody(tmp_path):
 # --- real workers -------------------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True, scope="module")
+@pytest.fixture(scope="module")
 def warm_forkserver():
     """Start the forkserver (it imports torch) before any timed wait for a slot begins."""
     worker.prestart(START)
     worker.run("worker_jobs:report_pid", {"value": 0}, timeout=600, start_method=START)
+
+
+@pytest.fixture(autouse=True)
+def warm_for_real_workers(request):
+    """Only the tests with real workers (marked integration) warm the forkserver: the fast subset
+    (-m "not integration and not docker") must not start torch."""
+    if request.node.get_closest_marker("integration"):
+        request.getfixturevalue("warm_forkserver")
 
 
 def run_admitted(tmp_path: Path, job: str, kwargs: dict, **overrides):
@@ -178,10 +188,10 @@ def test_out_of_memory_is_recognised_by_type_name_or_message_but_not_a_host_memo
     class OutOfMemoryError(RuntimeError):
         pass
 
-    assert worker.is_out_of_memory(OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB"))
-    assert worker.is_out_of_memory(RuntimeError("CUDA error: CUDA_ERROR_OUT_OF_MEMORY"))
-    assert not worker.is_out_of_memory(MemoryError())
-    assert not worker.is_out_of_memory(ValueError("bad partition"))
+    assert is_out_of_memory(OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB"))
+    assert is_out_of_memory(RuntimeError("CUDA error: CUDA_ERROR_OUT_OF_MEMORY"))
+    assert not is_out_of_memory(MemoryError())
+    assert not is_out_of_memory(ValueError("bad partition"))
 
 
 # --- a real local federation ------------------------------------------------------------------
@@ -212,9 +222,9 @@ def test_a_local_run_with_two_slots_never_has_more_than_two_workers_alive(tmp_pa
 def test_the_report_shows_workers_alive_per_device_and_the_settled_slots(tmp_path):
     from test_monitor import recorded_run
 
-    from services.monitor.admission import settled_slots, workers_alive
+    from services.admission.records import workers_alive
     from services.monitor.report import write_report
-    from services.monitor.rounds import RoundLog
+    from services.monitor.rounds import RoundLog, clients_of, settled_slots
 
     run = recorded_run(tmp_path / "run")
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -229,7 +239,7 @@ def test_the_report_shows_workers_alive_per_device_and_the_settled_slots(tmp_pat
             record["slots_per_device"] = slots_per_device(record["clients"])
             out.write(json.dumps(record) + "\n")
     rounds = RoundLog(run / "metrics.jsonl").refresh()
-    alive = workers_alive(rounds)
+    alive = workers_alive(clients_of(rounds))
     assert max(n for _, n in alive["cuda:0"]) == 2 and max(n for _, n in alive["cuda:1"]) == 1
     assert alive["cuda:0"][-1][1] == 0  # every worker ended
     assert settled_slots(rounds) == {"cuda:0": 2, "cuda:1": 1}

@@ -49,18 +49,19 @@ def test_fit_trains_in_a_worker_and_counts_examples(data_dir):
 
 @pytest.mark.integration
 @pytest.mark.parametrize(
-    "spec, partition, cause",
+    "spec, partition, kind, cause",
     [
-        (digits_spec(), 5, "ValueError: partition_id 5 outside 0..2"),  # the worker raises
-        (digits_spec(task=str(HANGS_IN_TRAIN), worker_timeout=0.2), 0, "timed out after 0.2 s"),  # only the timeout ends it
+        (digits_spec(), 5, "task error", "ValueError: partition_id 5 outside 0..2"),  # the worker raises
+        (digits_spec(task=str(HANGS_IN_TRAIN), worker_timeout=0.2), 0, "timed out", "timed out after 0.2 s"),  # only the timeout ends it
     ],
 )
-def test_failed_worker_fails_the_round_not_the_client(data_dir, spec, partition, cause):
+def test_failed_worker_fails_the_round_not_the_client(data_dir, spec, partition, kind, cause):
     client = WorkerClient("c", Placement(str(data_dir), "cpu"), "spawn")
     res = client.fit(fit_ins(spec, partition=partition))
     assert res.status.code != Code.OK
-    failure = json.loads(res.status.message)
-    assert cause in failure["cause"] and failure["client_pid"] == os.getpid()
+    failure = json.loads(res.status.message)  # what the server records in the round's failures
+    assert failure["kind"] == kind and cause in failure["cause"] and failure["client_pid"] == os.getpid()
+    assert ("Traceback (most recent call last)" in failure.get("traceback", "")) == (kind == "task error")
     # The same client object serves the next round normally.
     assert client.fit(fit_ins(digits_spec())).status.code == Code.OK
 

@@ -1,6 +1,6 @@
-"""The container setup: compose files, Dockerfiles, and a real compose smoke test.
+"""The container setup: compose files, the Dockerfile, and a real compose smoke test.
 
-The fast tests (schema, shared Dockerfile prefix, CPU/GPU switch, dependency flavours, every
+The fast tests (schema, one Dockerfile body for both images, CPU/GPU switch, dependency flavours, every
 setting checked before start) run in the default test run. The tests marked ``docker`` run the
 real thing with the CPU images built by scripts/build_images_offline.sh, once with Compose v2
 (`docker compose`) and once with docker-compose 1.29: ``up --scale client=8`` on digits for 2
@@ -29,7 +29,6 @@ BASE = REPO / "docker-compose.yml"
 GPU_OVERLAY = REPO / "docker-compose.gpu.yml"
 PUBLISH_OVERLAY = REPO / "docker-compose.publish.yml"
 COMPOSE_FILES = [BASE, GPU_OVERLAY, PUBLISH_OVERLAY]
-SHARED_PREFIX_END = "# ---- end of the shared prefix ----"
 CPU_IMAGES = ("bouquet/server:cpu", "bouquet/client:cpu")
 
 
@@ -124,8 +123,11 @@ def test_every_setting_is_checked_before_any_long_lived_service_starts() -> None
     services = _load(BASE)["services"]
     check = services["check"]
     assert check["command"][:3] == ["python", "-m", "services.preflight"]
+    # join-secret comes first (check validates the token file it makes); it takes no setting.
+    assert check["depends_on"]["join-secret"] == {"condition": "service_completed_successfully"}
+    assert not any(key.startswith("FL_") for key in services["join-secret"].get("environment", {}))
     for name, service in services.items():
-        if name == "check":
+        if name in ("check", "join-secret"):
             continue
         assert service["depends_on"]["check"] == {"condition": "service_completed_successfully"}, name
         for key, value in service.get("environment", {}).items():
@@ -151,21 +153,22 @@ def test_dotenv_gives_the_programs_own_defaults() -> None:
             assert value == setting.default, f".env {key}={raw!r}: the program's default is {setting.default!r}"
 
 
-def test_dockerfiles_share_the_dependency_layer_prefix() -> None:
-    """Identical instructions up to the marker: the torch layer is built once for both images."""
-
-    def prefix(path: Path) -> str:
-        text = path.read_text()
-        assert SHARED_PREFIX_END in text, path.name
-        return text[text.index("\nARG BASE_IMAGE=") : text.index(SHARED_PREFIX_END)]
-
-    server, client = prefix(REPO / "Dockerfile.server"), prefix(REPO / "Dockerfile.client")
-    assert server == client
-    assert server.index("install-deps.sh") < server.index("COPY services"), "dependencies before code"
-    for path in (REPO / "Dockerfile.server", REPO / "Dockerfile.client"):
-        tail = path.read_text().split(SHARED_PREFIX_END, 1)[1]
-        assert "USER bouquet" in tail
-        assert not re.search(r"^(RUN|COPY|ADD)\b", tail, re.M), f"{path.name}: layers after the code layer"
+def test_both_images_are_one_dockerfile_body_with_a_target_each() -> None:
+    """The server and client targets are the stage ``common`` plus their command: the torch layer and
+    the code are built once for both images, and nothing is built after the code."""
+    text = (REPO / "Dockerfile").read_text()
+    stages = re.findall(r"^FROM (\S+) AS (\w+)$", text, re.M)
+    assert stages == [("${BASE_IMAGE}", "common"), ("common", "server"), ("common", "client")]
+    common = text[text.index(" AS common\n") : text.index("FROM common AS server")]
+    assert common.index("install-deps.sh") < common.index("COPY services"), "dependencies before code"
+    assert "USER bouquet" in common
+    for target in ("server", "client"):
+        stage = text.split(f"FROM common AS {target}\n", 1)[1].split("\nFROM ", 1)[0]
+        assert f'CMD ["python", "-m", "services.{target}"]' in stage
+        assert not re.search(r"^(RUN|COPY|ADD)\b", stage, re.M), f"{target}: layers after the code layer"
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    assert compose["services"]["client"]["build"]["target"] == "client"
+    assert compose["x-server-image"]["build"]["target"] == "server"
 
 
 def _requirements(flavour: str, **env: str) -> subprocess.CompletedProcess:
@@ -346,6 +349,13 @@ def test_compose_up_scale_8_cpu_trains_every_replica_and_proves_memory_returned(
         for identity in identities:
             assert pid_of[0][identity] != pid_of[1][identity], f"{identity}: same worker pid in both rounds{context}"
         assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["round-0001.npz", "round-0002.npz"]
+        # Issue 19: the deployment's join token, made once by join-secret, let every replica in;
+        # it is in no environment (docker inspect), no log and not in summary.json.
+        assert summary["joins_refused"] == 0 and summary["settings"]["join_token"] == "(set)", context
+        token = stack.run("run", "--rm", "--no-deps", "-T", "--entrypoint", "cat", "server", "/secrets/join-token").stdout.strip()
+        assert len(token) == 64
+        inspected = subprocess.run(["docker", "inspect", server, *clients], capture_output=True, text=True, check=True).stdout
+        assert token not in inspected and token not in logs() and token not in (run_dir / "summary.json").read_text()
 
         # The gpu-monitor sidecar (host memory here: no GPU) ends by itself after the run and
         # leaves its files in the same run folder on the host: every replica named, the verdict

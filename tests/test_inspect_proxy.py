@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import PYTHON, REPO
-from services.client.connect import free_port, wait_until_listening
+from services.net import free_port, wait_until_listening
 from services.monitor.containers import ContainerNames
 
 CID = "ab12" * 16

@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 import kube
-from services import settings
+from services import joining, settings
 
 OVERLAYS = ("cpu", "gpu")
 PROGRAM_SETTINGS = {
@@ -187,6 +187,11 @@ def test_rendered_pods_run_a_three_pod_federation_under_docker(tools, tmp_path: 
     pods += [kube.Pod(f"client-{index}", clients["spec"]["template"], documents) for index in range(PODS)]
     assert pods[0].aliases() == ["server"] and all(pod.aliases() == [] for pod in pods[1:])
 
+    # The Secret a user creates per deployment (docs/kubernetes.md), as the kubelet would mount it.
+    token = joining.new_token()
+    join_volume = next(v for v in server_template["spec"]["volumes"] if v["name"] == "join-token")["secret"]
+    secrets = {"bouquet-join-token": kube.secret_folder(tmp_path / "join-token", join_volume, {"token": token},
+                                                        server_template["spec"]["securityContext"]["fsGroup"])}
     project = f"bouquet-k8s-{uuid.uuid4().hex[:8]}"
     claims = {doc["metadata"]["name"]: f"{project}-{doc['metadata']['name']}" for doc in documents if doc["kind"] == "PersistentVolumeClaim"}
     network = docker_client.networks.create(project, driver="bridge", labels={"bouquet-test": project})
@@ -195,7 +200,7 @@ def test_rendered_pods_run_a_three_pod_federation_under_docker(tools, tmp_path: 
         for volume in claims.values():
             docker_client.volumes.create(volume, labels={"bouquet-test": project})
         for pod in pods:  # all at once, in no particular order, as the scheduler would
-            options = pod.run_options(claims, project, project)
+            options = pod.run_options(claims, project, project, secrets)
             network_aliases = pod.aliases()
             container = docker_client.containers.create(**{k: v for k, v in options.items() if k != "detach"})
             if network_aliases:
@@ -234,6 +239,8 @@ def test_rendered_pods_run_a_three_pod_federation_under_docker(tools, tmp_path: 
         assert sorted(summary["partitions"].values()) == list(range(PODS)), context
         for record in rounds:
             assert sorted(c["partition"] for c in record["clients"]) == list(range(PODS)), context
+        assert summary["joins_refused"] == 0 and summary["settings"]["join_token"] == "(set)", context
+        assert token not in logs() and all(token not in str(c.attrs["Config"]["Env"]) for c in containers)
         for client in containers[1:]:  # told the run is over, each exits 0
             assert client.wait(timeout=120)["StatusCode"] == 0, f"{client.name}\n{logs()}"
     finally:

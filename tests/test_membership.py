@@ -98,7 +98,7 @@ def test_newest_connection_of_an_identity_wins_and_late_joiners_stay_idle():
     registry = PartitionRegistry()
     registry.settle(2)
     members = Membership(registry, 2, 0.0, 1.0)
-    holders = members.holders({"c1": "r1", "c2": "r2", "c3": "r1", "c4": "late"})
+    holders = members.hand_out_partitions({"c1": "r1", "c2": "r2", "c3": "r1", "c4": "late"})
     assert [(h.cid, h.identity, h.partition) for h in holders] == [("c3", "r1", 0), ("c2", "r2", 1)]
 
 
@@ -106,8 +106,8 @@ def test_missing_partitions_name_who_left_and_what_was_never_taken():
     registry = PartitionRegistry()
     registry.settle(3)
     members = Membership(registry, 2, 0.0, 1.0)
-    members.holders({"c1": "r1", "c2": "r2"})  # r1 -> 0, r2 -> 1; partition 2 never taken
-    missing = members.missing(members.holders({"c2": "r2"}))
+    members.hand_out_partitions({"c1": "r1", "c2": "r2"})  # r1 -> 0, r2 -> 1; partition 2 never taken
+    missing = members.missing(members.hand_out_partitions({"c2": "r2"}))
     assert [(m["partition"], m["id"]) for m in missing] == [(0, "r1"), (2, None)]
     assert "not connected" in missing[0]["reason"] and "no client" in missing[1]["reason"]
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from services.monitor.readings import MIB, DeviceReading, ProcessReading, Readin
 from services.monitor.rounds import Round, RoundLog, iso, label
 from services.monitor.sampler import Sampler
 from services.monitor.summary import summarize, verdict
+from services.net import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -890,12 +890,6 @@ def test_a_second_monitor_continues_memory_csv_where_the_first_stopped_and_drops
     rows = csvlog.read_rows(path)
     assert [(r["sample"], r["elapsed_s"]) for r in rows] == [(0, 0.0), (1, 1.0), (2, 2.0), (3, 10.0)]
     assert path.read_text().count("time,elapsed_s") == 1
-
-
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def test_prometheus_endpoint_serves_device_and_replica_memory():

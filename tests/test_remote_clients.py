@@ -71,9 +71,11 @@ def test_a_second_compose_project_joins_through_the_loopback_port_as_extra_repli
         COMPOSE_FILE="docker-compose.yml:docker-compose.publish.yml", BOUQUET_SERVER_PORT=str(port),
         FL_MIN_CLIENTS=str(LOCAL + REMOTE_REPLICAS), FL_ROUNDS="2", FL_RUN_ID="multihost", FL_DATASET="digits", FL_LOCAL_EPOCHS="1",
     )
+    token_file = tmp_path / "join-token"  # the first deployment's join token, copied as docs/containers.md says
     second = Stack(
         [*compose, "-f", str(REMOTE)], results, "multihost-remote",
         BOUQUET_SERVER_ADDRESS=f"127.0.0.1:{port}", BOUQUET_CLIENT_NETWORK_MODE="host", BOUQUET_SITE="siteb",
+        BOUQUET_JOIN_TOKEN_FILE=str(token_file),
     )
 
     def logs() -> str:
@@ -84,6 +86,8 @@ def test_a_second_compose_project_joins_through_the_loopback_port_as_extra_repli
         server = first.run("ps", "-q", "server").stdout.strip()
         published = subprocess.run(["docker", "port", server, "8080/tcp"], capture_output=True, text=True, check=True).stdout.split()
         assert published == [f"127.0.0.1:{port}"], published
+        token_file.write_text(first.run("run", "--rm", "--no-deps", "-T", "--entrypoint", "cat", "server", "/secrets/join-token").stdout)
+        token_file.chmod(0o444)  # the replicas' user (uid 1000) reads it; docs/containers.md: chgrp 1000 and 0440
         second.run("up", "--detach", "--no-build", "--scale", f"client={REMOTE_REPLICAS}")
         assert_exits_0(server, logs)
 
@@ -98,6 +102,7 @@ def test_a_second_compose_project_joins_through_the_loopback_port_as_extra_repli
         remote = sorted(identity for identity in identities if identity.startswith("siteb-"))
         assert len(remote) == REMOTE_REPLICAS and all(re.fullmatch(r"siteb-[0-9a-f]{12}", identity) for identity in remote), context
         assert sorted(identities.values()) == list(range(total)), context
+        assert summary["joins_refused"] == 0, context
         for record in rounds:
             assert sorted(c["partition"] for c in record["clients"]) == list(range(total)), context
             assert {c["id"] for c in record["clients"]} == set(identities), context

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from flwr.common import Code, GetPropertiesRes, Status, ndarrays_to_parameters
+import time
+
 import numpy as np
+from flwr.common import Code, GetPropertiesRes, Status, ndarrays_to_parameters
 
 from services import protocol, worker
+from services.failures import Kind
 from services.server.flower import BouquetStrategy, ConnectedClients
 from services.server.results import RoundRecorder, RunFolder
 from services.settings import ServerSettings
@@ -66,7 +69,7 @@ def test_each_connection_is_asked_its_identity_once():
 
 class FailingEvaluator:
     def evaluate(self, weights):
-        raise worker.WorkerFailed("out of GPU memory (OutOfMemoryError: CUDA out of memory)", 4242)
+        raise worker.WorkerFailed("out of GPU memory (OutOfMemoryError: CUDA out of memory)", 4242, kind=Kind.OUT_OF_MEMORY)
 
 
 def test_failed_central_evaluation_is_recorded_and_the_run_goes_on(tmp_path):
@@ -81,6 +84,7 @@ def test_failed_central_evaluation_is_recorded_and_the_run_goes_on(tmp_path):
     record = recorder.round_ended()
     recorder.commit(record)
     assert record["accuracy"] is None and "out of GPU memory" in record["evaluation_error"]
+    assert record["evaluation_error_kind"] == "out of memory"
     assert folder.metrics_path.read_text().count("\n") == 1
 
 
@@ -96,3 +100,33 @@ def test_sampling_depends_on_the_round_alone_so_a_resumed_run_samples_as_the_uni
     # the same round after a restart: same picks, whatever order the clients reconnected in
     assert [h.partition for h in sample_for_round(list(reversed(holders)), 3, seed=7, server_round=5)] == picks[5]
     assert len({tuple(p) for p in picks.values()}) > 1, "every round picked the same clients"
+
+
+def test_a_client_silent_past_its_job_budget_is_recorded_as_timed_out(tmp_path):
+    """The server's round deadline is the job budget (services.budget); a sampled client that sent
+    nothing back by then is recorded as timed out after it, one that vanished earlier as lost."""
+    from services.budget import JobBudget
+    from services.server.membership import Membership
+    from services.server.registry import PartitionRegistry
+    from services.taskspec import TaskSpec
+
+    registry = PartitionRegistry()
+    registry.settle(2)
+    folder = RunFolder(tmp_path, "run")
+    recorder = RoundRecorder(folder)
+    settings = ServerSettings(fraction_fit=1.0, min_fit_clients=1, min_clients=1, client_eval=False, seed=0, strategy="fedavg", strategy_args={})
+    strategy = BouquetStrategy(
+        spec=TaskSpec(worker_timeout=2.0), settings=settings, membership=Membership(registry, 1, 0.0, 1.0), clients=None,
+        recorder=recorder, evaluator=None,
+    )
+    budget = JobBudget.for_round(2.0, 2)
+    assert strategy.budget() == budget and strategy._base_config(1)[protocol.SLOT_WAIT_TIMEOUT] == budget.slot_wait_s
+    for started_ago, expected in [(budget.deadline_s + 1, f"timed out after {budget.deadline_s:g} s"), (1.0, "no result from client")]:
+        recorder.round_started(1)
+        strategy._sampled = {"c1": ("r1", 0)}
+        strategy._fit_started = time.monotonic() - started_ago
+        strategy.aggregate_fit(1, [], [])
+        [failure] = recorder.round_ended()["failures"]
+        assert failure["id"] == "r1" and failure["cause"].startswith(expected), failure
+        assert failure.get("kind") == ("timed out" if expected.startswith("timed") else None)
+        assert strategy.every_connection_lost == (not expected.startswith("timed"))  # a timed-out round is not run again

@@ -29,10 +29,12 @@ def test_a_program_lists_its_own_settings_first_then_its_groups_in_order():
     names = [s.name for s in settings.declared(ServerSettings)]
     task = [s.name for s in settings.declared(TaskSettings)]
     local = [s.name for s in settings.declared(settings.LocalSettings)]
+    joins = [s.name for s in settings.declared(settings.JoinSettings)]
     assert names[: names.index("task")] == ["listen_address", "rounds", "min_clients", "join_grace", "join_timeout", "fraction_fit",
-                                            "min_fit_clients", "client_eval", "strategy", "strategy_args", "results_dir", "run_id", "resume",
+                                            "min_fit_clients", "client_eval", "strategy", "strategy_args", "results_dir", "run_id",
+                                            "max_update_norm", "resume",
                                             "mlflow_experiment", "mlflow_optional", "tensorboard", "server_metrics_port", "tracking_flush_timeout"]
-    assert names[names.index("task") :] == task + local
+    assert names[names.index("task") :] == task + local + joins
     assert len(names) == len(set(names))
 
 

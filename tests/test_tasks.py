@@ -16,6 +16,7 @@ import pytest
 from flwr.common import Code
 
 from conftest import PYTHON, REPO
+from services import task as task_module
 from services.client.flower import WorkerClient
 from services.taskspec import Placement
 from test_client import digits_spec, fit_ins
@@ -66,11 +67,17 @@ BAD_TASKS = {
     "missing file": (None, "no such file"),
     "fails to import": (GOOD + "\nraise RuntimeError('broken at import')\n", "fails to import: RuntimeError: broken at import (" ),
     "no train": (GOOD.replace("def train(", "def fit("), "defines no function train(net, trainloader, epochs, lr, device)"),
-    "load_data without batch_size": (
-        GOOD.replace("def load_data(partition_id, num_partitions, batch_size):", "def load_data(partition_id, num_partitions):\n    batch_size = 4"),
-        "cannot be called as load_data(partition_id, num_partitions, batch_size)",
+    "load_data with the partition alone": (
+        GOOD.replace("def load_data(partition_id, num_partitions, batch_size):", "def load_data(partition_id):\n    batch_size = 4"),
+        "load_data(partition_id) cannot be called as load_data(partition_id, num_partitions, batch_size) or as load_data(partition_id, num_partitions)",
     ),
     "no Net": (GOOD.replace("class Net(", "class Model("), "defines no Net"),
+    "every mismatch at once": (
+        GOOD.replace("class Net(", "class Model(").replace("def train(", "def fit(").replace("def test(net, testloader, device)", "def test(net, testloader)"),
+        "3 problems: (1) defines no function train(net, trainloader, epochs, lr, device); "
+        "(2) test(net, testloader) cannot be called as test(net, testloader, device): too many positional arguments; "
+        "(3) defines no Net",
+    ),
 }
 
 
@@ -113,6 +120,19 @@ def test_fedprox_with_a_train_that_cannot_take_the_proximal_term_is_refused(tmp_
     assert "--strategy / FL_STRATEGY = 'fedprox': the task's train()" in done.stderr and "takes no proximal_mu" in done.stderr
 
 
+def test_a_load_data_without_batch_size_is_called_with_the_partition_alone(tmp_path, data_dir):
+    """Flower's advanced-pytorch and fl-tabular shape: load_data(partition_id, num_partitions)."""
+    path = write_task(tmp_path, GOOD.replace(
+        "def load_data(partition_id, num_partitions, batch_size):\n",
+        "def load_data(partition_id, num_partitions):\n    assert (partition_id, num_partitions) == (0, 3)\n    batch_size = 4\n",
+    ))
+    assert task_module.inspect(str(path))["task"] == str(path)  # the server's check accepts it
+    client = WorkerClient("c", Placement(str(data_dir), "cpu"), "spawn")
+    trained = client.fit(fit_ins(digits_spec(task=str(path))))
+    assert trained.status.code == Code.OK, trained.status.message
+    assert trained.num_examples == 8
+
+
 def test_a_task_whose_train_raises_fails_that_round_only(tmp_path, data_dir):
     marker = tmp_path / "raise-once"
     marker.touch()
@@ -125,8 +145,10 @@ def test_a_task_whose_train_raises_fails_that_round_only(tmp_path, data_dir):
     spec = digits_spec(task=str(path))
     failed = client.fit(fit_ins(spec))
     assert failed.status.code != Code.OK
-    cause = json.loads(failed.status.message)["cause"]
-    assert cause == f"TaskError: train raised ZeroDivisionError: division by zero ({path}:{line} in train)", cause
+    failure = json.loads(failed.status.message)
+    assert failure["kind"] == "task error"
+    assert failure["cause"] == f"TaskError: train raised ZeroDivisionError: division by zero ({path}:{line} in train)", failure
+    assert "1 / 0" in failure["traceback"]  # the task's own line, in the traceback the server records
     again = client.fit(fit_ins(spec))
     assert again.status.code == Code.OK and again.num_examples == 8  # len(trainloader.dataset)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -15,7 +16,7 @@ import pytest
 from conftest import PYTHON, REPO
 from services import settings, tls
 from services.certs import make_certificates
-from services.client.connect import free_port, wait_until_listening
+from services.net import free_port, wait_until_listening
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +41,23 @@ def test_make_certs_writes_a_ca_and_a_server_certificate_that_check_out_and_neve
     again = run("scripts/make_certs.py", "--out", str(out))
     assert again.returncode == 2 and "already holds" in again.stderr
     assert (out / "ca.crt").read_bytes() == before
+
+
+def test_make_certs_leaves_what_the_replicas_read_readable_whatever_the_umask(tmp_path):
+    """Issue 20: the replicas (uid 1000 in compose) read ca.crt from a folder another user made;
+    a private umask must not make it unreadable, and must not widen the keys either."""
+    out = tmp_path / "certs"
+    made = subprocess.run([PYTHON, "scripts/make_certs.py", "--out", str(out), "--name", "server"], cwd=REPO,
+                          capture_output=True, text=True, umask=0o077)
+    assert made.returncode == 0, made.stderr
+    modes = {path.name: path.stat().st_mode & 0o777 for path in (out, *out.iterdir())}
+    assert modes == {"certs": 0o755, "ca.crt": 0o644, "server.crt": 0o644, "ca.key": 0o600, "server.key": 0o600}
+
+
+def test_an_error_about_the_entrypoints_copy_names_the_folder_the_user_mounted(tmp_path, monkeypatch):
+    monkeypatch.setenv(tls.SOURCE_ENV, "/tls")
+    with pytest.raises(settings.SettingError, match=re.escape(f"{str(tmp_path)!r} (a private copy of '/tls'): ca.crt is missing")):
+        tls.client_ca(str(tmp_path))
 
 
 def broken(certificates: Path, tmp_path: Path, how: str) -> Path:

@@ -1,4 +1,4 @@
-"""The benchmark's per-member memory sampler (services.monitor.trees) on live process trees: it
+"""The benchmark's per-member memory sampler (benchmarks.trees) on live process trees: it
 runs on the monitor's sampling loop, counts workers by the monitor's worker rule, and reads
 PSS in its first sample."""
 
@@ -17,7 +17,7 @@ import pytest
 from services.monitor.nvml import NvmlReader
 from services.monitor.processes import is_worker_process
 from services.monitor.readings import MIB
-from services.monitor.trees import TreeSampler
+from benchmarks.trees import TreeSampler
 
 # A member that starts one multiprocessing worker and says so once the worker runs its target
 # (past exec: a spawned process still shows its parent's command line until then).

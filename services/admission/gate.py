@@ -37,6 +37,13 @@ class Admission:
     exclusive: bool = False  # hold the whole device (the retry after a CUDA out-of-memory)
     inventory: Inventory | None = None
     poll_seconds: float = 0.05
+    waiting_for: str = "a slot (FL_WORKER_SLOTS)"  # services.worker names it when the wait times out
+
+    def enter(self) -> "Ticket":
+        """services.worker's seam before the job: wait for a slot, confine this process to its device."""
+        ticket = admit(self)
+        enter(ticket)
+        return ticket
 
     def need(self) -> tuple[float | None, bool]:
         """(need in MiB or None, whether it was measured rather than set)."""
@@ -52,6 +59,7 @@ class Ticket:
     wait_seconds: float
     started_at: float  # epoch seconds at which the slot was held
     descriptors: list[int] = field(default_factory=list)  # closed by the kernel when the worker exits
+    admission: Admission | None = None  # what admitted it: after_job remembers the need there
 
     def record(self) -> dict[str, Any]:
         return {
@@ -62,6 +70,10 @@ class Ticket:
             "share_mib": None if self.sizing.share_mib is None else round(self.sizing.share_mib, 1),
             "sizing": self.sizing.reason,
         }
+
+    def after_job(self) -> None:
+        if self.admission is not None:
+            remember(self.admission, self)
 
 
 def admit(admission: Admission) -> Ticket:
@@ -77,13 +89,13 @@ def admit(admission: Admission) -> Ticket:
             need, measured = admission.need()
             if admission.slots == "unlimited":
                 device = max(devices, key=lambda d: d.free_mib)
-                return Ticket(device, size(device, "unlimited", need, 0, measured), 0.0, time.time())
+                return Ticket(device, size(device, "unlimited", need, 0, measured), 0.0, time.time(), admission=admission)
             if admission.exclusive:
                 device = max(devices, key=lambda d: d.free_mib)
                 sizing = size(device, admission.slots, need, 0, measured)
                 held = folders[device.name].take_all()
                 exclusive = Sizing(1, device.total_mib if device.is_gpu else None, f"the whole device (retry after out of memory; {sizing.reason})")
-                return Ticket(device, exclusive, time.monotonic() - asked, time.time(), held)
+                return Ticket(device, exclusive, time.monotonic() - asked, time.time(), held, admission)
             choices = []
             for device in devices:
                 folder = folders[device.name]
@@ -94,7 +106,7 @@ def admit(admission: Admission) -> Ticket:
             for _, _, device, sizing in sorted(choices, key=lambda c: (c[0], c[1]), reverse=True):
                 fd = folders[device.name].try_take(sizing.slots)
                 if fd is not None:
-                    return Ticket(device, sizing, time.monotonic() - asked, time.time(), [fd])
+                    return Ticket(device, sizing, time.monotonic() - asked, time.time(), [fd], admission)
             time.sleep(admission.poll_seconds)
             if time.monotonic() - read_at >= INVENTORY_REFRESH_SECONDS:
                 devices, read_at = inventory.devices() or devices, time.monotonic()

@@ -1,6 +1,6 @@
 """Which devices a worker may be placed on and how much memory each has free.
 
-Behind one small interface (``devices()``) so tests can present fake GPUs. NVML is read in
+Behind one small interface (``devices()``) so tests can present fake GPUs (tests/fake_gpus.py). NVML is read in
 the fresh worker before torch initialises CUDA (NVML needs no CUDA context); the client and
 server processes never read it.
 """
@@ -40,17 +40,6 @@ class Inventory(Protocol):
 class CpuInventory:
     def devices(self) -> list[Device]:
         return [Device("cpu", cores=cores_given())]
-
-
-@dataclass(frozen=True)
-class FakeGpus:
-    """GPUs that are not there (tests, and planning without a GPU): fixed free memory each."""
-
-    free_mib: tuple[float, ...]
-    total_mib: float = 24576.0
-
-    def devices(self) -> list[Device]:
-        return [Device(f"cuda:{i}", f"GPU-fake-{i}", self.total_mib, free) for i, free in enumerate(self.free_mib)]
 
 
 class NvmlInventory:

@@ -19,12 +19,15 @@ from services.admission.sizing import NeedBook
 log = logging.getLogger("bouquet.admission")
 
 
-def run(job: str, kwargs: dict[str, Any], *, timeout: float, start_method: str, admission: Admission | None) -> tuple[worker.WorkerResult, bool]:
-    """(the worker's result, whether it was retried after an out-of-memory); raises WorkerFailed."""
+def run(
+    job: str, kwargs: dict[str, Any], *, timeout: float, start_method: str, admission: Admission | None, wait_timeout: float | None = None,
+) -> tuple[worker.WorkerResult, bool]:
+    """(the worker's result, whether it was retried after an out-of-memory); raises WorkerFailed.
+    Each attempt waits for its slot up to ``wait_timeout`` and runs up to ``timeout`` (services.budget)."""
     if start_method == "inprocess":
         admission = None  # no fresh process, nothing to admit (the comparison mode)
     try:
-        return worker.run(job, kwargs, timeout=timeout, start_method=start_method, admission=admission), False
+        return worker.run(job, kwargs, timeout=timeout, start_method=start_method, admission=admission, wait_timeout=wait_timeout), False
     except worker.WorkerFailed as failure:
         if admission is None or not failure.out_of_memory:
             raise
@@ -35,10 +38,11 @@ def run(job: str, kwargs: dict[str, Any], *, timeout: float, start_method: str, 
         job.partition(":")[2], first_pid, first.get("device"), first.get("slots"), need,
     )
     try:
-        return worker.run(job, kwargs, timeout=timeout, start_method=start_method, admission=dataclasses.replace(admission, exclusive=True)), True
+        alone = dataclasses.replace(admission, exclusive=True)
+        return worker.run(job, kwargs, timeout=timeout, start_method=start_method, admission=alone, wait_timeout=wait_timeout), True
     except worker.WorkerFailed as second:
         if not second.out_of_memory:
             raise
         where = (second.admitted or first).get("device", "?")
         cause = f"CUDA out of memory on GPU {where.partition(':')[2] or where} (needed ~{need:.0f} MiB, slots {first.get('slots')})"
-        raise worker.WorkerFailed(cause, second.pid, out_of_memory=True, admitted=second.admitted) from second
+        raise worker.WorkerFailed(cause, second.pid, out_of_memory=True, admitted=second.admitted, traceback=second.traceback, error_type=second.error_type, detail=second.detail) from second

@@ -11,15 +11,16 @@ start: the first worker's measurement sizes the rest).
 
 from __future__ import annotations
 
-import fcntl
 import json
-import math
 import os
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from services.admission.inventory import Device
-from services.admission.slots import MAX_SLOTS
+from services.files import write_json_atomically
+from services.locks import exclusively
+from services.settings import MAX_SLOTS
 
 OOM_RAISE = 1.5  # after a CUDA out-of-memory, the remembered need grows by this factor
 
@@ -66,12 +67,9 @@ class NeedBook:
     def remember(self, key: str, need_mib: float) -> float:
         """Keep the larger of the remembered and the new need (a worker's peak varies); returns it."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        with open(self.folder / ".lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with exclusively(self.folder / ".lock"):
             kept = max(need_mib, self.read(key) or 0.0)
-            temporary = self._path(key).with_suffix(f".{os.getpid()}.tmp")
-            temporary.write_text(json.dumps({"need_mib": round(kept, 1)}))
-            os.replace(temporary, self._path(key))
+            write_json_atomically(self._path(key), {"need_mib": round(kept, 1)})
         return kept
 
     def raise_after_oom(self, key: str, share_mib: float | None) -> float:

@@ -12,35 +12,11 @@ holders to leave. Others look at the gate only for the instant of an attempt.
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import os
 from pathlib import Path
 
-MAX_SLOTS = 64  # per device; an exclusive holder takes all of them
-
-
-def _open(path: Path) -> int:
-    """A descriptor on the lock file, created readable and writable by every replica's user."""
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    except PermissionError:  # created by another user without write access: flock works read-only too
-        return os.open(path, os.O_RDONLY)
-    try:
-        os.fchmod(fd, 0o666)
-    except OSError:
-        pass
-    return fd
-
-
-def _try(fd: int, mode: int) -> bool:
-    try:
-        fcntl.flock(fd, mode | fcntl.LOCK_NB)
-        return True
-    except OSError as error:
-        if error.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-            return False
-        raise
+from services.locks import lock, open_lock_file, try_lock, unlock
+from services.settings import MAX_SLOTS  # an exclusive holder takes all of them
 
 
 class DeviceSlots:
@@ -57,7 +33,7 @@ class DeviceSlots:
 
     def _fd(self, name: str) -> int:
         if name not in self._fds:
-            self._fds[name] = _open(self.folder / name)
+            self._fds[name] = open_lock_file(self.folder / name, shared_by_users=True)
         return self._fds[name]
 
     @staticmethod
@@ -72,8 +48,8 @@ class DeviceSlots:
             if self.slot_name(index) not in existing:
                 continue
             fd = self._fd(self.slot_name(index))
-            if _try(fd, fcntl.LOCK_SH):
-                fcntl.flock(fd, fcntl.LOCK_UN)
+            if try_lock(fd, exclusive=False):
+                unlock(fd)
             else:
                 count += 1
         return count
@@ -81,35 +57,35 @@ class DeviceSlots:
     def reserved(self) -> bool:
         """True while a worker holds (or waits for) the whole device."""
         gate = self._fd("gate.lock")
-        if _try(gate, fcntl.LOCK_SH):
-            fcntl.flock(gate, fcntl.LOCK_UN)
+        if try_lock(gate, exclusive=False):
+            unlock(gate)
             return False
         return True
 
     def try_take(self, limit: int) -> int | None:
         """Take a free slot among the first ``limit``; the held slot's descriptor, or None."""
         gate = self._fd("gate.lock")
-        if not _try(gate, fcntl.LOCK_SH):
+        if not try_lock(gate, exclusive=False):
             return None
         try:
             for index in range(min(limit, MAX_SLOTS)):
                 name = self.slot_name(index)
                 fd = self._fd(name)
-                if _try(fd, fcntl.LOCK_EX):
+                if try_lock(fd):
                     del self._fds[name]  # the caller owns it now
                     return fd
             return None
         finally:
-            fcntl.flock(gate, fcntl.LOCK_UN)
+            unlock(gate)
 
     def take_all(self) -> list[int]:
         """Wait until this worker holds the whole device: the gate, then every slot."""
         gate = self._fd("gate.lock")
-        fcntl.flock(gate, fcntl.LOCK_EX)
+        lock(gate)
         held = [self._fds.pop("gate.lock")]
         for index in range(MAX_SLOTS):
             fd = self._fd(self.slot_name(index))
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            lock(fd)
             held.append(self._fds.pop(self.slot_name(index)))
         return held
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 
-from services import logs, roster, tls, worker
+from services import joining, logs, roster, tls, worker
 from services import settings as settings_module
 from services.client.connect import ServerUnreachable, wait_for_server
 from services.client.identity import identity as client_identity
@@ -32,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
 def validate(values: ClientSettings) -> ClientSettings:
     if values.tls_dir is not None:
         tls.client_ca(values.tls_dir)
-    return values
+    return dataclasses.replace(values, join_token=joining.token_of(values.join_token, values.join_token_file))
 
 
 def serve(settings: ClientSettings, identity: str) -> int:
@@ -41,7 +42,7 @@ def serve(settings: ClientSettings, identity: str) -> int:
     rejoins under the same identity, so with the same partition."""
     from services.client import flower  # imported late: validation comes first
 
-    client = flower.WorkerClient(identity, Placement.from_settings(settings), settings.worker_start, admitting=settings)
+    client = flower.WorkerClient(identity, Placement.from_settings(settings), settings.worker_start, admitting=settings, join_token=settings.join_token)
     ca = tls.client_ca(settings.tls_dir) if settings.tls_dir else None
     prestarted = False
     while True:
@@ -63,10 +64,23 @@ def serve(settings: ClientSettings, identity: str) -> int:
         except KeyboardInterrupt:
             return 130
         except Exception as problem:  # the connection broke: the server died or restarts
+            if client.refused is not None:
+                return refused(identity, client.refused)
             log.warning("client %s lost the server (%s); waiting for it to come back", identity, flower.describe_loss(problem))
             continue
+        if client.refused is not None:
+            return refused(identity, client.refused)
         log.info("client %s: server ended the run", identity)
         return 0
+
+
+def refused(identity: str, reason: str) -> int:
+    """The server would not let this client join: a setting of this deployment, so exit 2."""
+    log.error(
+        "client %s: the server refused to let it join: %s; give it the deployment's join token (--join-token / FL_JOIN_TOKEN or --join-token-file / FL_JOIN_TOKEN_FILE)",
+        identity, reason,
+    )
+    return settings_module.EXIT_BAD_SETTING
 
 
 if __name__ == "__main__":

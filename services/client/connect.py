@@ -2,27 +2,23 @@
 
 Replicas may start before the server listens (or while it restarts). Probing the TCP port
 first turns gRPC's "failed to connect to all addresses" into a clear wait, and a deadline
-into one clear error instead of a client that retries forever. The local launcher and the
-benchmark, which start servers themselves, wait on them with the same probe.
+into one clear error instead of a client that retries forever. The address parser and the
+probes shared with the launcher and the benchmark live in ``services.net``.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
-import subprocess
 import time
+
+from services.net import split_address
 
 log = logging.getLogger("bouquet.client")
 
 
 class ServerUnreachable(RuntimeError):
     pass
-
-
-def split_address(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    return host.strip("[]"), int(port)
 
 
 def wait_for_server(address: str, timeout: float, first_delay: float = 0.25, max_delay: float = 5.0) -> float:
@@ -50,25 +46,3 @@ def wait_for_server(address: str, timeout: float, first_delay: float = 0.25, max
             log.info("waiting for server %s (%s)", address, last_error)
         time.sleep(min(delay, remaining))
         delay = min(delay * 2, max_delay)
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def wait_until_listening(address: str, process: subprocess.Popen, timeout: float, name: str) -> None:
-    """Return once the process we started accepts connections on ``address``; raise
-    RuntimeError if it exits first or does not listen within ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{name} exited with code {process.returncode} before listening on {address}")
-        try:
-            wait_for_server(address, timeout=0.5)
-            return
-        except ServerUnreachable:
-            continue
-    raise RuntimeError(f"{name} did not listen on {address} within {timeout:g} s")

@@ -26,8 +26,9 @@ from flwr.common import (
     parameters_to_ndarrays,
 )
 
-from services import protocol, worker
+from services import joining, protocol, worker
 from services.admission import config as admission_config, retry
+from services.failures import Kind
 from services.settings import LocalSettings
 from services.taskspec import Placement, TaskSpec
 
@@ -35,16 +36,31 @@ log = logging.getLogger("bouquet.client")
 
 
 class WorkerClient(Client):
-    def __init__(self, identity: str, placement: Placement, start_method: str, admitting: LocalSettings | None = None) -> None:
+    def __init__(
+        self, identity: str, placement: Placement, start_method: str, admitting: LocalSettings | None = None, join_token: str | None = None
+    ) -> None:
         """``admitting``: the settings that admit workers to slots (worker_slots, worker_memory_mib,
-        slots_dir, data_dir, device); None runs workers without admission."""
+        slots_dir, data_dir, device); None runs workers without admission. ``join_token``: the
+        secret this client proves when the server asks (services.joining)."""
         self.identity = identity
         self.placement = placement
         self.start_method = start_method
         self.admitting = admitting
+        self.join_token = join_token
+        self.refused: str | None = None  # why the server refused this client, once it said so
 
     def get_properties(self, ins: GetPropertiesIns) -> GetPropertiesRes:
-        return GetPropertiesRes(status=Status(Code.OK, ""), properties={protocol.IDENTITY_PROPERTY: self.identity})
+        """The identity, and the proof of the join token when the server sends a nonce. The
+        server also uses this message to say that it refuses the client, and why."""
+        refused = ins.config.get(protocol.JOIN_REFUSED)
+        if isinstance(refused, str):
+            self.refused = refused
+            return GetPropertiesRes(status=Status(Code.OK, ""), properties={})
+        properties: dict[str, Any] = {protocol.IDENTITY_PROPERTY: self.identity}
+        nonce = ins.config.get(protocol.JOIN_NONCE)
+        if isinstance(nonce, str) and self.join_token is not None:
+            properties[protocol.JOIN_PROOF] = joining.proof(self.join_token, nonce, self.identity)
+        return GetPropertiesRes(status=Status(Code.OK, ""), properties=properties)
 
     def fit(self, ins: FitIns) -> FitRes:
         result = self._run("services.task:train", ins, with_round=True)
@@ -96,13 +112,17 @@ class WorkerClient(Client):
                     inputs["proximal_mu"] = float(ins.config[protocol.PROXIMAL_MU])
         except (KeyError, TypeError, ValueError) as problem:
             log.error("round %s: unreadable round config: %s: %s", server_round, type(problem).__name__, problem)
-            return protocol.encode_failure(f"unreadable round config: {type(problem).__name__}: {problem}", client_pid=os.getpid())
+            cause = f"unreadable round config: {type(problem).__name__}: {problem}"
+            return protocol.encode_failure(cause, kind=Kind.START_FAILED.value, client_pid=os.getpid())
         admission = admission_config.admission_for(self.admitting, job, spec) if self.admitting is not None else None
+        wait = float(ins.config.get(protocol.SLOT_WAIT_TIMEOUT, spec.worker_timeout))  # this round's, from the server (services.budget)
         try:
-            return retry.run(job, inputs, timeout=spec.worker_timeout, start_method=self.start_method, admission=admission)
+            return retry.run(job, inputs, timeout=spec.worker_timeout, start_method=self.start_method, admission=admission, wait_timeout=wait)
         except worker.WorkerFailed as failure:
-            log.error("round %s: %s worker (pid %s) failed: %s", server_round, job.partition(":")[2], failure.pid, failure.cause)
-            return protocol.encode_failure(failure.cause, worker_pid=failure.pid, client_pid=os.getpid())
+            log.error("round %s: %s worker (pid %s) failed (%s): %s", server_round, job.partition(":")[2], failure.pid, failure.kind, failure.cause)
+            if failure.traceback:
+                log.error("round %s: the worker's traceback:\n%s", server_round, failure.traceback.rstrip())
+            return protocol.encode_failure(**failure.record(), client_pid=os.getpid())
 
     @staticmethod
     def _read_config(config: dict[str, Any]) -> tuple[TaskSpec, int, int, int]:

@@ -10,10 +10,11 @@ gets a new one, as a new container gets a new hostname.
 
 from __future__ import annotations
 
-import os
 import secrets
 import socket
 from pathlib import Path
+
+from services.files import atomic_write
 
 ID_FILE = ".bouquet-identity"
 
@@ -35,7 +36,6 @@ def container_suffix(home: Path) -> str:
     except FileNotFoundError:
         pass
     suffix = secrets.token_hex(6)
-    partial = path.with_name(f"{ID_FILE}.{os.getpid()}")
-    partial.write_text(suffix + "\n")
-    os.replace(partial, path)
+    with atomic_write(path) as out:
+        out.write(suffix + "\n")
     return suffix

@@ -25,6 +25,7 @@ import sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from services import logs
+from services.net import split_address
 
 log = logging.getLogger("bouquet.inspect_proxy")
 
@@ -93,8 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--socket", default="/var/run/docker.sock", help="the Docker socket (default /var/run/docker.sock)")
     options = parser.parse_args(argv)
     logs.setup()
-    host, _, port = options.listen.rpartition(":")
-    server = ThreadingHTTPServer((host, int(port)), make_handler(options.socket))
+    host, port = split_address(options.listen)
+    server = ThreadingHTTPServer((host, port), make_handler(options.socket))
     log.info("serving GET /containers/<id>/json (names, hostname, labels only) on %s from %s", options.listen, options.socket)
     try:
         server.serve_forever()

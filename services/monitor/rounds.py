@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from services.files import read_json_lines
 
@@ -66,3 +66,17 @@ def label(rounds: list[Round], when: float, final: bool) -> tuple[int | None, st
                 return current.number, BETWEEN
             return (current.number, AFTER) if final else (None, "")
     return None, ""
+
+
+def clients_of(rounds: list[Round]) -> Iterator[dict[str, Any]]:
+    """Every client's record of every round (its device and its worker's start and end times:
+    what services.admission.records.workers_alive reads)."""
+    return (client for current in rounds for client in current.record.get("clients", []))
+
+
+def settled_slots(rounds: list[Round]) -> dict[str, Any]:
+    """The slots per device in force in the last round that recorded them."""
+    for current in reversed(rounds):
+        if current.record.get("slots_per_device"):
+            return dict(current.record["slots_per_device"])
+    return {}

@@ -2,7 +2,7 @@
 thread stays free to follow the run and to stop cleanly. ``Periodic`` is that loop, shared by
 the monitor's ``Sampler`` (each sample becomes rows of memory.csv: one per device and one per
 process, attributed to replica and round) and the benchmark's per-member ``TreeSampler``
-(services.monitor.trees)."""
+(benchmarks/trees.py)."""
 
 from __future__ import annotations
 

@@ -8,7 +8,9 @@ Definitions (docs/monitor.md explains them for users):
   initial model may just be ending): what the run holds when nothing computes.
 - helpers (multiprocessing's resource tracker and forkserver, other subprocesses of a client)
   are left out of baseline and residuals: they start with the first worker, stay for the
-  client's life and never touch the GPU (NVML never lists them); memory.csv keeps them.
+  client's life and never touch the GPU (NVML never lists them); memory.csv keeps them, and
+  ``helpers`` says what they hold (on the host an idle forkserver that imported torch is a few
+  hundred MiB per replica: `docker stats` counts it, so the report shows it as its own figure).
 - residual after round N: memory at the first sample at or after the round ended, counting only
   processes that already existed when it ended (a worker of round N+1 that started a few
   milliseconds later is not memory round N left behind), minus the baseline.
@@ -97,13 +99,21 @@ def summarize(rows: list[dict[str, Any]], rounds: list[Round], tolerance_mib: fl
     baselines = Baselines(samples, rounds, restarted_at)
     peak = max(samples, key=lambda s: s.overall())
     crowded = max(samples, key=lambda s: len(s.workers()))
+    held_peak = max(samples, key=lambda s: s.overall(held=True))
     summary: dict[str, Any] = {
         "samples": len(samples),
         "first_sample_at": iso(samples[0].t),
         "last_sample_at": iso(samples[-1].t),
         "baseline": {"at": iso(base.t), "overall_mib": _mib(base_overall), "per_replica_mib": {k: _mib(v) for k, v in sorted(base_replicas.items())}},
-        "peak": {"at": iso(peak.t), "round": label(rounds, peak.t, final=True)[0], "overall_mib": _mib(peak.overall()), "above_baseline_mib": _mib(peak.overall() - base_overall)},
-        "max_workers_alive": {"count": len(crowded.workers()), "at": iso(crowded.t), "round": label(rounds, crowded.t, final=True)[0]},
+        "peak": {
+            "at": iso(peak.t), "round": label(rounds, peak.t, final=True)[0], "overall_mib": _mib(peak.overall()),
+            "above_baseline_mib": _mib(peak.overall() - base_overall), "without_helpers_mib": _mib(held_peak.overall(held=True)),
+        },
+        "max_workers_alive": {
+            "count": len(crowded.workers()), "client_workers": len(crowded.workers("worker")), "server_workers": len(crowded.workers("server-worker")),
+            "at": iso(crowded.t), "round": label(rounds, crowded.t, final=True)[0],
+        },
+        "helpers": _helpers(samples, base),
         "replicas": _replicas(samples, base.t),
         "rounds": [_round(samples, current, baselines) for current in rounds],
     }
@@ -116,15 +126,41 @@ def summarize(rows: list[dict[str, Any]], rounds: list[Round], tolerance_mib: fl
     return summary
 
 
+def _helper_mib(sample: Sample) -> float:
+    return sum(r["memory_mib"] or 0.0 for r in sample.processes if r["role"] == "helper")
+
+
+def _helpers(samples: list[Sample], base: Sample) -> dict[str, Any]:
+    """What the helpers (idle forkservers, resource trackers) held: at the baseline, at most, at
+    the last sample, and how many there were then. Left out everywhere else in the summary."""
+    last = samples[-1]
+    return {
+        "at_baseline_mib": _mib(_helper_mib(base)),
+        "max_mib": _mib(max(_helper_mib(s) for s in samples)),
+        "last_mib": _mib(_helper_mib(last)),
+        "last_processes": sum(1 for r in last.processes if r["role"] == "helper"),
+        "last_at": iso(last.t),
+        "last_overall_mib": _mib(last.overall()),
+    }
+
+
 def _replicas(samples: list[Sample], since: float) -> dict[str, Any]:
-    """Per replica: the range of its long-lived process (flat is good) and its workers."""
+    """Per replica: the range of its long-lived process (flat is good), its peak (its processes
+    and workers, helpers left out as in the chart), its helpers' most, and its workers."""
     out: dict[str, Any] = {}
     for sample in samples:
-        totals = sample.by_replica()
+        totals = sample.by_replica(held=True)
+        helpers: dict[str, float] = defaultdict(float)
         for row in sample.processes:
-            entry = out.setdefault(row["replica"], {"roles": set(), "process_min_mib": None, "process_max_mib": None, "peak_mib": 0.0, "worker_pids": set()})
+            if row["role"] == "helper":
+                helpers[row["replica"]] += row["memory_mib"] or 0.0
+        for row in sample.processes:
+            entry = out.setdefault(
+                row["replica"], {"roles": set(), "process_min_mib": None, "process_max_mib": None, "peak_mib": 0.0, "helpers_max_mib": 0.0, "worker_pids": set()}
+            )
             entry["roles"].add(row["role"])
-            entry["peak_mib"] = max(entry["peak_mib"], totals[row["replica"]])
+            entry["peak_mib"] = max(entry["peak_mib"], totals.get(row["replica"], 0.0))
+            entry["helpers_max_mib"] = max(entry["helpers_max_mib"], helpers.get(row["replica"], 0.0))
             if row["role"] in WORKERS:
                 entry["worker_pids"].add(row["pid"])
             elif row["role"] in ("client", "server") and sample.t >= since and row["memory_mib"] is not None:
@@ -137,6 +173,7 @@ def _replicas(samples: list[Sample], since: float) -> dict[str, Any]:
             "process_min_mib": None if entry["process_min_mib"] is None else _mib(entry["process_min_mib"]),
             "process_max_mib": None if entry["process_max_mib"] is None else _mib(entry["process_max_mib"]),
             "peak_mib": _mib(entry["peak_mib"]),
+            "helpers_max_mib": _mib(entry["helpers_max_mib"]),
             "workers_seen": len(entry["worker_pids"]),
         }
         for name, entry in sorted(out.items())
@@ -205,7 +242,7 @@ def _round(samples: list[Sample], current: Round, baselines: Baselines) -> dict[
         "started_at": iso(current.started),
         "ended_at": iso(current.ended),
         "samples": len(inside),
-        "peak_mib": _mib(max((s.overall() for s in inside), default=0.0)),
+        "peak_mib": _mib(max((s.overall(held=True) for s in inside), default=0.0)),  # helpers left out, as in the chart
         "max_workers_alive": max((len(s.workers()) for s in inside), default=0),
         "worker_pids_seen": sorted({r["pid"] for s in inside for r in s.workers("worker")}),
     }
@@ -229,7 +266,7 @@ def verdict(rounds: list[dict[str, Any]], tolerance_mib: float) -> dict[str, Any
     if not measured:
         return {"ok": None, "tolerance_mib": tolerance_mib, "text": "no round finished while the monitor was recording: nothing to judge"}
     for record in measured:
-        if _failed(record, tolerance_mib):
+        if round_failed(record, tolerance_mib):
             culprits = {name: value for name, value in record["residual_per_replica_mib"].items() if value > tolerance_mib}
             if culprits:
                 name, value = max(culprits.items(), key=lambda item: item[1])
@@ -237,8 +274,8 @@ def verdict(rounds: list[dict[str, Any]], tolerance_mib: float) -> dict[str, Any
             elif record["workers_left"]:
                 what = f"{record['workers_left']} worker(s) of the round were still alive"
             else:
-                what = f"the device held {record['residual_mib']:.0f} MiB above baseline ({_replicas_in(record)} replica(s))"
-            others = [r["round"] for r in measured if r is not record and _failed(r, tolerance_mib)]
+                what = f"the device held {record['residual_mib']:.0f} MiB above baseline ({replicas_in(record)} replica(s))"
+            others = [r["round"] for r in measured if r is not record and round_failed(r, tolerance_mib)]
             tail = f"; also rounds {', '.join(map(str, others))}" if others else ""
             return {
                 "ok": False,
@@ -260,15 +297,20 @@ def verdict(rounds: list[dict[str, Any]], tolerance_mib: float) -> dict[str, Any
     }
 
 
-def _replicas_in(record: dict[str, Any]) -> int:
+def replicas_in(record: dict[str, Any]) -> int:
     return max(1, len(record["residual_per_replica_mib"]))
 
 
-def _failed(record: dict[str, Any], tolerance_mib: float) -> bool:
+def overall_tolerance_mib(record: dict[str, Any], tolerance_mib: float) -> float:
     """The tolerance is per replica: each replica's processes may keep that much (a client's own
     heap settles after its first round), so the device as a whole may keep it once per replica."""
+    return tolerance_mib * replicas_in(record)
+
+
+def round_failed(record: dict[str, Any], tolerance_mib: float) -> bool:
+    """Whether the round kept memory: the verdict's rule, and the report's highlights."""
     return bool(
-        record["residual_mib"] > tolerance_mib * _replicas_in(record)
+        record["residual_mib"] > overall_tolerance_mib(record, tolerance_mib)
         or record["workers_left"]
         or any(value > tolerance_mib for value in record["residual_per_replica_mib"].values())
     )

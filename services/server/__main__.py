@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import TypeVar
 
-from services import logs, roster, tls, worker
+from services import joining, logs, roster, tls, worker
 from services import settings as settings_module
 from services.server import resume
 from services.server.central import CentralEvaluator
@@ -41,6 +41,7 @@ def validate(values: S) -> S:
     values = dataclasses.replace(values, strategy_args=strategies.parse_args(values.strategy, values.strategy_args))
     if values.tls_dir is not None:
         tls.server_files(values.tls_dir)
+    values = dataclasses.replace(values, join_token=joining.token_of(values.join_token, values.join_token_file))
     if values.min_fit_clients > values.min_clients:
         raise settings_module.SettingError(
             f"--min-fit-clients / FL_MIN_FIT_CLIENTS = {values.min_fit_clients}: must not exceed "
@@ -56,9 +57,9 @@ def check_task(settings: ServerSettings, evaluator: CentralEvaluator) -> dict:
     try:
         info = evaluator.inspect()
     except worker.WorkerFailed as failure:
-        if not failure.cause.startswith("TaskError: "):  # the worker itself failed (timeout, killed): not the task's fault
-            raise RuntimeError(f"could not check the task (FL_TASK = {settings.task!r}) in a worker: {failure.cause}") from None
-        raise settings_module.SettingError(f"--task / FL_TASK = {settings.task!r}: {failure.cause.removeprefix('TaskError: ')}") from None
+        if failure.error_type != "TaskError":  # the worker itself failed (timeout, killed) or Bouquet's code did: not the task's fault
+            raise RuntimeError(f"could not check the task (FL_TASK = {settings.task!r}) in a worker ({failure.kind}): {failure.cause}") from None
+        raise settings_module.SettingError(f"--task / FL_TASK = {settings.task!r}: {failure.detail}") from None
     if settings.strategy == "fedprox" and not info["train_takes_proximal_mu"]:
         raise settings_module.SettingError(
             f"--strategy / FL_STRATEGY = 'fedprox': the task's train() (FL_TASK = {settings.task!r}) takes no proximal_mu "
@@ -125,6 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     folder = state.folder
     log.info("run %s: results in %s", folder.run_id, folder.path)
     log.info("gRPC on %s with %s", settings.listen_address, f"TLS (certificates from {settings.tls_dir})" if settings.tls_dir else "no TLS (plaintext; FL_TLS_DIR unset)")
+    if settings.join_token is None:
+        log.warning("no join token (FL_JOIN_TOKEN / FL_JOIN_TOKEN_FILE unset): any client that reaches %s may join the run", settings.listen_address)
+    else:
+        log.info("clients must prove the join token to join (challenge-response; the token never travels)")
 
     recorder = RoundRecorder(folder, rounds=resumed.rounds if resumed else None, initial=state.data.get("initial"))
     tracking = RunTracking(
@@ -166,6 +171,10 @@ def main(argv: list[str] | None = None) -> int:
                 "rounds_recorded": len(recorder.rounds),
                 "rounds_without_training": [r["round"] for r in recorder.rounds if not r["trained"]],
                 "rounds_trained_by_partition": recorder.rounds_trained_by_partition(registry.num_partitions),
+                "updates_rejected": recorder.updates_rejected,
+                "updates_clipped": recorder.updates_clipped,
+                "joins_refused": recorder.joins_refused,
+                "rounds_missed_by_partition": recorder.rounds_missed_by_partition(),
                 "initial_accuracy": recorder.initial.get("accuracy"),
                 "initial_loss": recorder.initial.get("loss"),
                 "final_accuracy": last.get("accuracy"),

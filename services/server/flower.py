@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -24,6 +24,7 @@ from flwr.common import (
     FitRes,
     GetPropertiesIns,
     Parameters,
+    ReconnectIns,
     Scalar,
     ndarrays_to_parameters,
     parameters_to_ndarrays,
@@ -33,9 +34,11 @@ from flwr.server.client_manager import ClientManager, SimpleClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
-from services import protocol, tls, worker
+from services import joining, protocol, tls, worker
+from services import settings as settings_module
+from services.budget import JobBudget
 from services.server.central import CentralEvaluator
-from services.server import strategies
+from services.server import strategies, updates
 from services.server.membership import Holder, Membership
 from services.server.results import RoundRecorder, RunState
 from services.settings import ServerSettings
@@ -44,6 +47,7 @@ from services.taskspec import TaskSpec
 log = logging.getLogger("bouquet.server")
 
 IDENTITY_TIMEOUT_S = 30.0
+REFUSAL_TIMEOUT_S = 5.0  # to tell a refused connection why and ask it to leave
 HOLDERS_POLL_S = 0.5
 LOST_ROUND_RETRIES = 3  # attempts of one round that may end with every client's connection lost
 
@@ -53,11 +57,17 @@ class ConnectedClients:
 
     Flower's client manager hands out its live dictionary, which gRPC threads change as clients
     come and go; every look here works on a copy taken in one step, and a client that vanishes
-    while asked is skipped, not fatal."""
+    while asked is skipped, not fatal. With a join token, the question carries a fresh nonce and
+    a connection whose answer does not prove the token is refused: told why, asked to
+    disconnect, dropped from the client manager, and counted. A connection that cannot be used
+    (no or a bad identity, no answer) is logged once and not asked again."""
 
-    def __init__(self, client_manager: ClientManager) -> None:
+    def __init__(self, client_manager: ClientManager, join_token: str | None = None, on_refused: Callable[[], None] = lambda: None) -> None:
         self.client_manager = client_manager
+        self.join_token = join_token
+        self.on_refused = on_refused
         self._identity_by_cid: dict[str, str] = {}
+        self._unusable: set[str] = set()  # connections refused or ignored: logged once, never asked again
         self._proxies: dict[str, ClientProxy] = {}
 
     def snapshot(self) -> dict[str, str]:
@@ -66,6 +76,7 @@ class ConnectedClients:
         current = {cid for cid, _ in proxies}
         for gone in set(self._identity_by_cid) - current:
             del self._identity_by_cid[gone]
+        self._unusable &= current
         self._proxies = dict(proxies)
         out = {}
         for cid, proxy in proxies:
@@ -80,19 +91,61 @@ class ConnectedClients:
     def proxy(self, cid: str) -> ClientProxy:
         return self._proxies[cid]
 
+    def known(self, cid: str) -> str | None:
+        """The identity a connection reported, without asking anyone."""
+        return self._identity_by_cid.get(cid)
+
     def _identity_of(self, proxy: ClientProxy) -> str | None:
-        if proxy.cid not in self._identity_by_cid:
-            try:
-                reply = proxy.get_properties(GetPropertiesIns(config={}), timeout=IDENTITY_TIMEOUT_S, group_id=None)
-            except Exception as error:  # a client that vanished while we asked
-                log.warning("could not ask connection %s for its identity: %s", proxy.cid, error)
+        if proxy.cid in self._identity_by_cid or proxy.cid in self._unusable:
+            return self._identity_by_cid.get(proxy.cid)
+        nonce = joining.new_nonce() if self.join_token else None
+        try:
+            reply = proxy.get_properties(
+                GetPropertiesIns(config={protocol.JOIN_NONCE: nonce} if nonce else {}), timeout=IDENTITY_TIMEOUT_S, group_id=None
+            )
+        except Exception as error:  # a client that vanished (or never answers) while we asked
+            self._ignore(proxy, f"could not ask it for its identity ({type(error).__name__}: {error})")
+            return None
+        properties = reply.properties if reply.status.code == Code.OK else {}
+        identity = properties.get(protocol.IDENTITY_PROPERTY)
+        if nonce is not None:
+            answer = properties.get(protocol.JOIN_PROOF)
+            if answer is None:
+                self._refuse(proxy, identity, "no join secret presented (the server requires FL_JOIN_TOKEN / FL_JOIN_TOKEN_FILE)")
                 return None
-            identity = reply.properties.get(protocol.IDENTITY_PROPERTY)
-            if reply.status.code != Code.OK or not isinstance(identity, str):
-                log.warning("connection %s did not report a %r property; ignoring it", proxy.cid, protocol.IDENTITY_PROPERTY)
+            if not isinstance(identity, str) or not joining.verified(self.join_token, nonce, identity, answer):
+                self._refuse(proxy, identity, "wrong join secret")
                 return None
-            self._identity_by_cid[proxy.cid] = identity
-        return self._identity_by_cid[proxy.cid]
+        if not isinstance(identity, str):
+            self._ignore(proxy, f"it did not report a {protocol.IDENTITY_PROPERTY!r} property")
+            return None
+        try:
+            settings_module.identifier(identity)
+        except ValueError as allowed:
+            self._ignore(proxy, f"its {protocol.IDENTITY_PROPERTY} {identity[:80]!r} is unusable: {allowed}")
+            return None
+        self._identity_by_cid[proxy.cid] = identity
+        return identity
+
+    def _ignore(self, proxy: ClientProxy, why: str) -> None:
+        self._unusable.add(proxy.cid)
+        log.warning("ignoring connection %s: %s (logged once per connection)", proxy.cid, why)
+
+    def _refuse(self, proxy: ClientProxy, identity: object, reason: str) -> None:
+        """Tell the client why (a Bouquet client exits naming the setting), ask it to disconnect;
+        one that does not is cut off and dropped from the client manager either way."""
+        self._unusable.add(proxy.cid)
+        self.on_refused()
+        shown = repr(identity[:80]) if isinstance(identity, str) else "none"
+        log.warning("refused connection %s (client-id %s): %s", proxy.cid, shown, reason)
+        try:
+            proxy.get_properties(GetPropertiesIns(config={protocol.JOIN_REFUSED: reason}), timeout=REFUSAL_TIMEOUT_S, group_id=None)
+            proxy.reconnect(ReconnectIns(seconds=None), timeout=REFUSAL_TIMEOUT_S, group_id=None)
+        except Exception:  # a client that does not play along is cut off below
+            bridge = getattr(proxy, "bridge", None)
+            if bridge is not None:
+                bridge.close()
+        self.client_manager.unregister(proxy)
 
 
 class ChosenClients(ClientManager):
@@ -161,28 +214,50 @@ class BouquetStrategy(Strategy):
         self.inner: Strategy | None = None
         self.seed = settings.seed
         self._sampled: dict[str, tuple[str, int]] = {}
+        self._fit_started = time.monotonic()  # when the clients of this round were asked to train
         self.every_connection_lost = False  # in the last round's training: nobody answered at all
+        self.max_update_norm = settings.max_update_norm
+        self.layout: updates.Layout = []
+        self._global_parameters: Parameters | None = None  # this round's global model
+        self._global_weights: list[np.ndarray] | None = None  # the same as arrays, when updates are clipped
 
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
         """The seeded initial model, built in a worker once the port is already open (or a resumed
         run's last checkpoint); the Flower strategy starts from it."""
         weights = self.resume_from if self.resume_from is not None else self.evaluator.initial_weights()
         initial = ndarrays_to_parameters(weights)
+        self.layout = updates.layout_of(weights)  # every update and aggregate is checked against it
         self.inner = strategies.build(self.strategy_name, self.strategy_args, initial)
+        self._global_parameters = initial
         return initial
 
     # -- training -------------------------------------------------------------------------
+
+    def budget(self) -> JobBudget:
+        """Each client job's time this run (services.budget): at most one job per partition per round."""
+        return JobBudget.for_round(self.spec.worker_timeout, self.membership.registry.num_partitions or 1)
 
     def _base_config(self, server_round: int) -> dict[str, Scalar]:
         return {
             **self.spec.to_config(),
             protocol.SERVER_ROUND: server_round,
             protocol.NUM_PARTITIONS: self.membership.registry.num_partitions or 0,
+            protocol.SLOT_WAIT_TIMEOUT: self.budget().slot_wait_s,
         }
+
+    def _no_result(self, errors: str) -> dict[str, Any]:
+        """A sampled client that sent nothing back: past the round's deadline it timed out (its
+        job's budget is spent), before it the connection was lost."""
+        budget = self.budget()
+        if time.monotonic() - self._fit_started >= budget.deadline_s:
+            return {"kind": "timed out", "cause": f"timed out after {budget.deadline_s:g} s (its job's time budget: {budget.describe()})"}
+        return {"cause": f"no result from client ({errors})"}
 
     def configure_fit(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, FitIns]]:
+        self._global_parameters = parameters
+        self._global_weights = parameters_to_ndarrays(parameters) if self.max_update_norm is not None else None
         holders = self._wait_for_holders(server_round)
         missing = self.membership.missing(holders)
         self.recorder.partitions_missing(missing)
@@ -191,6 +266,7 @@ class BouquetStrategy(Strategy):
         wanted = min(len(holders), max(int(len(holders) * self.fraction_fit), self.min_fit_clients))
         chosen = sample_for_round(holders, wanted, self.seed, server_round)
         self._sampled = {holder.cid: (holder.identity, holder.partition) for holder in chosen}
+        self._fit_started = time.monotonic()
         base = self._base_config(server_round)
         log.info("round %d: training on %d of %d partition holders", server_round, len(chosen), len(holders))
         proxies = {h.cid: self.clients.proxy(h.cid) for h in chosen}
@@ -211,7 +287,7 @@ class BouquetStrategy(Strategy):
         least FL_MIN_FIT_CLIENTS of them are: a replica restarting, or all of them stopping
         before the server does (`docker compose down`), must not burn rounds with nobody in them."""
         needed = min(self.min_fit_clients, self.membership.registry.num_partitions or 0)
-        holders = self.membership.holders(self.clients.snapshot())
+        holders = self.membership.hand_out_partitions(self.clients.snapshot())
         if len(holders) >= needed:
             return holders
         log.warning(
@@ -221,7 +297,7 @@ class BouquetStrategy(Strategy):
         deadline = time.monotonic() + self.membership.join_timeout
         while len(holders) < needed and time.monotonic() < deadline:
             time.sleep(HOLDERS_POLL_S)
-            holders = self.membership.holders(self.clients.snapshot())
+            holders = self.membership.hand_out_partitions(self.clients.snapshot())
         return holders
 
     def aggregate_fit(
@@ -230,11 +306,21 @@ class BouquetStrategy(Strategy):
         results: list[tuple[ClientProxy, FitRes]],
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
-        clients, failed, answered = [], [], set()
+        """Every update is checked (services.server.updates) before the Flower strategy sees
+        it; a failing one is left out and recorded with its reason. The strategy's result is
+        checked too: no client's answer, and no arithmetic, can end the run or make the global
+        model non-finite."""
+        clients, failed, rejected, accepted, answered = [], [], [], [], set()
         for proxy, res in results:
             answered.add(proxy.cid)
             identity, partition = self._sampled.get(proxy.cid, (None, None))
-            clients.append({"id": identity, "partition": partition, "num_examples": res.num_examples, **dict(res.metrics)})
+            vetted = self._vet(res)
+            if isinstance(vetted, str):
+                rejected.append({"id": identity, "partition": partition, "reason": vetted})
+                continue
+            kept, notes = vetted
+            accepted.append((proxy, kept))
+            clients.append({**dict(res.metrics), **notes, "id": identity, "partition": partition, "num_examples": res.num_examples})
         errors = []
         for failure in failures:
             if isinstance(failure, BaseException):
@@ -243,22 +329,62 @@ class BouquetStrategy(Strategy):
             proxy, res = failure
             answered.add(proxy.cid)
             identity, partition = self._sampled.get(proxy.cid, (None, None))
-            failed.append({"id": identity, "partition": partition, **protocol.decode_failure(res.status.message)})
+            failed.append({**protocol.decode_failure(res.status.message), "id": identity, "partition": partition})
         for cid, (identity, partition) in self._sampled.items():
             if cid not in answered:  # lost connection or round timeout: Flower reports these without a client
-                cause = "; ".join(errors) or "no reply"
-                failed.append({"id": identity, "partition": partition, "cause": f"no result from client ({cause})"})
-        self.every_connection_lost = bool(self._sampled) and not answered
+                failed.append({"id": identity, "partition": partition, **self._no_result("; ".join(errors) or "no reply")})
+        timed_out = any(failure.get("kind") == "timed out" for failure in failed)  # answered by the deadline, not lost
+        self.every_connection_lost = bool(self._sampled) and not answered and not timed_out
         for failure in failed:
             log.warning("round %d: client %s (partition %s) failed: %s", server_round, failure["id"], failure["partition"], failure["cause"])
-        self.recorder.fit_finished(clients, failed, self.membership.registry.num_partitions or 0)
-        if not results:
-            log.warning("round %d: no client returned weights; the global model stays as it was", server_round)
+        for refusal in rejected:
+            log.warning("round %d: update of client %s (partition %s) rejected: %s", server_round, refusal["id"], refusal["partition"], refusal["reason"])
+        for client in clients:
+            if "clipped_from_norm" in client:
+                log.warning("round %d: update of client %s (partition %s) clipped from L2 distance %.4g to %g (FL_MAX_UPDATE_NORM)",
+                            server_round, client["id"], client["partition"], client["clipped_from_norm"], self.max_update_norm)
+        self.recorder.fit_finished(clients, failed, self.membership.registry.num_partitions or 0, rejected=rejected)
+        if not accepted:
+            log.warning("round %d: no client returned a usable update; the global model stays as it was", server_round)
             return None, {}
         started = time.perf_counter()
-        aggregated = self.inner.aggregate_fit(server_round, results, failures)
+        try:
+            aggregated, metrics = self.inner.aggregate_fit(server_round, accepted, failures)
+        except Exception as problem:  # e.g. a strategy that needs more clients than answered (krum)
+            return self._refuse_aggregate(server_round, f"the {self.strategy_name} strategy failed: {type(problem).__name__}: {problem}")
         self.recorder.aggregated(time.perf_counter() - started)
-        return aggregated
+        if aggregated is None:
+            return self._refuse_aggregate(server_round, f"the {self.strategy_name} strategy returned no model")
+        weights = parameters_to_ndarrays(aggregated)
+        problem = updates.aggregate_problem(self.layout, weights)
+        if problem is not None:
+            return self._refuse_aggregate(server_round, problem)
+        return ndarrays_to_parameters(updates.in_layout(self.layout, weights)), metrics
+
+    def _vet(self, res: FitRes) -> tuple[FitRes, dict[str, Any]] | str:
+        """The update as it may be aggregated (clipped to FL_MAX_UPDATE_NORM when set) with notes
+        for its record, or the reason it may not."""
+        try:
+            weights = parameters_to_ndarrays(res.parameters)
+        except Exception as problem:  # bytes that are no numpy arrays (never unpickled: allow_pickle is off)
+            return f"unreadable parameters ({type(problem).__name__}: {problem})"
+        problem = updates.update_problem(self.layout, weights, res.num_examples, dict(res.metrics))
+        if problem is not None or self.max_update_norm is None:
+            return problem or (res, {})
+        kept, norm = updates.clip_update(self._global_weights, weights, self.max_update_norm)
+        if norm <= self.max_update_norm:
+            return res, {"update_norm": round(norm, 6)}
+        clipped = FitRes(status=res.status, parameters=ndarrays_to_parameters(kept), num_examples=res.num_examples, metrics=res.metrics)
+        return clipped, {"update_norm": round(self.max_update_norm, 6), "clipped_from_norm": round(norm, 6)}
+
+    def _refuse_aggregate(self, server_round: int, reason: str) -> tuple[None, dict[str, Scalar]]:
+        """The previous global model stays (no checkpoint; the round is not trained). The Flower
+        strategy is rebuilt from it, since an adaptive one (fedadam ...) would otherwise keep the
+        refused model in its own state and make the same one again."""
+        log.error("round %d: aggregate refused (%s); the global model stays as it was and no checkpoint is written", server_round, reason)
+        self.recorder.aggregate_refused(reason)
+        self.inner = strategies.build(self.strategy_name, self.strategy_args, self._global_parameters)
+        return None, {}
 
     # -- evaluation -------------------------------------------------------------------------
 
@@ -268,8 +394,8 @@ class BouquetStrategy(Strategy):
         try:
             loss, metrics = self.evaluator.evaluate(parameters_to_ndarrays(parameters))
         except worker.WorkerFailed as failure:  # the round's record says why; training goes on
-            log.error("round %d: central evaluation worker (pid %s) failed: %s", server_round, failure.pid, failure.cause)
-            self.recorder.central_failed(server_round, failure.cause)
+            log.error("round %d: central evaluation worker (pid %s) failed (%s): %s", server_round, failure.pid, failure.kind, failure.cause)
+            self.recorder.central_failed(server_round, failure.cause, failure.kind.value)
             return None
         if server_round == 0:
             self.recorder.initial_evaluation(loss, metrics)
@@ -284,7 +410,7 @@ class BouquetStrategy(Strategy):
         if not self.client_eval:
             return []
         base = self._base_config(server_round)
-        holders = self.membership.holders(self.clients.snapshot())
+        holders = self.membership.hand_out_partitions(self.clients.snapshot())
         return [(self.clients.proxy(h.cid), EvaluateIns(parameters, {**base, protocol.PARTITION_ID: h.partition})) for h in holders]
 
     def aggregate_evaluate(
@@ -293,12 +419,24 @@ class BouquetStrategy(Strategy):
         results: list[tuple[ClientProxy, EvaluateRes]],
         failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
     ) -> tuple[float | None, dict[str, Scalar]]:
-        loss, _ = self.inner.aggregate_evaluate(server_round, results, failures)
+        usable, rejected = [], []
+        for proxy, res in results:
+            problem = updates.evaluation_problem(res.loss, res.num_examples, dict(res.metrics))
+            if problem is None:
+                usable.append((proxy, res))
+                continue
+            identity = self.clients.known(proxy.cid)
+            log.warning("round %d: evaluation of client %s rejected: %s", server_round, identity, problem)
+            rejected.append({"id": identity, "reason": problem})
+        results = usable
+        loss, _ = self.inner.aggregate_evaluate(server_round, results, failures) if results else (None, {})
         examples = sum(res.num_examples for _, res in results)
         accuracy = (
             sum(float(res.metrics.get("accuracy", 0.0)) * res.num_examples for _, res in results) / examples if examples else None
         )
-        self.recorder.federated_evaluated(loss, accuracy, len(results), len(failures), as_round_accuracy=not self.central_evaluation)
+        self.recorder.federated_evaluated(
+            loss, accuracy, len(results), len(failures), as_round_accuracy=not self.central_evaluation, rejected=rejected
+        )
         return loss, ({"accuracy": accuracy} if accuracy is not None else {})
 
 
@@ -324,15 +462,16 @@ class RecordingServer(Server):
         self.error: BaseException | None = None
 
     def fit(self, num_rounds: int, timeout: float | None) -> tuple[History, float]:  # type: ignore[override]
+        """``timeout`` is unused: each round's deadline follows from the job budget (services.budget)."""
         started = time.monotonic()
         try:
-            self._rounds(num_rounds, timeout)
+            self._rounds(num_rounds)
         except Exception as error:
             self.error = error
             log.error("the run cannot go on (%s: %s); telling the clients it is over", type(error).__name__, error)
         return History(), time.monotonic() - started
 
-    def _rounds(self, num_rounds: int, timeout: float | None) -> None:
+    def _rounds(self, num_rounds: int) -> None:
         self.parameters = self.strategy.initialize_parameters(self._client_manager)
         if self.first_round == 1:
             self.strategy.evaluate(0, self.parameters)
@@ -340,6 +479,9 @@ class RecordingServer(Server):
         else:
             log.info("resuming at round %d of %d from the last checkpoint", self.first_round, num_rounds)
         self.strategy.settle()
+        budget = self.strategy.budget()  # the partitions are settled: at most one job each per round
+        log.info("each client job's time budget: %g s (%s); a round waits that long for a client's answer", budget.deadline_s, budget.describe())
+        timeout = budget.deadline_s
         for server_round in range(self.first_round, num_rounds + 1):
             trained = self._train(server_round, timeout)
             self.state.update(num_partitions=self.membership.registry.num_partitions, partitions=self.membership.registry.assignments)
@@ -391,7 +533,7 @@ def run(
         spec=spec,
         settings=settings,
         membership=membership,
-        clients=ConnectedClients(client_manager),
+        clients=ConnectedClients(client_manager, settings.join_token, on_refused=recorder.join_refused),
         recorder=recorder,
         evaluator=evaluator,
         central_evaluation=central_evaluation,
@@ -402,8 +544,8 @@ def run(
     start_server(
         server_address=settings.listen_address,
         server=server,
-        # A client always answers within its worker timeout; the margin covers start-up and transfer.
-        config=ServerConfig(num_rounds=settings.rounds, round_timeout=settings.worker_timeout + 120),
+        # No fixed round timeout: RecordingServer gives every round the job budget (services.budget).
+        config=ServerConfig(num_rounds=settings.rounds, round_timeout=None),
         certificates=tls.server_files(settings.tls_dir).for_flower() if settings.tls_dir else None,
     )
     if server.error is not None:

@@ -109,8 +109,9 @@ class Membership:
             )
         return f"all {len(announced & identities)} replicas that started have connected ({len(identities)} connected in all), {grace}"
 
-    def holders(self, connected: dict[str, str]) -> list[Holder]:
-        """The connected clients that hold a partition, in partition order.
+    def hand_out_partitions(self, connected: dict[str, str]) -> list[Holder]:
+        """Give every connected client whose identity has none yet a free partition (while any is
+        left), and return the connected clients that hold one, in partition order.
 
         ``connected`` maps connection ids to identities in order of connection, so partitions
         go out in order of first contact. When an identity is connected twice (a restarted

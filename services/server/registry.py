@@ -3,7 +3,7 @@
 Every replica runs the same command, so the server hands out partitions: each client
 reports a stable identity (its hostname, or FL_CLIENT_ID), and identities get partition
 ids 0, 1, 2, ... in order of first contact. The number of partitions is settled once,
-before round 1, from the clients present then (see ``services.server.flower``). A client
+before round 1, from the clients present then (see ``services.server.membership``). A client
 that reconnects under the same identity keeps its partition; an identity that arrives
 after all partitions are taken stays connected but idle.
 """

@@ -141,10 +141,14 @@ class RoundRecorder:
         self._current: dict[str, Any] | None = None
         self._started = 0.0
         self._listeners: list[Callable[[dict[str, Any]], None]] = []
+        self.joins_refused = 0  # connections refused for a missing or wrong join secret (this server's life)
 
     def on_commit(self, listener: Callable[[dict[str, Any]], None]) -> None:
         """Call ``listener(record)`` after each round's line is on disk (the trackers)."""
         self._listeners.append(listener)
+
+    def join_refused(self) -> None:
+        self.joins_refused += 1
 
     def initial_evaluation(self, loss: float, metrics: dict[str, Any]) -> None:
         self.initial = {"loss": loss, "accuracy": metrics["accuracy"], "metrics": metrics}
@@ -170,17 +174,29 @@ class RoundRecorder:
         assert self._current is not None
         self._current["missing"] = missing
 
-    def fit_finished(self, clients: list[dict[str, Any]], failures: list[dict[str, Any]], num_partitions: int) -> None:
+    def fit_finished(
+        self, clients: list[dict[str, Any]], failures: list[dict[str, Any]], num_partitions: int, rejected: list[dict[str, Any]] | None = None
+    ) -> None:
+        """The round's training: who trained, who failed, and whose update was rejected
+        (``rejected``: id, partition, reason; counted in neither clients_ok nor clients_failed)."""
         assert self._current is not None
+        rejected = rejected or []
         self._current.update(
             clients=sorted(clients, key=lambda c: (c.get("partition") is None, c.get("partition"))),
             failures=failures,
+            rejected=sorted(rejected, key=lambda r: (r.get("partition") is None, r.get("partition"))),
             clients_ok=len(clients),
             clients_failed=len(failures),
+            clients_rejected=len(rejected),
             num_partitions=num_partitions,
             slots_per_device=slots_per_device(clients),
             concurrent_workers_peak=concurrent_workers_peak(clients),
         )
+
+    def aggregate_refused(self, reason: str) -> None:
+        """The strategy's result did not become the global model: the round is not trained."""
+        assert self._current is not None
+        self._current["aggregate_refused"] = reason
 
     def aggregated(self, seconds: float) -> None:
         assert self._current is not None
@@ -191,19 +207,22 @@ class RoundRecorder:
         assert self._current is not None
         self._current.update(loss=loss, accuracy=metrics["accuracy"], metrics=metrics)
 
-    def central_failed(self, server_round: int, cause: str) -> None:
-        """Server-side evaluation failed: the round is still recorded, without accuracy."""
+    def central_failed(self, server_round: int, cause: str, kind: str) -> None:
+        """Server-side evaluation failed (``kind``: services.failures.Kind's value): the round is still recorded, without accuracy."""
         if server_round == 0:
-            self.initial = {"loss": None, "accuracy": None, "error": cause}
+            self.initial = {"loss": None, "accuracy": None, "error": cause, "error_kind": kind}
         else:
             assert self._current is not None
-            self._current["evaluation_error"] = cause
+            self._current.update(evaluation_error=cause, evaluation_error_kind=kind)
 
-    def federated_evaluated(self, loss: float | None, accuracy: float | None, clients: int, failed: int, as_round_accuracy: bool) -> None:
-        """Client-side evaluation (weighted by examples); the round's accuracy when the task has no
-        held-out data for the server (``accuracy_source`` says which)."""
+    def federated_evaluated(
+        self, loss: float | None, accuracy: float | None, clients: int, failed: int, as_round_accuracy: bool, rejected: list[dict[str, Any]] | None = None
+    ) -> None:
+        """Client-side evaluation (weighted by examples; results that fail the checks are left
+        out, ``rejected``); the round's accuracy when the task has no held-out data for the
+        server (``accuracy_source`` says which)."""
         assert self._current is not None
-        self._current["client_eval"] = {"loss": loss, "accuracy": accuracy, "clients": clients, "failed": failed}
+        self._current["client_eval"] = {"loss": loss, "accuracy": accuracy, "clients": clients, "failed": failed, "rejected": rejected or []}
         if as_round_accuracy:
             self._current.update(loss=loss, accuracy=accuracy, accuracy_source="clients")
 
@@ -215,7 +234,9 @@ class RoundRecorder:
         record["round_seconds"] = round(time.monotonic() - self._started, 3)
         record.setdefault("clients_ok", 0)
         record.setdefault("clients_failed", 0)
-        record["trained"] = record["clients_ok"] > 0
+        record.setdefault("clients_rejected", 0)
+        record.setdefault("rejected", [])
+        record["trained"] = record["clients_ok"] > 0 and "aggregate_refused" not in record
         return record
 
     def commit(self, record: dict[str, Any]) -> None:
@@ -229,6 +250,35 @@ class RoundRecorder:
     @property
     def trained_rounds(self) -> list[int]:
         return [record["round"] for record in self.rounds if record["trained"]]
+
+    @property
+    def updates_rejected(self) -> int:
+        return sum(record.get("clients_rejected", 0) for record in self.rounds)
+
+    @property
+    def updates_clipped(self) -> int:
+        return sum(1 for record in self.rounds for client in record["clients"] if "clipped_from_norm" in client)
+
+    def rounds_missed_by_partition(self) -> dict[str, dict[str, int]]:
+        """The partitions that missed rounds, and why: its holder was not connected when the round
+        was sampled (``missing``), its worker failed (``failures``), or its update was refused
+        (``rejected``, where recorded). A partition missed a round at most once, whatever the
+        reasons; one never sampled (FL_FRACTION_FIT below 1) missed nothing. Partitions that
+        missed nothing are left out, so an empty dict says every partition trained when asked."""
+        reasons = (("missing", "not_connected"), ("failures", "failed"), ("rejected", "rejected"))
+        out: dict[str, dict[str, int]] = {}
+        for record in self.rounds:
+            missed: dict[str, set[str]] = {}
+            for field, reason in reasons:
+                for entry in record.get(field) or []:
+                    if entry.get("partition") is not None:
+                        missed.setdefault(str(entry["partition"]), set()).add(reason)
+            for partition, why in missed.items():
+                counts = out.setdefault(partition, {"missed": 0})
+                counts["missed"] += 1
+                for reason in why:
+                    counts[reason] = counts.get(reason, 0) + 1
+        return dict(sorted(out.items(), key=lambda item: int(item[0])))
 
     def rounds_trained_by_partition(self, num_partitions: int | None) -> dict[str, int]:
         """How many rounds each partition trained in (0 for one that never did)."""

@@ -1,11 +1,10 @@
-# Bouquet client image: connects to the server and trains every round in a fresh
-# worker process, so the GPU memory a round used goes back when the worker exits.
-# One Dockerfile, two flavours (build arg TORCH_FLAVOUR): gpu (default) and cpu.
+# Bouquet's two images from one body: `--target server` (the Flower gRPC server, server-side
+# evaluation in a worker) and `--target client` (connects to the server and trains every round
+# in a fresh worker process, so the GPU memory a round used goes back when the worker exits).
 #
-# Everything down to "end of the shared prefix" is byte-identical in Dockerfile.server
-# (tests/test_compose.py checks it), so the dependency layer - torch and its CUDA wheels,
-# gigabytes - is built once and shared by the server and client images. Code comes last:
-# a change under services/ rebuilds only the last small layers.
+# Both are the stage `common` plus their command: the dependency layer - torch and its CUDA
+# wheels, gigabytes - and the code are built once and shared by the server and client images.
+# Code comes last: a change under services/ rebuilds only the last small layers.
 #
 # Build args:
 #   BASE_IMAGE        any Debian-like image with python3 3.11 (venv module) and util-linux;
@@ -14,8 +13,9 @@
 #                     cpu: torch/torchvision +cpu from TORCH_CPU_INDEX, no CUDA wheels (much smaller)
 #   TORCH_CPU_INDEX   the PyTorch CPU wheel index
 #   PIP_INSTALL_OPTS  extra pip options, e.g. "--no-index --find-links http://127.0.0.1:PORT/"
+#   VERSION, REVISION the image labels
 ARG BASE_IMAGE=python:3.11-slim-bookworm
-FROM ${BASE_IMAGE}
+FROM ${BASE_IMAGE} AS common
 
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -63,17 +63,24 @@ COPY services /tmp/src/services
 RUN pip install --no-deps ${PIP_INSTALL_OPTS} /tmp/src \
  && rm -rf /tmp/src
 WORKDIR /home/bouquet
-# ---- end of the shared prefix ----
-
 USER bouquet
 ENTRYPOINT ["bouquet-entrypoint"]
-CMD ["python", "-m", "services.client"]
-
 ARG VERSION=0.1.0
 ARG REVISION=unknown
-LABEL org.opencontainers.image.title="bouquet-client" \
-      org.opencontainers.image.description="Bouquet: Flower client that trains every round in a fresh worker process" \
-      org.opencontainers.image.vendor="Bouquet" \
+LABEL org.opencontainers.image.vendor="Bouquet" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.revision="${REVISION}" \
       io.bouquet.torch-flavour="${TORCH_FLAVOUR}"
+
+
+FROM common AS server
+EXPOSE 8080
+CMD ["python", "-m", "services.server"]
+LABEL org.opencontainers.image.title="bouquet-server" \
+      org.opencontainers.image.description="Bouquet: Flower gRPC federation server (server-side evaluation in a fresh worker process; any of Bouquet's strategies)"
+
+
+FROM common AS client
+CMD ["python", "-m", "services.client"]
+LABEL org.opencontainers.image.title="bouquet-client" \
+      org.opencontainers.image.description="Bouquet: Flower client that trains every round in a fresh worker process"
