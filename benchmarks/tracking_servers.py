@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -18,15 +17,11 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Callable
 
+from services.net import free_port
+
 REPO = Path(__file__).resolve().parent.parent
 
 START_TIMEOUT_S = 300  # a loaded 2-core machine has taken over 2 minutes to start mlflow server
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class ProgramMissing(FileNotFoundError):

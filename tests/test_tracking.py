@@ -223,9 +223,9 @@ def test_a_resumed_run_continues_the_same_mlflow_run(mlflow_server, tmp_path):
     """The server is stopped (SIGTERM: the MLflow run ends KILLED) once round 2 is on disk and
     started again with the same command: the run resumes (FL_RESUME=auto) into the same MLflow
     run, which ends FINISHED with each round once."""
-    from services.client.connect import free_port as free_address_port, wait_until_listening
+    from services.net import wait_until_listening
 
-    address = f"127.0.0.1:{free_address_port()}"
+    address = f"127.0.0.1:{free_port()}"
     results, data, logs = tmp_path / "results", tmp_path / "data", tmp_path / "logs"
     logs.mkdir()
     env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": mlflow_server.uri, "FL_MLFLOW_EXPERIMENT": EXPERIMENT}
