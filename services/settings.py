@@ -174,6 +174,13 @@ def path(raw: str) -> str:
     return raw
 
 
+def experiment_name(raw: str) -> str:
+    """An MLflow experiment name: any text, but not blank (MLflow refuses an empty name)."""
+    if not raw.strip():
+        raise ValueError("must be a non-empty name")
+    return raw
+
+
 def optional(parse: Callable[[str], T]) -> Callable[[str], T | None]:
     """An empty string means 'not set' (lets .env files leave a value blank)."""
 
@@ -530,6 +537,11 @@ class ServerSettings(EngineSettings, TaskSettings, LocalSettings, JoinSettings):
     run_id: str | None = setting(optional(identifier), None, "name of this run's results folder (default: UTC timestamp + random suffix); with --resume auto an unfinished run of that name is continued, a completed one is never touched")
     max_update_norm: float | None = setting(optional(positive_float), None, "largest L2 distance (over the model's floating-point arrays) a client's update may move the model; a farther update is clipped to it and recorded (unset: no bound)")
     resume: str = setting(choice("auto", "never"), "auto", "auto: continue an unfinished run (the one named by --run-id, else the newest in --results-dir with the same task settings) from its last checkpoint; never: always start a new run")
+    mlflow_experiment: str = setting(experiment_name, "bouquet", "MLflow experiment each run is recorded in as one MLflow run, when MLflow's own MLFLOW_TRACKING_URI is set (unset: no MLflow)")
+    mlflow_optional: bool = setting(boolean, False, "with MLFLOW_TRACKING_URI set: true records the run in MLflow only when the URI's host name resolves at start (compose sets it, so that its tracking profile turns MLflow on and off), false always records it")
+    tensorboard: bool = setting(boolean, True, "write TensorBoard event files into the run folder's tensorboard/ (tensorboard --logdir <results dir> shows every run)")
+    server_metrics_port: int | None = setting(optional(port), None, "serve the server's round figures (round, accuracy, loss, round seconds, clients by outcome) to Prometheus on this port (unset: off)")
+    tracking_flush_timeout: float = setting(non_negative_float, 60.0, "seconds the server waits at the end for MLflow to take what it has not sent yet; what is left stays in the run folder and python -m services.tracking <run folder> sends it later")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -482,3 +482,19 @@ def _rounds(run_dir: Path) -> list[dict]:
         return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     except FileNotFoundError:
         return []
+
+
+def test_the_tracking_and_metrics_profiles_are_off_by_default_and_publish_on_loopback_only() -> None:
+    """`--profile tracking` adds MLflow (on PostgreSQL), `--profile metrics` Prometheus; a plain
+    `up` starts neither. Their UIs are published on 127.0.0.1 only; the server records in the
+    profile's MLflow with nothing to type, and runs without it when the profile is off."""
+    services = _load(BASE)["services"]
+    assert services["mlflow"]["profiles"] == ["tracking"] and services["prometheus"]["profiles"] == ["metrics"]
+    for name in ("mlflow", "prometheus"):
+        assert all(str(port).startswith("127.0.0.1:") for port in services[name]["ports"]), services[name]["ports"]
+    server = services["server"]["environment"]
+    assert server["MLFLOW_TRACKING_URI"] == "${MLFLOW_TRACKING_URI:-http://mlflow:5000}" and server["FL_MLFLOW_OPTIONAL"] == "true"
+    assert str(server["FL_SERVER_METRICS_PORT"]) == "9101" and services["gpu-monitor"]["environment"]["FL_METRICS_PORT"] == "${FL_METRICS_PORT:-9102}"
+    scraped = _load(REPO / "deploy" / "prometheus" / "prometheus.yml")["scrape_configs"]
+    assert sorted(t for job in scraped for config in job["static_configs"] for t in config["targets"]) == ["gpu-monitor:9102", "server:9101"]
+    assert "./deploy/prometheus:/etc/prometheus:ro" in services["prometheus"]["volumes"]

@@ -18,6 +18,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("services.task", "services.builtin_task"),
     ("services.worker",),
     ("services.admission",),
+    ("services.tracking",),  # the trackers: fed from the run folder; the server and the monitor use them
     ("services.server", "services.client", "services.monitor"),
     # App mode settles with the server's membership and names its nodes as the client does.
     ("services.appmode",),

@@ -33,6 +33,7 @@ def test_a_program_lists_its_own_settings_first_then_its_groups_in_order():
     assert names[: names.index("task")] == ["listen_address", "rounds", "min_clients", "join_grace", "join_timeout", "fraction_fit",
                                             "min_fit_clients", "client_eval", "strategy", "strategy_args", "results_dir", "run_id",
                                             "max_update_norm", "resume",
+                                            "mlflow_experiment", "mlflow_optional", "tensorboard", "server_metrics_port", "tracking_flush_timeout",
                                             "mode"]  # EngineSettings, the first group
     assert names[names.index("task") :] == task + local + joins
     assert len(names) == len(set(names))

@@ -178,7 +178,26 @@ def finish(settings: MonitorSettings, run_path: Path, reader: MemoryReader, samp
         summary["report_error"] = error
         write_json_atomically(run_path / "memory_summary.json", summary)
         give_to_folder_owner(run_path / "memory_summary.json")
+    send_to_mlflow(run_path)
     return summary
+
+
+def send_to_mlflow(run_path: Path) -> None:
+    """When the server recorded the run in MLflow (tracking.json says where), add what only the
+    monitor has: the memory held after each round, the verdict, memory.csv and report.html. A
+    tracking server that fails is logged; the files stay in the run folder, and
+    ``python -m services.tracking <run folder>`` sends them later."""
+    if not (run_path / "tracking.json").exists() or "run_id" not in _read_json(run_path / "tracking.json").get("mlflow", {}):
+        return
+    try:
+        from services.tracking.mlflow_run import send_later  # MLflow's client only when the run is in MLflow
+
+        run = send_later(run_path)
+        if run is not None:
+            run.send_monitor_records()
+            log.info("memory records and report sent to %s", run.where)
+    except Exception as error:
+        log.warning("could not send the memory records to MLflow (%s: %s); python -m services.tracking %s sends them later", type(error).__name__, error, run_path)
 
 
 def draw_report(run_path: Path, tolerance_mib: float, rows: list[dict[str, Any]]) -> str | None:

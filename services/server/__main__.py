@@ -21,6 +21,8 @@ from services.server.membership import Membership
 from services.server.registry import PartitionRegistry
 from services.server.results import RoundRecorder, RunFolder, RunInUse, RunState, load_checkpoint, utc_now
 from services.settings import ServerSettings
+from services.tracking.prometheus import RoundGauges
+from services.tracking.run import RunTracking
 from services.taskspec import Placement, TaskSpec, check_model_fits
 
 log = logging.getLogger("bouquet.server")
@@ -115,6 +117,11 @@ def main(argv: list[str] | None = None) -> int:
     spec = dataclasses.replace(spec, task_sha256=task["sha256"])
     if not task["central_evaluation"]:
         log.info("the task has no load_centralized_dataset(): no server-side evaluation; the clients evaluate on their validation data after every round")
+    try:  # before the run folder exists: a port in use is a bad setting, and nothing is started
+        gauges = RoundGauges(settings.server_metrics_port) if settings.server_metrics_port is not None else None
+    except OSError as problem:
+        print(f"services.server: error: --server-metrics-port / FL_SERVER_METRICS_PORT = {settings.server_metrics_port}: {problem}", file=sys.stderr)
+        return settings_module.EXIT_BAD_SETTING
     try:
         state, resumed = open_run(settings, spec)
     except (FileExistsError, OSError, resume.NotResumable, RunInUse) as problem:
@@ -129,6 +136,11 @@ def main(argv: list[str] | None = None) -> int:
         log.info("clients must prove the join token to join (challenge-response; the token never travels)")
 
     recorder = RoundRecorder(folder, rounds=resumed.rounds if resumed else None, initial=state.data.get("initial"))
+    tracking = RunTracking(
+        folder.path, settings_module.as_dict(settings), task, gauges=gauges,
+        mlflow_experiment=settings.mlflow_experiment, mlflow_optional=settings.mlflow_optional, tensorboard=settings.tensorboard, flush_timeout=settings.tracking_flush_timeout,
+    )
+    recorder.on_commit(tracking.round_recorded)
     registry = PartitionRegistry()
     saved = (state.data["num_partitions"], state.data["partitions"]) if state.data.get("num_partitions") else None
     membership = Membership(
@@ -186,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
                 "settings": settings_module.as_dict(settings),
             }
         )
+    tracking.finish()
     log.info("run %s %s: %d of %d rounds trained; results in %s", folder.run_id, status, len(recorder.trained_rounds), settings.rounds, folder.path)
     return 0 if status == "completed" else 1
 

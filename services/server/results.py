@@ -13,7 +13,7 @@ import os
 import secrets
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -141,7 +141,12 @@ class RoundRecorder:
         self.initial: dict[str, Any] = dict(initial or {})
         self._current: dict[str, Any] | None = None
         self._started = 0.0
+        self._listeners: list[Callable[[dict[str, Any]], None]] = []
         self.joins_refused = 0  # connections refused for a missing or wrong join secret (this server's life)
+
+    def on_commit(self, listener: Callable[[dict[str, Any]], None]) -> None:
+        """Call ``listener(record)`` after each round's line is on disk (the trackers)."""
+        self._listeners.append(listener)
 
     def join_refused(self) -> None:
         self.joins_refused += 1
@@ -240,6 +245,8 @@ class RoundRecorder:
         self.folder.append_round(record)
         self.rounds.append(record)
         self._current = None
+        for listener in self._listeners:
+            listener(record)
 
     @property
     def trained_rounds(self) -> list[int]:
