@@ -152,7 +152,8 @@ class Submission:
             flwr_run_exit_code=code,
             messages=_message_counts(messages),
             nodes=sorted({record["node"] for record in messages}),
-            partitions=sorted({record["partition"] for record in messages}),
+            # identity -> partition, as task mode's summary.json (the report names replicas by it)
+            partitions={record["node"]: record["partition"] for record in sorted(messages, key=lambda r: r["node"])},
             slots_per_device=slots_per_device([m for m in messages if m.get("device")]),
             concurrent_workers_peak=concurrent_workers_peak(messages),
             elapsed_seconds=round(time.monotonic() - started, 3),
