@@ -1,6 +1,7 @@
 """Run the federation with Bouquet itself (the local launcher, ``python -m services.launcher``,
 which ``scripts/run_local.py`` runs: gRPC server + N client processes on 127.0.0.1) under one
-worker start method, and read back its metrics.jsonl."""
+worker start method, and read back its metrics.jsonl; or any launcher command line
+(``run_launcher``: app mode for benchmarks/appmode.py)."""
 
 from __future__ import annotations
 
@@ -63,9 +64,22 @@ def run(
 ) -> list[dict[str, Any]]:
     """One run under ``local.worker_start``; returns its per-round records. ``on_started(members)``
     gets a function that lists the federation's processes (the benchmark samples their memory)."""
+    flags = launcher_flags(work_dir, clients, rounds, spec, local)
+    run_launcher(work_dir, flags, f"{local.worker_start}, {clients} clients", on_started, timeout)
+    return read_rounds(work_dir / RUN_ID)
+
+
+def run_launcher(
+    work_dir: Path,
+    flags: list[str],
+    label: str,
+    on_started: Callable[[Callable[[], dict[str, int]]], None] | None = None,
+    timeout: float = 1800.0,
+) -> Path:
+    """``python -m services.launcher`` with ``flags`` (task mode, or app mode with --app) to its end;
+    its run folder (``flags`` must name ``--results-dir work_dir --run-id RUN_ID``)."""
     work_dir.mkdir(parents=True, exist_ok=True)
-    start_method = local.worker_start
-    argv = [sys.executable, "-m", "services.launcher", *launcher_flags(work_dir, clients, rounds, spec, local)]
+    argv = [sys.executable, "-m", "services.launcher", *flags]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "FLWR_TELEMETRY_ENABLED": "0"}
     log_path = work_dir / "run_local.log"
     launcher = processes.start(argv, log_path, env, REPO)
@@ -75,13 +89,13 @@ def run(
         code = launcher.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         _stop(launcher)
-        raise RuntimeError(f"launcher ({start_method}, {clients} clients) did not finish within {timeout:g} s") from None
+        raise RuntimeError(f"launcher ({label}) did not finish within {timeout:g} s") from None
     except BaseException:
         _stop(launcher)
         raise
     if code != 0:
-        raise RuntimeError(f"launcher ({start_method}, {clients} clients) exited with code {code}:\n{tail(log_path)}")
-    return read_rounds(work_dir / RUN_ID)
+        raise RuntimeError(f"launcher ({label}) exited with code {code}:\n{tail(log_path)}")
+    return work_dir / RUN_ID
 
 
 def _stop(launcher: subprocess.Popen) -> None:

@@ -1,0 +1,1 @@
+"""The benchmarked Flower App's timing probes (benchmarks/appmode.py copies this package beside the app's own)."""
