@@ -141,3 +141,28 @@ def test_rounds_are_written_for_the_memory_sidecar_from_flowers_round_lines_and_
     assert [(r.number, r.started, r.ended) for r in rounds] == [(1, 9.0, 20.0), (2, 20.0, 30.0)]
     assert [(r.record["clients_ok"], r.record["clients_failed"]) for r in rounds] == [(1, 0), (0, 1)]
     assert rounds[0].record["clients"][0]["id"] == "n" and rounds[0].record["concurrent_workers_peak"] == {"cpu": 1}
+
+
+def test_the_serverapps_central_evaluations_are_read_from_flowers_log(tmp_path):
+    """As Flower 1.42's FedAvg logs them (colour codes and tree drawing included)."""
+    from services.appmode import evaluations
+    from services.appmode.submit import write_rounds
+    from services.monitor.rounds import RoundLog
+
+    log = (
+        "\x1b[92mINFO \x1b[0m:      Initial global evaluation results: {'accuracy': 0.1, 'loss': 2.30}\n"
+        "\x1b[92mINFO \x1b[0m:      [ROUND 1/2]\n"
+        "\x1b[92mINFO \x1b[0m:      \t\u2514\u2500\u2500> Aggregated MetricRecord: {'train_loss': 2.2}\n"
+        "\x1b[92mINFO \x1b[0m:      Global evaluation\n"
+        "\x1b[92mINFO \x1b[0m:      \t\u2514\u2500\u2500> MetricRecord: {'accuracy': 0.25, 'loss': 2.1}\n"
+        "\x1b[92mINFO \x1b[0m:      [ROUND 2/2]\n"
+        "\x1b[92mINFO \x1b[0m:      Global evaluation\n"
+        "\x1b[92mINFO \x1b[0m:      \t\u2514\u2500\u2500> MetricRecord: {'accuracy': 0.5, 'loss': 1.7, 'note': 'x'}\n"
+    )
+    central = evaluations.read(log)
+    assert central.initial == {"accuracy": 0.1, "loss": 2.30}
+    assert central.by_round == {1: {"accuracy": 0.25, "loss": 2.1}, 2: {"accuracy": 0.5, "loss": 1.7}}  # the train aggregate is not one
+    assert evaluations.read("no evaluation at all").by_round == {}
+    message = {"node": "n", "partition": 0, "pid": 5, "device": "cpu", "slots": 2, "outcome": "ok", "ended_at": 12.0}
+    write_rounds(tmp_path, [(1, 9.0), (2, 20.0)], [{**message, "asked_at": 10.0}, {**message, "asked_at": 21.0}], 30.0, central)
+    assert [r.record.get("accuracy") for r in RoundLog(tmp_path / "metrics.jsonl").refresh()] == [0.25, 0.5]

@@ -687,6 +687,20 @@ def test_a_worker_still_alive_after_its_round_fails_the_verdict():
     assert "1 worker(s) of the round were still alive" in summary["verdict"]["text"]
 
 
+def test_a_worker_still_exiting_as_its_round_ends_is_waited_for_not_counted_as_held():
+    """App mode: Flower starts the next round once a reply is in, a moment before that message's
+    worker has exited; what the round held is read once the round's workers are gone."""
+    rec = Recording()
+    rec.add(9, 500)
+    rec.add(15, 1500, [(7, "worker", "client-0", 10.5, 1000)])
+    rec.add(20.2, 1400, [(7, "worker", "client-0", 10.5, 900)])  # exiting, after the round's end
+    rec.add(21.0, 600, [(8, "worker", "client-0", 20.5, 100)])  # gone; round 2's worker left out
+    summary = summarize(rec.rows, ROUNDS[:1], tolerance_mib=64)
+    assert summary["rounds"][0]["workers_left"] == 0
+    assert summary["rounds"][0]["residual_mib"] == 0.0
+    assert summary["verdict"]["ok"] is True, summary["verdict"]["text"]
+
+
 def test_summary_without_rounds_or_samples_judges_nothing():
     assert summarize([], ROUNDS, 64)["verdict"]["ok"] is None
     rec = Recording()

@@ -24,7 +24,7 @@ from typing import Any
 
 from services import logs, tls
 from services import settings as settings_module
-from services.appmode import assignment, flower, records
+from services.appmode import assignment, evaluations, flower, records
 from services.files import METRICS, atomic_write, write_json_atomically
 from services.server.results import concurrent_workers_peak, new_run_id, slots_per_device
 from services.settings import SubmitSettings
@@ -141,7 +141,8 @@ class Submission:
         messages = records.of_run(self.settings.data_dir, flwr_run_id, started_at, time.time()) if flwr_run_id is not None else []
         with open(self.folder / records.RUN_FILE, "w") as out:
             out.writelines(json.dumps(record, sort_keys=True) + "\n" for record in messages)
-        write_rounds(self.folder, getattr(self, "round_starts", []), messages, time.time())
+        central = evaluations.read(_text(self.folder / "flwr-run.log"))
+        write_rounds(self.folder, getattr(self, "round_starts", []), messages, time.time(), central)
         cause = problem or self.verdict(code, status, messages)
         summary.update(
             status="failed" if cause else "completed",
@@ -151,6 +152,10 @@ class Submission:
             flwr_status_details=None if status is None else status.get("status-details"),
             flwr_run_exit_code=code,
             messages=_message_counts(messages),
+            initial_accuracy=central.initial.get("accuracy"),
+            initial_loss=central.initial.get("loss"),
+            final_accuracy=central.by_round[max(central.by_round)].get("accuracy") if central.by_round else None,
+            final_loss=central.by_round[max(central.by_round)].get("loss") if central.by_round else None,
             nodes=sorted({record["node"] for record in messages}),
             # identity -> partition, as task mode's summary.json (the report names replicas by it)
             partitions={record["node"]: record["partition"] for record in sorted(messages, key=lambda r: r["node"])},
@@ -180,7 +185,10 @@ class Submission:
         return None
 
 
-def write_rounds(folder: Path, starts: list[tuple[int, float]], messages: list[dict[str, Any]], ended_at: float) -> None:
+def write_rounds(
+    folder: Path, starts: list[tuple[int, float]], messages: list[dict[str, Any]], ended_at: float,
+    central: evaluations.CentralEvaluations | None = None,
+) -> None:
     """``metrics.jsonl`` as task mode's server writes it (one line per round, its messages as
     ``clients``), for the memory sidecar and its report. A round runs from Flower's "[ROUND k/N]"
     line to the next one (the last to the end of the run); a ServerApp that logs no rounds is one
@@ -198,9 +206,17 @@ def write_rounds(folder: Path, starts: list[tuple[int, float]], messages: list[d
             "round": number, "started_at": iso_time(started), "ended_at": iso_time(ended), "round_seconds": round(ended - started, 3),
             "clients_ok": sum(1 for r in mine if r.get("outcome") == "ok"), "clients_failed": sum(1 for r in mine if r.get("outcome") != "ok"),
             "clients": clients, "slots_per_device": slots_per_device(clients), "concurrent_workers_peak": concurrent_workers_peak(clients),
+            **(central.by_round.get(number, {}) if central is not None else {}),  # the ServerApp's accuracy and loss, when it logged them
         })
     with atomic_write(folder / METRICS) as out:
         out.writelines(json.dumps(line, sort_keys=True) + "\n" for line in lines)
+
+
+def _text(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
 
 
 def iso_time(seconds: float) -> str:

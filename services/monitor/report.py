@@ -132,7 +132,7 @@ img {{ max-width: 100%; }} .row {{ display: flex; gap: 1em; flex-wrap: wrap; }} 
 <div><h2>Round time</h2><img alt="round time" src="data:image/png;base64,{round_time_figure(rounds)}"></div>
 </div>
 <h2>Rounds</h2>
-<p>"Held" is the memory at the first sample after the round ended, counting the processes that existed then, minus the
+<p>"Held" is the memory at the first sample after the round ended at which the round's own workers had exited (within 5 s; past that, the first sample and its workers left), counting the processes that existed then, minus the
 baseline (the last sample before round 1 began, without its workers); helpers are left out of both. A replica may hold
 {tolerance:g} MiB (the tolerance, per replica), the run as a whole {tolerance:g} MiB per replica measured; a marked
 cell is over it, and a round marked red failed the verdict. "Worker processes alive" counts workers waiting for a slot too.</p>

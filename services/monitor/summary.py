@@ -234,9 +234,19 @@ def _owner_started(sample: Sample, replica: str) -> float | None:
     return next((row["started_t"] for row in sample.processes if row["replica"] == replica and row["role"] in OWNERS and row["started_t"]), None)
 
 
+# A round's own workers may still be exiting when it ends: in app mode Flower moves on as soon as
+# a message's reply is in, a moment before that worker's process has exited. What the round held
+# is read once they are gone (within this grace; a worker alive past it is a worker left).
+WORKER_EXIT_GRACE_S = 5.0
+
+
 def _round(samples: list[Sample], current: Round, baselines: Baselines) -> dict[str, Any]:
     inside = [s for s in samples if current.started <= s.t <= current.ended]
-    after = next((s for s in samples if s.t >= current.ended), None)
+    following = [s for s in samples if s.t >= current.ended]
+    after = next(
+        (s for s in following if s.t <= current.ended + WORKER_EXIT_GRACE_S and not s.workers(cutoff=current.ended)),
+        following[0] if following else None,
+    )
     record: dict[str, Any] = {
         "round": current.number,
         "started_at": iso(current.started),
