@@ -33,12 +33,11 @@ import statistics
 import sys
 import time
 import tomllib
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from benchmarks import bouquet, deployment, deployment_config, machine
+from benchmarks import bouquet, deployment, deployment_config, machine, plan
 from benchmarks.bench import is_worker
 from benchmarks.summary import summarize
 from benchmarks.trees import TreeSampler
@@ -175,6 +174,11 @@ def spread(values: list[float]) -> dict[str, float | None]:
 # --- running one configuration ---------------------------------------------------------------
 
 
+def describe(s: dict[str, Any]) -> str:
+    """One configuration's line on stderr as it finishes."""
+    return f"message start {_range(s['message_start'], 3)} s, rounds {s['round_seconds_all']} s, idle·peak PSS/replica {_fmt(s['idle_pss_mib'], 0)}·{_fmt(s['peak_pss_mib'], 0)} MiB"
+
+
 def run_one(config: str, options: AppBenchSettings, out: Path) -> tuple[list[dict[str, Any]], TreeSampler]:
     work = (out / "runs" / config).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -299,17 +303,14 @@ def main(argv: list[str] | None = None) -> int:
     for index, name in enumerate(options.configs, 1):
         began = time.monotonic()
         entry: dict[str, Any] = {"config": name}
-        try:
+
+        def measure(name=name) -> tuple[list, dict[str, Any]]:
             rounds, sampler = run_one(name, options, out)
-            entry.update(rounds=rounds, summary=summary_of(name, rounds, sampler))
-            s = entry["summary"]
-            status = f"message start {_range(s['message_start'], 3)} s, rounds {s['round_seconds_all']} s, idle·peak PSS/replica {_fmt(s['idle_pss_mib'], 0)}·{_fmt(s['peak_pss_mib'], 0)} MiB"
-        except KeyboardInterrupt:
-            print("bench_app.py: interrupted; writing what was measured so far", file=sys.stderr)
+            return rounds, summary_of(name, rounds, sampler)
+
+        status = plan.measure_into(entry, measure, describe, "bench_app.py")
+        if status is None:
             break
-        except Exception as problem:
-            entry.update(rounds=[], summary={"error": f"{type(problem).__name__}: {problem}"}, traceback=traceback.format_exc())
-            status = f"FAILED: {str(problem).splitlines()[0]}"
         entry["wall_seconds"] = round(time.monotonic() - began, 1)
         results.append(entry)
         print(f"[{index}/{len(options.configs)}] {LABELS[name]}: {status} ({entry['wall_seconds']:.0f} s)", file=sys.stderr)

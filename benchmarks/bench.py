@@ -26,7 +26,6 @@ import json
 import shlex
 import sys
 import time
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -115,6 +114,11 @@ def is_worker(process: psutil.Process) -> bool:
     return is_worker_process(process)
 
 
+def describe(s: dict[str, Any]) -> str:
+    """One configuration's line on stderr as it finishes."""
+    return f"round {s['round_seconds']:.2f} s, peak total RSS {s['peak_total_rss_mib'] or 0:.0f} MiB, worker start {s['worker_start_seconds'] if s['worker_start_seconds'] is None else round(s['worker_start_seconds'], 3)} s, peak RSS·PSS/client {s['peak_rss_mib'] or 0:.0f}·{s['peak_pss_mib'] or 0:.0f} MiB, idle PSS {s['idle_pss_mib'] or 0:.0f} MiB"
+
+
 def run_one(run: plan.Run, options: BenchSettings, out: Path) -> tuple[list[dict[str, Any]], TreeSampler]:
     work = out / "runs" / run.name
     source: dict[str, Callable[[], dict[str, int]]] = {"members": dict}
@@ -182,17 +186,14 @@ def main(argv: list[str] | None = None) -> int:
     for index, run in enumerate(runs, 1):
         began = time.monotonic()
         entry: dict[str, Any] = {"name": run.name, "config": run.config, "dataset": run.dataset, "clients": run.clients, "repeat": run.repeat}
-        try:
+
+        def measure(run=run) -> tuple[list, dict[str, Any]]:
             rounds, sampler = run_one(run, options, out)
-            entry.update(rounds=rounds, summary=summarize(run.config, rounds, sampler.samples, gpu))
-            s = entry["summary"]
-            status = f"round {s['round_seconds']:.2f} s, peak total RSS {s['peak_total_rss_mib'] or 0:.0f} MiB, worker start {s['worker_start_seconds'] if s['worker_start_seconds'] is None else round(s['worker_start_seconds'], 3)} s, peak RSS·PSS/client {s['peak_rss_mib'] or 0:.0f}·{s['peak_pss_mib'] or 0:.0f} MiB, idle PSS {s['idle_pss_mib'] or 0:.0f} MiB"
-        except KeyboardInterrupt:
-            print("bench.py: interrupted; writing what was measured so far", file=sys.stderr)
+            return rounds, summarize(run.config, rounds, sampler.samples, gpu)
+
+        status = plan.measure_into(entry, measure, describe, "bench.py")
+        if status is None:
             break
-        except Exception as problem:
-            entry.update(rounds=[], summary={"error": f"{type(problem).__name__}: {problem}"}, traceback=traceback.format_exc())
-            status = f"FAILED: {str(problem).splitlines()[0]}"
         entry["wall_seconds"] = round(time.monotonic() - began, 1)
         records.append(entry)
         print(f"[{index}/{len(runs)}] {run.dataset} N={run.clients} {run.config}: {status} ({entry['wall_seconds']:.0f} s)", file=sys.stderr)

@@ -8,7 +8,10 @@ happens to run last.
 
 from __future__ import annotations
 
+import sys
+import traceback
 from dataclasses import dataclass
+from typing import Any, Callable
 
 CONFIGS = ("inprocess", "spawn", "forkserver", "deployment")
 # Asked for by name only (--configs, --admission): forkserver workers with FL_WORKER_SLOTS=unlimited,
@@ -45,3 +48,19 @@ def interleaved(configs: list[str], datasets: list[str], clients: list[int], rep
                     runs.append(Run(repeat, dataset, count, config))
                 cell += 1
     return runs
+
+
+def measure_into(entry: dict[str, Any], measure: Callable[[], tuple[list, dict[str, Any]]], describe: Callable[[dict[str, Any]], str], program: str) -> str | None:
+    """Run one configuration into ``entry`` (its rounds and summary, or the error and its
+    traceback, so one failed configuration never loses the others); its status line, or None
+    when interrupted (the caller writes what was measured so far)."""
+    try:
+        rounds, summary = measure()
+        entry.update(rounds=rounds, summary=summary)
+        return describe(summary)
+    except KeyboardInterrupt:
+        print(f"{program}: interrupted; writing what was measured so far", file=sys.stderr)
+        return None
+    except Exception as problem:
+        entry.update(rounds=[], summary={"error": f"{type(problem).__name__}: {problem}"}, traceback=traceback.format_exc())
+        return f"FAILED: {str(problem).splitlines()[0]}"
