@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import IO, Any, Iterator
 
 METRICS = "metrics.jsonl"  # in a run folder: one JSON line per finished round, appended by the server
+SERVERAPP_FOLDER = "serverapp"  # in an app-mode run folder: the ServerApp's working folder, what it saved
 
 
 def scratch_path(target: Path, unique: bool = False) -> Path:

@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import importlib.util
 import ipaddress
 import os
 import re
@@ -44,6 +45,7 @@ from typing import Any, Callable, ClassVar, Mapping, Sequence, TypeVar
 
 from services.net import split_address
 
+MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")  # a dotted Python module name
 MAX_SLOTS = 64  # per device (FL_WORKER_SLOTS at most): the lock files services.admission.slots keeps per device
 
 EXIT_BAD_SETTING = 2
@@ -123,6 +125,15 @@ def comma_list(parse: Callable[[str], T], allowed: str) -> Callable[[str], list[
     return parse_list
 
 
+def module_name(raw: str) -> str:
+    """A Python module that this environment has (its top-level package found without importing it)."""
+    if not MODULE_NAME.fullmatch(raw):
+        raise ValueError(f"{raw!r} is not a module name")
+    if importlib.util.find_spec(raw.split(".")[0]) is None:
+        raise ValueError(f"no module named {raw.split('.')[0]!r} in this Python environment")
+    return raw
+
+
 def slot_count(raw: str) -> str | int:
     """auto, unlimited, or a number of slots per device."""
     if raw in ("auto", "unlimited"):
@@ -192,7 +203,7 @@ def optional(parse: Callable[[str], T]) -> Callable[[str], T | None]:
 
 def task_reference(raw: str) -> str:
     """builtin, a path to a .py file, or an importable module name (checked in a worker at start)."""
-    if raw == "builtin" or raw.endswith(".py") or re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", raw):
+    if raw == "builtin" or raw.endswith(".py") or MODULE_NAME.fullmatch(raw):
         return raw
     raise ValueError("must be builtin, a path to a .py file, or an importable module name (e.g. mypackage.task)")
 
@@ -497,6 +508,7 @@ class LocalSettings:
     # forkserver by default: a fresh worker per round in ~0.1 s instead of seconds, with the same
     # per-round process and CUDA context; costs ~400 MiB host memory per idle client (docs/benchmarks.md).
     worker_start: str = setting(choice(*WORKER_STARTS), "forkserver", "how workers start: forkserver (forked from this process's forkserver, spawned once with torch preloaded, never touching CUDA), spawn (a fresh interpreter per job: slower, least idle host memory), inprocess (no worker and no timeout: the memory problem, for comparison only)")
+    worker_preload: list[str] | None = setting(optional(comma_list(module_name, "module names")), None, "more modules the warm process imports once, before it forks any worker (e.g. torchvision,datasets): a worker then starts without importing them; the messages' records (imported_after_fork) and the node's log name what a ClientApp imported after the fork; never a module that touches CUDA at import")
     worker_slots: str | int = setting(slot_count, "auto", "workers that may run at once per device, counted over every replica and the server on this host (a shared slots folder): auto (GPU: free memory / one worker's measured need, at least 1; CPU: the cores the host gives the container), a number, or unlimited (no admission)")
     worker_memory_mib: float | None = setting(optional(positive_float), None, "GPU memory one worker needs (CUDA context + peak), in MiB; overrides what workers measured (unset: measured and remembered in the slots folder)")
     slots_dir: str | None = setting(optional(path), None, "folder of the slot lock files, shared by the server and every replica of a host (compose: the slots volume; unset: <data dir>/slots)")
@@ -580,6 +592,7 @@ class LinkSettings(EngineSettings):
     join_timeout: float = reuse(ServerSettings, "join_timeout")
     data_dir: str = reuse(LocalSettings, "data_dir")
     tls_dir: str | None = reuse(LocalSettings, "tls_dir")
+    results_dir: str = reuse(ServerSettings, "results_dir")
     serverapp_gpus: bool = setting(boolean, False, "(app mode) let the ServerApp process see the GPUs (off: CUDA_VISIBLE_DEVICES is empty for it, so a ServerApp that evaluates centrally does it on the CPU and holds no GPU memory for the whole run)")
 
 
@@ -603,6 +616,10 @@ class SubmitSettings(EngineSettings):
     results_dir: str = reuse(ServerSettings, "results_dir")
     run_id: str | None = reuse(ServerSettings, "run_id")
     run_timeout: float = setting(positive_float, 3600.0, "(app mode) seconds the submitted run may take before it is stopped and reported failed")
+    mlflow_experiment: str = reuse(ServerSettings, "mlflow_experiment")
+    mlflow_optional: bool = reuse(ServerSettings, "mlflow_optional")
+    tensorboard: bool = reuse(ServerSettings, "tensorboard")
+    tracking_flush_timeout: float = reuse(ServerSettings, "tracking_flush_timeout")
 
 
 # Views for the README table, compose's variables and the tests.

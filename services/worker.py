@@ -38,7 +38,7 @@ from services.settings import WORKER_STARTS
 # use the GPU; _refuse_poisoned_fork turns that into a clear failure, tests/test_forkserver.py
 # checks it never happens.
 FORKSERVER_PRELOAD = ["torch", "torch._dynamo", "services.task", "services.builtin_task"]
-_extra_preload: list[str] = []  # prestart(extra_preload=...): app mode's node adds flwr's ClientApp runtime
+_extra_preload: list[str] = []  # prestart(extra_preload=...): FL_WORKER_PRELOAD; app mode's node adds flwr's ClientApp runtime
 
 
 class Entered(Protocol):

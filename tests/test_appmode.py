@@ -65,6 +65,21 @@ def test_the_example_app_completes(example_run):
     assert sorted(p.name for p in (run_path / "logs").iterdir()) == ["client-0.log", "client-1.log", "client-2.log", "monitor.log", "server.log", "submit.log"]
 
 
+def test_each_message_records_what_loading_the_app_cost_and_the_node_names_what_to_preload(example_run):
+    run_path, _, records, _ = example_run
+    assert all(record["app_load_seconds"] > 0 and "sklearn" in record["app_imports_after_fork"] for record in records)
+    assert "FL_WORKER_PRELOAD=sklearn" in (run_path / "logs" / "client-0.log").read_text()
+
+
+def test_what_the_serverapp_saves_lands_in_the_run_folder(example_run):
+    run_path, summary, _, _ = example_run
+    assert summary["serverapp_files"] == ["serverapp/final_model.pt"]
+    saved = subprocess.run([PYTHON, "-c", f"import torch; print(sorted(torch.load({str(run_path / 'serverapp' / 'final_model.pt')!r})))"],
+                           capture_output=True, text=True, check=True).stdout
+    assert "conv1.weight" in saved and "fc2.bias" in saved
+    assert not (run_path.parent / ".appmode-current-run").exists()  # the next ServerApp is not sent here
+
+
 def test_every_message_ran_in_a_fresh_worker_forked_from_its_nodes_warm_process(example_run):
     _, _, records, _ = example_run
     trains = [r for r in records if r["message_type"] == "train"]
@@ -230,10 +245,12 @@ def test_a_killed_warm_process_is_said_and_replaced_for_the_next_message(tmp_pat
         assert second["outcome"] == "ok" and second["parent_pid"] == second["forkserver_pid"] != first["forkserver_pid"]
 
 
-def test_the_app_runs_over_tls_with_bouquets_certificates(tmp_path):
-    done, run_path = run_app(EXAMPLE, tmp_path, 2, 1, "--tls")
+def test_the_app_runs_over_tls_with_bouquets_certificates_and_a_preloading_warm_process(tmp_path):
+    done, run_path = run_app(EXAMPLE, tmp_path, 2, 1, "--tls", "--worker-preload", "sklearn")
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert json.loads((run_path / "summary.json").read_text())["status"] == "completed"
+    for record in messages(run_path):  # the warm process imported it once: no message imports it again
+        assert record["outcome"] == "ok" and "sklearn" not in record["imported_after_fork"] and record["app_imports_after_fork"] == []
     server_log = (run_path / "logs" / "server.log").read_text()
     assert "flower-superlink" in server_log and "insecure" not in server_log.lower()  # the SuperLink serves TLS
     for node in ("client-0", "client-1"):

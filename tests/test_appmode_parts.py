@@ -15,7 +15,7 @@ import pytest
 
 from conftest import PYTHON, REPO
 from services import roster
-from services.appmode import assignment, launch_args, link, records, shim
+from services.appmode import assignment, flower, launch_args, link, records, serverapp_shim, shim
 from services.appmode.submit import Submission
 from services.settings import LinkSettings, SubmitSettings
 
@@ -86,7 +86,7 @@ def test_the_verdict_reads_flowers_status_and_the_messages(submission):
 
 
 def test_bouquet_flwr_clientapp_hands_its_argv_to_the_node_and_exits_with_its_outcome(tmp_path):
-    launcher = shim.install(tmp_path / "bin", PYTHON)
+    launcher = flower.install_program(tmp_path / "bin", "flwr-clientapp", shim.__file__)
     path = str(tmp_path / "node.sock")
     received = []
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
@@ -108,6 +108,50 @@ def test_bouquet_flwr_clientapp_hands_its_argv_to_the_node_and_exits_with_its_ou
     from services.appmode.refusal import CAUSE_VARIABLE
 
     assert f'os.environ["{CAUSE_VARIABLE}"]' in launcher.read_text()  # the stdlib-only launcher names it itself
+
+
+def _serverapp_started(tmp_path: Path, results: Path) -> tuple[Path, list[str]]:
+    """Start Bouquet's flwr-serverapp as SuperExec does, with a stand-in for Flower's that tells where it ran."""
+    stand_in = tmp_path / "real-flwr-serverapp"
+    stand_in.write_text(f"#!{PYTHON}\nimport json, os, sys\nprint(json.dumps([os.getcwd(), sys.argv[1:]]))\n")
+    stand_in.chmod(0o755)
+    launcher = flower.install_program(tmp_path / "bin", "flwr-serverapp", serverapp_shim.__file__)
+    env = {**os.environ, serverapp_shim.RESULTS_VARIABLE: str(results), serverapp_shim.PROGRAM_VARIABLE: str(stand_in)}
+    done = subprocess.run([str(launcher), "--serverappio-api-address", "127.0.0.1:9091", "--token", "t"], env=env, capture_output=True, text=True, timeout=30, check=True)
+    folder, argv = json.loads(done.stdout)
+    return Path(folder), argv
+
+
+def test_the_serverapp_works_in_the_folder_of_the_run_submit_named(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / serverapp_shim.CURRENT_RUN).write_text(f"{results / 'run-7' / 'serverapp'}\n")
+    folder, argv = _serverapp_started(tmp_path, results)
+    assert folder == results / "run-7" / "serverapp" and folder.is_dir()
+    assert argv == ["--serverappio-api-address", "127.0.0.1:9091", "--token", "t"]  # Flower's own program gets the same arguments
+
+
+@pytest.mark.parametrize("marker", [None, "", "run-7/serverapp", "{results}/../elsewhere", "{results}"])
+def test_a_serverapp_no_submission_named_works_in_a_folder_of_its_own_under_results(tmp_path, marker):
+    results = tmp_path / "results"
+    results.mkdir()
+    if marker is not None:
+        (results / serverapp_shim.CURRENT_RUN).write_text(marker.format(results=results))
+    folder, _ = _serverapp_started(tmp_path, results)
+    assert folder.parent == results / "flower-runs" and folder.is_dir()
+
+
+def test_a_message_records_the_installed_packages_its_app_imported_after_the_fork(tmp_path):
+    """What FL_WORKER_PRELOAD should name: the packages the app's own modules import, of those the
+    warm process had not; not the app's modules, not the standard library."""
+    (tmp_path / "my_app.py").write_text("import csv\nimport threadpoolctl\nfrom my_helper import x\n")
+    (tmp_path / "my_helper.py").write_text("x = 1\n")
+    probe = ("import sys, json; from services.appmode.clientapp import imported_after_fork; warm = set(sys.modules); "
+             f"sys.path.insert(0, {str(tmp_path)!r}); import my_app; print(json.dumps(imported_after_fork(set(sys.modules), warm)))")
+    done = subprocess.run([PYTHON, "-c", probe], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=60, check=True)
+    found = json.loads(done.stdout)
+    assert found["app_imports_after_fork"] == ["threadpoolctl"]
+    assert "threadpoolctl" in found["imported_after_fork"] and not {"csv", "my_app", "my_helper"} & set(found["imported_after_fork"])
 
 
 def _run(*argv: str) -> subprocess.CompletedProcess:

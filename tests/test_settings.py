@@ -50,6 +50,8 @@ BAD_SERVER_VALUES = [
     (["--worker-slots", "lots"], "FL_WORKER_SLOTS", "auto, unlimited or an integer in 1-64"),
     (["--worker-memory-mib", "0"], "FL_WORKER_MEMORY_MIB", "> 0"),
     (["--slots-dir", " "], "FL_SLOTS_DIR", "non-empty path"),
+    (["--worker-preload", "torchvison"], "FL_WORKER_PRELOAD", "no module named 'torchvison' in this Python environment"),
+    (["--worker-preload", "torch vision"], "FL_WORKER_PRELOAD", "module names"),
 ]
 
 

@@ -259,3 +259,29 @@ def test_a_resumed_run_continues_the_same_mlflow_run(mlflow_server, tmp_path):
     points = mlflow_server.api("metrics/get-history", run_id=run["info"]["run_id"], metric_key="accuracy")["metrics"]
     assert sorted(int(p["step"]) for p in points) == [0, 1, 2, 3, 4], "a round is missing or sent twice"
     assert {int(p["step"]): p["value"] for p in points if int(p["step"]) > 0} == {r["round"]: r["accuracy"] for r in rounds}
+
+
+def test_an_app_mode_run_is_in_mlflow_and_tensorboard_with_bouquets_figures(mlflow_server, tmp_path):
+    """App mode (a Flower App on the Deployment Engine): submit sends the run folder at the run's
+    end, the ServerApp's accuracy per round and what Bouquet knows of the messages (workers, slots)."""
+    done = subprocess.run(
+        [PYTHON, "scripts/run_local.py", "--app", "examples/quickstart-app", "--clients", "2", "--app-run-config", "num-server-rounds=2",
+         "--results-dir", str(tmp_path / "results"), "--data-dir", str(tmp_path / "data"), "--run-id", "app-tracked"],
+        cwd=REPO, capture_output=True, text=True, timeout=420,
+        env={**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": mlflow_server.uri, "FL_MLFLOW_EXPERIMENT": EXPERIMENT},
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    folder = tmp_path / "results" / "app-tracked"
+    rounds = read_rounds(folder)
+    run = mlflow_server.run_of(EXPERIMENT, "app-tracked")
+    assert run is not None and run["info"]["status"] == "FINISHED"
+    run_id = run["info"]["run_id"]
+    assert mlflow_server.history(run_id, "accuracy") == {r["round"]: r["accuracy"] for r in rounds} and len(rounds) == 2
+    assert mlflow_server.history(run_id, "clients_ok") == {r["round"]: float(r["clients_ok"]) for r in rounds}  # messages, in app mode
+    assert set(mlflow_server.history(run_id, "workers_peak")) == {1, 2} and set(mlflow_server.history(run_id, "slot_wait_seconds_max")) == {1, 2}
+    params = {p["key"]: p["value"] for p in run["data"]["params"]}
+    assert params["engine_mode"].startswith("app") and params["app.name"] == "quickstart-app" and params["app.config.num-server-rounds"] == "3"
+    assert params["app_run_config"] == "num-server-rounds=2" and len(params["task.sha256"]) == 64
+    assert {"summary.json", "metrics.jsonl", "messages.jsonl", "serverapp"} <= set(mlflow_server.artifacts(run_id))
+    scalars = event_scalars(folder / "tensorboard")
+    assert sorted(step for step, _ in scalars["accuracy"]) == [1, 2]

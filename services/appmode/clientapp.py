@@ -9,13 +9,18 @@ returned here (Flower ends with SystemExit).
 To record what the message was and whether the app failed, the app that Flower loads is
 wrapped (``get_load_client_app_fn`` of flwr 1.42's runtime module, replaced in this process
 only): the app still receives the message and context Flower gives it and its reply or
-exception goes back to Flower as before.
+exception goes back to Flower as before. Also recorded: how long loading the app took and the
+installed packages it imported that the warm process had not (each message pays for those;
+FL_WORKER_PRELOAD moves them into the warm process).
 """
 
 from __future__ import annotations
 
+import ast
 import os
 import sys
+import sysconfig
+import time
 from typing import Any, Callable
 
 import flwr.supernode.runtime.run_clientapp as runtime
@@ -52,7 +57,10 @@ def _watch_loaded_app(seen: dict[str, Any], replace: Callable[[], Any] | None = 
         load = original(**kwargs)
 
         def load_watched(*args: Any) -> _Watched:
-            return _Watched(replace() if replace is not None else load(*args), seen)
+            started = time.perf_counter()
+            app = replace() if replace is not None else load(*args)
+            seen["app_load_seconds"] = round(time.perf_counter() - started, 4)
+            return _Watched(app, seen)
 
         return load_watched
 
@@ -63,6 +71,7 @@ def run_flower(argv: list[str], replace: Callable[[], Any] | None = None) -> dic
     """flwr's ``flwr_clientapp()`` with ``argv``; what the message was and how it ended."""
     seen: dict[str, Any] = {}
     _watch_loaded_app(seen, replace)
+    warm = set(sys.modules)
     sys.argv = ["flwr-clientapp", *argv]
     try:
         flwr_clientapp()
@@ -76,7 +85,41 @@ def run_flower(argv: list[str], replace: Callable[[], Any] | None = None) -> dic
         "message_type": seen.get("message_type"),
         "app_error": seen.get("app_error"),
         "out_of_memory": seen.get("out_of_memory", False),
+        "app_load_seconds": seen.get("app_load_seconds"),
+        **imported_after_fork(set(sys.modules), warm),
     }
+
+
+def imported_after_fork(now: set[str], warm: set[str]) -> dict[str, list[str]]:
+    """The installed packages (site-packages: not the app's own modules, not the standard library)
+    that the message imported and the warm process had not, and those of them that the app's own
+    modules import by name (what FL_WORKER_PRELOAD should list; the rest come with them)."""
+    site = tuple(sysconfig.get_paths()[key] + os.sep for key in ("purelib", "platlib"))
+    standard = tuple(sysconfig.get_paths()[key] + os.sep for key in ("stdlib", "platstdlib"))
+    tops = {name.partition(".")[0] for name in now} - {name.partition(".")[0] for name in warm}
+    installed = sorted(top for top in tops if not top.startswith("_") and _file(top).startswith(site))
+    own = [_file(name) for name in now - warm if _file(name).endswith(".py") and not _file(name).startswith(site + standard)]
+    return {"imported_after_fork": installed, "app_imports_after_fork": sorted(_imported_names(own) & set(installed))}
+
+
+def _file(module: str) -> str:
+    return getattr(sys.modules.get(module), "__file__", None) or ""
+
+
+def _imported_names(files: list[str]) -> set[str]:
+    """Top-level package names the ``import`` statements of these source files name."""
+    names: set[str] = set()
+    for file in files:
+        try:
+            tree = ast.parse(open(file, encoding="utf-8").read())
+        except (OSError, SyntaxError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names.update(alias.name.partition(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names.add(node.module.partition(".")[0])
+    return names
 
 
 def run(argv: list[str], torch_threads: int, reached_flower: str) -> dict[str, Any]:

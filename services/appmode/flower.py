@@ -27,6 +27,17 @@ def environment(flwr_home: Path, *, shim_dir: Path | None = None, extra: dict[st
     return {**os.environ, **OFFLINE, "FLWR_HOME": str(flwr_home), "PYTHONUNBUFFERED": "1", "PATH": os.pathsep.join(path), **(extra or {})}
 
 
+def install_program(folder: Path, name: str, source: str) -> Path:
+    """Write the standard-library script ``source`` as ``folder/name``, run by this interpreter with
+    ``-S`` (no site-packages: it starts in milliseconds however Bouquet was installed); ``folder``
+    goes first on the PATH of the Flower process that starts ``name`` by bare name."""
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / name
+    target.write_text(f"#!{sys.executable} -S\n" + Path(source).read_text())
+    target.chmod(0o755)
+    return target
+
+
 def write_cli_config(flwr_home: Path, address: str, root_certificates: str | None) -> str:
     """``$FLWR_HOME/config.toml`` naming the SuperLink as connection "bouquet"; returns that name."""
     flwr_home.mkdir(parents=True, exist_ok=True)

@@ -57,6 +57,7 @@ class Launches:
         self.flwr_env = flwr_env
         self.scratch = Path(tempfile.mkdtemp(prefix="bouquet-node-"))  # 0700: token files live here
         self.counter = itertools.count(1)
+        self.said_imported: set[str] = set()  # packages the node already suggested to preload
         self.admission = Admission(
             slots_dir=slots_dir(settings), slots=settings.worker_slots, memory_mib=settings.worker_memory_mib, device=settings.device, need_key=NEED_KEY
         )
@@ -98,11 +99,23 @@ class Launches:
         cause = value["app_error"] or (None if value["exit_code"] == 0 else f"flwr-clientapp exited with code {value['exit_code']}")
         record = {**base, **(result.admitted or {}), "pid": result.pid, "parent_pid": value["parent_pid"], "forkserver_pid": forkserver_pid(), "flwr_run_id": value["flwr_run_id"], "task_id": value["task_id"],
                   "message_type": value["message_type"], "outcome": outcome, "cause": cause, "exit_code": value["exit_code"], "retried_after_oom": retried,
-                  "worker_start_seconds": round(result.start_seconds, 4), "ended_at": round(time.time(), 4)}
+                  "worker_start_seconds": round(result.start_seconds, 4), "app_load_seconds": value["app_load_seconds"],
+                  "imported_after_fork": value["imported_after_fork"], "app_imports_after_fork": value["app_imports_after_fork"], "ended_at": round(time.time(), 4)}
         self.records.append(record)
+        self._suggest_preload(value)
         (log.info if outcome == "ok" else log.error)("launch %d: %s message of run %s in worker %d on %s: %s%s", number, value["message_type"], value["flwr_run_id"], result.pid,
                                                      record.get("device", "?"), outcome, f" ({cause})" if cause else "")
         return value["exit_code"]
+
+    def _suggest_preload(self, value: dict[str, Any]) -> None:
+        """Say once per package what every message imports again (FL_WORKER_PRELOAD imports it once)."""
+        named = value["app_imports_after_fork"]
+        if set(named) - self.said_imported:
+            self.said_imported.update(named)
+            load = value["app_load_seconds"]
+            log.info("the ClientApp imports %s, which the warm process has not (with what they import: %d packages; loading the app took %s s), "
+                     "and every message pays for that again: FL_WORKER_PRELOAD=%s has the warm process import them once",
+                     ", ".join(named), len(value["imported_after_fork"]), "?" if load is None else f"{load:.2f}", ",".join(named))
 
     def _failed(self, number: int, argv: list[str], base: dict[str, Any], failure: WorkerFailed, flower_had_it: bool, outcome: str = "failed") -> int:
         cause = f"Bouquet's node {self.place.identity} could not serve this message: {failure.cause}"

@@ -10,8 +10,9 @@ it settled still run, their partitions are kept; otherwise it settles anew.
 
 Then ``flower-superlink`` runs as this process's child on FL_LISTEN_ADDRESS (TLS with Bouquet's
 certificates when FL_TLS_DIR is set), without installing app dependencies at run time. The
-ServerApp runs in the ``flwr-serverapp`` process the SuperLink starts for each run; by default
-it sees no GPU (FL_SERVERAPP_GPUS). Never imports torch.
+ServerApp runs in the ``flwr-serverapp`` process the SuperLink starts for each run, in that run's
+folder (``serverapp_shim``: what it saves lands in ``<run folder>/serverapp/``); by default it
+sees no GPU (FL_SERVERAPP_GPUS). Never imports torch.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 
 from services import logs, roster, tls
 from services import settings as settings_module
-from services.appmode import assignment, flower
+from services.appmode import assignment, flower, serverapp_shim
 from services.server.membership import Membership
 from services.server.registry import PartitionRegistry
 from services.settings import LinkSettings
@@ -96,7 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     # its port; the nodes start their SuperNodes only once they know their partition.
     home = Path(settings.data_dir).resolve() / "appmode-superlink"
     hidden = {} if settings.serverapp_gpus else {"CUDA_VISIBLE_DEVICES": ""}
-    superlink = subprocess.Popen(superlink_command(settings), env=flower.environment(home, extra=hidden), preexec_fn=flower.die_with_parent)
+    shim_dir = flower.install_program(home / "bin", "flwr-serverapp", serverapp_shim.__file__).parent
+    in_run_folder = {serverapp_shim.RESULTS_VARIABLE: str(Path(settings.results_dir).resolve()), serverapp_shim.PROGRAM_VARIABLE: flower.program("flwr-serverapp")}
+    env = flower.environment(home, shim_dir=shim_dir, extra={**hidden, **in_run_folder})
+    superlink = subprocess.Popen(superlink_command(settings), env=env, preexec_fn=flower.die_with_parent)
     log.info("flower-superlink (pid %d) on %s%s", superlink.pid, settings.listen_address, "" if settings.serverapp_gpus else "; the ServerApp sees no GPU (FL_SERVERAPP_GPUS)")
     settled = threading.Event()
 

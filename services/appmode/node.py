@@ -113,12 +113,12 @@ def run(settings: NodeSettings, identity: str) -> int:
     # The forkserver and its workers keep the environment they start with (flwr reads some of it
     # at import): offline and this node's FLWR_HOME, as the SuperNode has.
     os.environ.update({**flower.OFFLINE, "FLWR_HOME": str(home)})
-    worker.prestart(settings.worker_start, extra_preload=PRELOAD)
+    worker.prestart(settings.worker_start, extra_preload=[*PRELOAD, *(settings.worker_preload or [])])
     log.info("warm process ready (forkserver pid %s)", worker.forkserver_pid())
     log_file = records.MessageLog(records.node_file(settings.data_dir, identity))
     launches = Launches(settings, place, log_file, flower.environment(home))
     shim_dir = launches.scratch / "bin"
-    shim.install(shim_dir, sys.executable)
+    flower.install_program(shim_dir, "flwr-clientapp", shim.__file__)
     env = flower.environment(home, shim_dir=shim_dir)
     socket_path = str(launches.scratch / "launch.sock")
     server = _LaunchServer(socket_path, launches)

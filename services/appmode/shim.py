@@ -1,8 +1,8 @@
 """Bouquet's ``flwr-clientapp``: first on a SuperNode's PATH, so SuperExec starts it for every message.
 
 The node agent installs this file as ``<its scratch folder>/bin/flwr-clientapp`` with a
-shebang of its own interpreter run with ``-S`` (``install``), so it needs no site-packages and
-works however the package was installed.
+shebang of its own interpreter run with ``-S`` (``flower.install_program``), so it needs no
+site-packages and works however the package was installed.
 
 It hands its argv to the node agent over the agent's Unix socket (BOUQUET_NODE_SOCKET), waits
 for the outcome (the agent runs the message in an admitted worker forked from its warm process)
@@ -15,7 +15,6 @@ import json
 import os
 import socket
 import sys
-from pathlib import Path
 
 SOCKET_VARIABLE = "BOUQUET_NODE_SOCKET"
 
@@ -62,15 +61,6 @@ def main() -> int:
         print(f"flwr-clientapp (Bouquet): {cause}; failing the message through Flower", file=sys.stderr, flush=True)
         refuse(argv, cause)
         return 1
-
-
-def install(folder: Path, python: str) -> Path:
-    """Write this launcher as ``folder/flwr-clientapp`` (the folder to put first on PATH)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    target = folder / "flwr-clientapp"
-    target.write_text(f"#!{python} -S\n" + Path(__file__).read_text())
-    target.chmod(0o755)
-    return target
 
 
 if __name__ == "__main__":

@@ -7,11 +7,16 @@ a FLWR_HOME of its own, keeps the streamed log in the run folder (``flwr-run.log
 the run's status from the SuperLink (``flwr ls --run-id N --format json``) and the nodes'
 message records, and writes ``summary.json``: FAILED, with the cause, when the run did not
 finish as completed, or when no ClientApp message succeeded; exit code 0 only for a completed run.
+Then the run goes to the trackers (MLflow when MLFLOW_TRACKING_URI is set, TensorBoard) from the
+run folder, as task mode's server sends its rounds: at the run's end, as app mode's rounds are
+known only then.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import hashlib
 import json
 import logging
 import re
@@ -19,14 +24,16 @@ import subprocess
 import sys
 import threading
 import time
+import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from services import logs, tls
 from services import settings as settings_module
-from services.appmode import assignment, evaluations, flower, records
-from services.files import METRICS, atomic_write, write_json_atomically
-from services.server.results import concurrent_workers_peak, new_run_id, slots_per_device
+from services.tracking.run import APP_MODE, RunTracking
+from services.appmode import assignment, evaluations, flower, records, serverapp_shim
+from services.files import METRICS, SERVERAPP_FOLDER, atomic_write, write_json_atomically
+from services.server.results import concurrent_workers_peak, new_run_id, slots_per_device, utc_now
 from services.settings import SubmitSettings
 
 log = logging.getLogger("bouquet.submit")
@@ -117,6 +124,19 @@ class Submission:
             copier.join(timeout=10)
         return code, (flwr_run_id[0] if flwr_run_id else None)
 
+    @contextlib.contextmanager
+    def serverapp_works_here(self) -> Iterator[None]:
+        """While this run streams, the ServerApp the SuperLink starts works in <run folder>/serverapp/
+        (``serverapp_shim`` reads the run id from the results folder, which the server shares)."""
+        marker, working = self.folder.parent / serverapp_shim.CURRENT_RUN, str(self.folder / SERVERAPP_FOLDER)
+        with atomic_write(marker) as out:
+            out.write(working + "\n")
+        try:
+            yield
+        finally:
+            if _text(marker).strip() == working:  # another submission may have taken it since
+                marker.unlink(missing_ok=True)
+
     def flower_status(self, flwr_run_id: int) -> dict[str, Any]:
         listed = self.flwr("ls", CONNECTION, "--run-id", str(flwr_run_id), "--format", "json")
         try:
@@ -129,11 +149,17 @@ class Submission:
         started_at, started = time.time(), time.monotonic()
         deadline = started + self.settings.run_timeout
         summary: dict[str, Any] = {"run_id": self.run_id, "mode": "app", "app": str(Path(self.settings.app).resolve()), "started_at": round(started_at, 3)}
+        tracking = RunTracking(
+            self.folder, {**settings_module.as_dict(self.settings), "mode": "app", **app_identity(Path(self.settings.app))}, {"path": summary["app"], "sha256": app_fingerprint(Path(self.settings.app))},
+            mlflow_experiment=self.settings.mlflow_experiment, mlflow_optional=self.settings.mlflow_optional, tensorboard=self.settings.tensorboard,
+            flush_timeout=self.settings.tracking_flush_timeout, engine_mode=APP_MODE,
+        )
         problem = self.wait_for_federation(deadline)
         flwr_run_id = status = None
         code: int | None = None
         if problem is None:
-            code, flwr_run_id = self.stream(deadline)
+            with self.serverapp_works_here():
+                code, flwr_run_id = self.stream(deadline)
             if flwr_run_id is None:
                 problem = f"flwr run did not start a run (exit code {code}): {_said(self.folder / 'flwr-run.log')}"
             else:
@@ -142,7 +168,7 @@ class Submission:
         with open(self.folder / records.RUN_FILE, "w") as out:
             out.writelines(json.dumps(record, sort_keys=True) + "\n" for record in messages)
         central = evaluations.read(_text(self.folder / "flwr-run.log"))
-        write_rounds(self.folder, getattr(self, "round_starts", []), messages, time.time(), central)
+        rounds = write_rounds(self.folder, getattr(self, "round_starts", []), messages, time.time(), central)
         cause = problem or self.verdict(code, status, messages)
         summary.update(
             status="failed" if cause else "completed",
@@ -156,14 +182,18 @@ class Submission:
             initial_loss=central.initial.get("loss"),
             final_accuracy=central.by_round[max(central.by_round)].get("accuracy") if central.by_round else None,
             final_loss=central.by_round[max(central.by_round)].get("loss") if central.by_round else None,
+            serverapp_files=_files_under(self.folder / SERVERAPP_FOLDER),
             nodes=sorted({record["node"] for record in messages}),
             # identity -> partition, as task mode's summary.json (the report names replicas by it)
             partitions={record["node"]: record["partition"] for record in sorted(messages, key=lambda r: r["node"])},
             slots_per_device=slots_per_device([m for m in messages if m.get("device")]),
             concurrent_workers_peak=concurrent_workers_peak(messages),
+            rounds_completed=rounds,
             elapsed_seconds=round(time.monotonic() - started, 3),
+            ended_at=utc_now(),
         )
         write_json_atomically(self.folder / "summary.json", summary)
+        tracking.finish()  # the rounds, the run's end and its files, to MLflow and TensorBoard
         if cause:
             log.error("run %s (Flower run %s) FAILED: %s", self.run_id, flwr_run_id, cause)
             return EXIT_FAILED
@@ -188,13 +218,13 @@ class Submission:
 def write_rounds(
     folder: Path, starts: list[tuple[int, float]], messages: list[dict[str, Any]], ended_at: float,
     central: evaluations.CentralEvaluations | None = None,
-) -> None:
+) -> int:
     """``metrics.jsonl`` as task mode's server writes it (one line per round, its messages as
     ``clients``), for the memory sidecar and its report. A round runs from Flower's "[ROUND k/N]"
     line to the next one (the last to the end of the run); a ServerApp that logs no rounds is one
-    round. Written before summary.json: the sidecar stops when that appears."""
+    round. Written before summary.json: the sidecar stops when that appears. Returns the number of rounds."""
     if not messages:
-        return
+        return 0
     if not starts:
         starts = [(1, min(record["asked_at"] for record in messages))]
     lines = []
@@ -210,6 +240,29 @@ def write_rounds(
         })
     with atomic_write(folder / METRICS) as out:
         out.writelines(json.dumps(line, sort_keys=True) + "\n" for line in lines)
+    return len(lines)
+
+
+def app_identity(app: Path) -> dict[str, Any]:
+    """The App as a run's parameters: its name, version and publisher, and its run config as
+    its pyproject.toml declares it (overrides are FL_APP_RUN_CONFIG, a parameter of its own)."""
+    try:
+        project = tomllib.loads((app / "pyproject.toml").read_text())
+    except (OSError, tomllib.TOMLDecodeError):
+        return {}
+    flwr_app = project.get("tool", {}).get("flwr", {}).get("app", {})
+    identity = {"app.name": project.get("project", {}).get("name"), "app.version": project.get("project", {}).get("version"), "app.publisher": flwr_app.get("publisher")}
+    identity.update({f"app.config.{key}": value for key, value in (flwr_app.get("config") or {}).items()})
+    return identity
+
+
+def app_fingerprint(app: Path) -> str:
+    """sha256 over the App's source and configuration (.py and .toml files, by relative path)."""
+    digest = hashlib.sha256()
+    for path in sorted(app.rglob("*")):
+        if path.suffix in (".py", ".toml") and path.is_file() and "__pycache__" not in path.parts:
+            digest.update(str(path.relative_to(app)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
 
 
 def _text(path: Path) -> str:
@@ -231,6 +284,13 @@ def _said(log_path: Path, lines: int = 6) -> str:
         return "(no log)"
     said = [line.strip(" \u2502\u256d\u256e\u2570\u256f\u2500") for line in text.splitlines()]
     return " ".join(line for line in said if line)[-600:].split(" ", 1)[-1] if any(said) else "(nothing)"
+
+
+def _files_under(folder: Path) -> list[str]:
+    """What the ServerApp saved in its working folder, relative to the run folder."""
+    if not folder.is_dir():
+        return []
+    return sorted(str(path.relative_to(folder.parent)) for path in folder.rglob("*") if path.is_file())
 
 
 def _message_counts(messages: list[dict[str, Any]]) -> dict[str, int]:

@@ -60,7 +60,7 @@ def serve(settings: ClientSettings, identity: str) -> int:
             log.error("%s", mismatch)
             return 1
         if not prestarted:
-            worker.prestart(settings.worker_start)  # the forkserver imports torch now, not in round 1
+            worker.prestart(settings.worker_start, extra_preload=settings.worker_preload or [])  # the forkserver imports torch now, not in round 1
             prestarted = True
         log.info("client %s connecting to %s (%s, workers: %s)", identity, settings.server_address, "TLS" if ca else "plaintext", settings.worker_start)
         try:

@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     logs.setup()
     spec = TaskSpec.from_settings(settings)
     placement = Placement.from_settings(settings)
-    worker.prestart(settings.worker_start)  # the forkserver imports torch now, not in round 1
+    worker.prestart(settings.worker_start, extra_preload=settings.worker_preload or [])  # the forkserver imports torch now, not in round 1
     try:
         task = check_task(settings, CentralEvaluator(spec, placement, settings.worker_start))
     except settings_module.SettingError as problem:

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from services.files import read_rounds
+from services.files import SERVERAPP_FOLDER, read_rounds
 from services.tracking.figures import initial_figures, round_figures
 from services.tracking.progress import Progress
 
@@ -26,8 +26,9 @@ log = logging.getLogger("bouquet.tracking")
 
 RUN_TAG = "bouquet.run_id"
 BATCH = 900  # MLflow's log_batch takes at most 1000 metrics
-# The run folder's files sent as artifacts at the end (those that exist).
-ARTIFACT_FILES = ("summary.json", "metrics.jsonl", "state.json", "tracking.json", "memory.csv", "memory_summary.json", "report.html")
+# The run folder's files sent as artifacts at the end (those that exist; app mode's too: every
+# message's record, Flower's log of the run, and what the ServerApp saved in serverapp/).
+ARTIFACT_FILES = ("summary.json", "metrics.jsonl", "state.json", "tracking.json", "memory.csv", "memory_summary.json", "report.html", "messages.jsonl", "flwr-run.log")
 STATUS = {"completed": "FINISHED", "interrupted": "KILLED"}  # any other end: FAILED
 
 # MLflow's client retries a failed request for minutes by default; here a failure should come
@@ -181,6 +182,8 @@ class MlflowRun:
         sent = self.progress.get().get("artifacts", {})
         checkpoints = sorted((self.folder / "checkpoints").glob("round-*.npz"))
         files = [(self.folder / name, None) for name in ARTIFACT_FILES] + [(checkpoint, "checkpoints") for checkpoint in checkpoints[-1:]]
+        saved = self.folder / SERVERAPP_FOLDER
+        files += [(path, str(path.parent.relative_to(self.folder))) for path in sorted(saved.rglob("*")) if path.is_file()] if saved.is_dir() else []
         for path, under in files:
             if not path.exists():
                 continue

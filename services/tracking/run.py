@@ -25,7 +25,8 @@ from services.tracking.sender import Sender
 log = logging.getLogger("bouquet.tracking")
 
 LOCAL_FLUSH_S = 10.0
-ENGINE_MODE = "task (start_server: Bouquet's server and clients over gRPC)"
+TASK_MODE = "task (start_server: Bouquet's server and clients over gRPC)"
+APP_MODE = "app (Flower's Deployment Engine: SuperLink and SuperNodes, every ClientApp message in a worker forked from its replica's warm process)"
 
 
 def resolvable(uri: str, attempts: int = 5) -> bool:
@@ -52,12 +53,13 @@ class RunTracking:
     def __init__(
         self, folder: Path, settings: Mapping[str, Any], task: Mapping[str, Any], *,
         mlflow_experiment: str, tensorboard: bool, flush_timeout: float, gauges: RoundGauges | None = None, mlflow_optional: bool = False,
+        engine_mode: str = TASK_MODE,
     ) -> None:
         self.folder = Path(folder)
         self.flush_timeout = flush_timeout
         run = Progress(self.folder, "run")
         if "params" not in run.get():
-            run.update(params=run_params(settings, task, ENGINE_MODE))
+            run.update(params=run_params(settings, task, engine_mode))
         self.senders: list[Sender] = []
         uri = tracking_uri()
         if uri and mlflow_optional and not resolvable(uri):

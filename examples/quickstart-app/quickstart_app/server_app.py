@@ -16,7 +16,8 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Run the FedAvg rounds; print the final accuracy."""
+    """Run the FedAvg rounds; print the final accuracy and save the final model (in Bouquet:
+    in the run folder's ``serverapp/``, the ServerApp's working folder)."""
     num_rounds = int(context.run_config["num-server-rounds"])
     strategy = FedAvg(fraction_evaluate=float(context.run_config["fraction-evaluate"]))
     result = strategy.start(
@@ -28,6 +29,7 @@ def main(grid: Grid, context: Context) -> None:
     )
     final = result.evaluate_metrics_serverapp.get(num_rounds, {})
     print(f"final central accuracy: {final.get('accuracy')}")
+    torch.save(result.arrays.to_torch_state_dict(), "final_model.pt")
 
 
 def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
