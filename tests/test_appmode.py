@@ -60,6 +60,7 @@ def test_the_example_app_completes(example_run):
     run_path, summary, records, done = example_run
     assert summary["status"] == "completed" and summary["cause"] is None
     assert summary["flwr_status"] == "finished:completed"
+    assert summary["foreign_supernodes"] == 0 and summary["rounds_completed"] == 2 and summary["ended_at"]
     assert (run_path / "flwr-run.log").read_text().count("[ROUND") == 2
     assert "final central accuracy" in (run_path / "flwr-run.log").read_text()
     assert sorted(p.name for p in (run_path / "logs").iterdir()) == ["client-0.log", "client-1.log", "client-2.log", "monitor.log", "server.log", "submit.log"]

@@ -85,6 +85,16 @@ def test_the_verdict_reads_flowers_status_and_the_messages(submission):
     assert "did not end within" in submission.verdict(None, None, [])
 
 
+def test_supernodes_bouquet_did_not_settle_are_counted_and_said(submission, tmp_path, monkeypatch, caplog):
+    """Open-source Flower takes any SuperNode that reaches the SuperLink: the submission cannot
+    keep one out, but it says so and records how many there were."""
+    assignment.write(str(tmp_path), assignment.Assignment(3, {"a": 0, "b": 1, "c": 2}, ()))
+    monkeypatch.setattr(submission, "online_nodes", lambda: 4)
+    assert submission.wait_for_federation(deadline=float("inf")) is None
+    assert submission.foreign == 1
+    assert "1 SuperNode(s) online that are not among the 3 Bouquet settled" in caplog.text
+
+
 def test_bouquet_flwr_clientapp_hands_its_argv_to_the_node_and_exits_with_its_outcome(tmp_path):
     launcher = flower.install_program(tmp_path / "bin", "flwr-clientapp", shim.__file__)
     path = str(tmp_path / "node.sock")

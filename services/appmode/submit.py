@@ -85,6 +85,10 @@ class Submission:
                 online = self.online_nodes()
                 if online is not None and online >= wanted:
                     log.info("%d SuperNode(s) online, the federation settled on %d", online, wanted)
+                    self.foreign = online - wanted
+                    if self.foreign:
+                        log.warning("%d SuperNode(s) online that are not among the %d Bouquet settled: the ServerApp will send them messages too "
+                                    "(open-source Flower 1.42's SuperLink takes any SuperNode that reaches its port; README: \"Who may join\")", self.foreign, wanted)
                     return None
             time.sleep(1.0)
         return "the federation was not settled" if wanted is None else f"fewer than the {wanted} settled SuperNodes came online"
@@ -183,6 +187,7 @@ class Submission:
             final_accuracy=central.by_round[max(central.by_round)].get("accuracy") if central.by_round else None,
             final_loss=central.by_round[max(central.by_round)].get("loss") if central.by_round else None,
             serverapp_files=_files_under(self.folder / SERVERAPP_FOLDER),
+            foreign_supernodes=getattr(self, "foreign", None),  # online at submission beyond the settled ones (None: not reached)
             nodes=sorted({record["node"] for record in messages}),
             # identity -> partition, as task mode's summary.json (the report names replicas by it)
             partitions={record["node"]: record["partition"] for record in sorted(messages, key=lambda r: r["node"])},
