@@ -4,7 +4,8 @@
 #   bash .ci/docker.sh up     install docker.io, docker-compose (1.29) and debootstrap from Debian
 #                             if missing, and Compose v2 as the docker CLI plugin (below), start
 #                             dockerd if none is running, wait for it, and build the cpu images
-#                             offline (scripts/build_images_offline.sh)
+#                             offline (scripts/build_images_offline.sh) and the tracker images of
+#                             compose's tracking and metrics profiles (scripts/build_tracker_images.sh)
 #   BOUQUET_REQUIRE_DOCKER=1 <pytest ...>     the compose smoke test then fails instead of skipping
 #   bash .ci/docker.sh down   stop the dockerd that `up` started (leaves one it found running)
 #
@@ -107,6 +108,8 @@ docker_start() {
 
 docker_build_images() {
     bash "$BOUQUET_REPO/scripts/build_images_offline.sh" --flavour cpu
+    # compose's `tracking` and `metrics` profiles (tests/test_compose_tracking.py)
+    bash "$BOUQUET_REPO/scripts/build_tracker_images.sh"
 }
 
 docker_stop() {

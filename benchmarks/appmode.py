@@ -1,13 +1,15 @@
-"""Benchmark one Flower App three ways, in one run, with the same N and rounds (issue 18 item 6):
+"""Benchmark one Flower App three ways (four rows), in one run, with the same N and rounds (issue 18 item 6):
 
   (a) deployment  Flower's own Deployment Engine: flower-superlink, N flower-supernode and stock
                   ``flwr-clientapp``, a fresh interpreter per message (benchmarks/deployment.py)
   (b) app         Bouquet app mode (``services.launcher --app``, what ``scripts/run_local.py --app``
                   runs): every message in a worker forked from the node's warm process after a slot
+  (b') app-preload the same with FL_WORKER_PRELOAD naming what the app imports (scikit-learn),
+                  which the warm process then imports once instead of every message
   (c) task        Bouquet task mode on the app's own ``task.py`` (FL_TASK), with the app's
                   training settings (local epochs, batch size, learning rate)
 
-    .venv/bin/python scripts/bench_app.py                  # N = 3, 2 rounds, all three
+    .venv/bin/python scripts/bench_app.py                  # N = 3, 2 rounds, all four
     .venv/bin/python scripts/bench_app.py --quick          # N = 2, 2 rounds, short idle window (CI)
 
 The app is examples/quickstart-app, run from a copy whose components wrap the app's own
@@ -51,15 +53,18 @@ REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "examples" / "quickstart-app"
 PROBES = Path(__file__).resolve().parent / "timed_app" / "bench_timed_app"
 PROGRAM = "bench_app.py"
-CONFIGS = ("deployment", "app", "task")
+CONFIGS = ("deployment", "app", "app-preload", "task")
+APP_IMPORTS = ["sklearn"]  # what examples/quickstart-app imports beyond torch and flwr (its nodes' logs name it)
 LABELS = {
     "deployment": "(a) Flower Deployment Engine, stock flwr-clientapp",
     "app": "(b) Bouquet app mode",
+    "app-preload": f"(b') Bouquet app mode, FL_WORKER_PRELOAD={','.join(APP_IMPORTS)}",
     "task": "(c) Bouquet task mode (the app's task.py)",
 }
 START_MEANING = {
     "deployment": "flwr-clientapp process start → handler",
     "app": "launch request at the node → handler",
+    "app-preload": "launch request at the node → handler",
     "task": "worker request → job start",
 }
 # The app's components as examples/quickstart-app declares them, and the probes' wrappers of them.
@@ -202,11 +207,13 @@ def run_one(config: str, options: AppBenchSettings, out: Path) -> tuple[list[dic
             deployment.run_app(work, timed_app(work / "app"), options.clients, run_config(options.rounds, timings, options.idle_seconds),
                                None, started, options.run_timeout, threads)
             rounds = probe_rounds(read_json_lines(timings)[0])
-        elif config == "app":
+        elif config in ("app", "app-preload"):
             config_file = work / "run-config.toml"
             deployment_config.write(config_file, run_config(options.rounds, timings, options.idle_seconds))
             flags = ["--app", str(timed_app(work / "app")), "--clients", str(options.clients), "--app-run-config", str(config_file),
                      "--results-dir", str(work), "--run-id", bouquet.RUN_ID, "--data-dir", str(work / "data")]
+            if config == "app-preload":
+                flags += ["--worker-preload", ",".join(APP_IMPORTS)]
             folder = bouquet.run_launcher(work, flags, f"app mode, {options.clients} clients", started_bouquet, options.run_timeout)
             rounds = probe_rounds(read_json_lines(timings)[0], read_json_lines(folder / "messages.jsonl")[0])
         else:
@@ -267,7 +274,7 @@ def markdown(meta: dict[str, Any], results: list[dict[str, Any]]) -> str:
         if "error" in s:
             lines.append(f"| {LABELS[result['config']]} | failed: {s['error'][:120]} |")
             continue
-        fork = _range(s["fork_to_handler"], 3) if result["config"] == "app" else "–"
+        fork = _range(s["fork_to_handler"], 3) if result["config"] in ("app", "app-preload") else "–"
         lines.append(
             f"| {LABELS[result['config']]} | {_range(s['message_start'], 3)} | {START_MEANING[result['config']]} | {fork} | {_fmt(s['first_round_seconds'])} | "
             f"{_fmt(s['round_seconds'])} | {_fmt(s['idle_pss_mib'], 0)} | {_fmt(s['peak_pss_mib'], 0)} | {_fmt(s['peak_rss_mib'], 0)} | {_fmt(s['final_accuracy'], 3)} |"

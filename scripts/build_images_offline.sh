@@ -177,16 +177,9 @@ fetch_wheels > "$cache/wheelhouse.log" 2>&1 \
 say "wheelhouse: $(ls "$wheelhouse" | wc -l) wheels, $(du -sh "$wheelhouse" | cut -f1)"
 
 # --- 3. serve the wheelhouse on loopback, build the images --------------------------------------
-if "$python" -c 'import socket, sys; socket.create_connection(("127.0.0.1", int(sys.argv[1])), 1)' "$port" 2>/dev/null; then
-    die "127.0.0.1:$port is taken; set BOUQUET_WHEEL_PORT to a free port"
-fi
-"$python" -m http.server --bind 127.0.0.1 --directory "$wheelhouse" "$port" > "$cache/wheel-server.log" 2>&1 &
-server_pid=$!
-trap 'kill "$server_pid" 2>/dev/null || true' EXIT
-for _ in $(seq 50); do
-    "$python" -c 'import socket, sys; socket.create_connection(("127.0.0.1", int(sys.argv[1])), 1)' "$port" 2>/dev/null && break
-    sleep 0.1
-done
+# shellcheck source=scripts/lib/wheelhouse.sh
+source "$repo/scripts/lib/wheelhouse.sh"
+serve_wheelhouse "$wheelhouse" "$port" "$cache/wheel-server.log"
 pip_opts="--no-index --find-links http://127.0.0.1:$port/"
 revision=$(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo unknown)
 

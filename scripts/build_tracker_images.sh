@@ -33,6 +33,8 @@ for name in "${wanted[@]}"; do
     case "$name" in prometheus|tracking) ;; *) die "unknown image '$name' (prometheus, tracking)" ;; esac
 done
 docker info >/dev/null 2>&1 || die "cannot reach the Docker daemon"
+# shellcheck source=scripts/lib/wheelhouse.sh
+source "$repo/scripts/lib/wheelhouse.sh"
 mkdir -p "$cache"
 
 # rootfs NAME PACKAGES: a Debian minbase with PACKAGES, as a cached tarball
@@ -77,21 +79,14 @@ for name in "${wanted[@]}"; do
         say "wheelhouse $wheels from docker/tracking/requirements.lock"
         "$python" -m pip wheel -q --no-deps --wheel-dir "$wheels" -r "$repo/docker/tracking/requirements.lock" > "$cache/wheelhouse-tracking.log" 2>&1 \
             || { tail -n 20 "$cache/wheelhouse-tracking.log" >&2; die "downloading the tracking wheelhouse failed"; }
-        "$python" -m http.server --bind 127.0.0.1 --directory "$wheels" "$port" > "$cache/wheel-server-tracking.log" 2>&1 &
-        server_pid=$!
-        trap 'kill "$server_pid" 2>/dev/null || true' EXIT
-        for _ in $(seq 50); do
-            "$python" -c 'import socket, sys; socket.create_connection(("127.0.0.1", int(sys.argv[1])), 1)' "$port" 2>/dev/null && break
-            sleep 0.1
-        done
+        serve_wheelhouse "$wheels" "$port" "$cache/wheel-server-tracking.log"
         say "docker build bouquet/tracking:$suite (docker/tracking/Dockerfile)"
         docker build --network host --file "$repo/docker/tracking/Dockerfile" \
             --build-arg BASE_IMAGE="bouquet/tracking-base:$suite" \
             --build-arg PIP_INSTALL_OPTS="--no-index --find-links http://127.0.0.1:$port/" \
             --tag "bouquet/tracking:$suite" "$repo/docker/tracking" > "$cache/build-tracking.log" 2>&1 \
             || { tail -n 30 "$cache/build-tracking.log" >&2; die "docker build of bouquet/tracking failed (log: $cache/build-tracking.log)"; }
-        kill "$server_pid" 2>/dev/null || true
-        trap - EXIT
+        stop_wheelhouse
         ;;
     esac
 done

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import appmode
+from benchmarks import appmode, bouquet
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "scripts" / "bench_app.py"
@@ -62,7 +62,7 @@ def test_app_mode_messages_start_at_the_nodes_launch_request() -> None:
 
 
 @pytest.mark.integration
-def test_quick_runs_the_three_configurations_and_writes_the_table(tmp_path: Path) -> None:
+def test_quick_runs_every_configuration_and_writes_the_table(tmp_path: Path) -> None:
     out = tmp_path / "app-bench"
     done = subprocess.run([sys.executable, str(BENCH), "--quick", "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -76,3 +76,6 @@ def test_quick_runs_the_three_configurations_and_writes_the_table(tmp_path: Path
         assert "error" not in summary, summary
         assert summary["rounds"] == 2 and summary["messages"] == 2 * 2  # every client trained every round
         assert isinstance(summary["round_seconds"], float) and summary["peak_pss_mib"] is not None
+    for config, imported in (("app", True), ("app-preload", False)):  # the preloaded warm process: no message imports it again
+        records = [json.loads(line) for line in (out / "runs" / config / bouquet.RUN_ID / "messages.jsonl").read_text().splitlines()]
+        assert records and all(("sklearn" in r["imported_after_fork"]) is imported for r in records), config

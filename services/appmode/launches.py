@@ -113,9 +113,10 @@ class Launches:
         if set(named) - self.said_imported:
             self.said_imported.update(named)
             load = value["app_load_seconds"]
+            preload = list(dict.fromkeys([*(self.settings.worker_preload or []), *named]))  # what is preloaded already, and these
             log.info("the ClientApp imports %s, which the warm process has not (with what they import: %d packages; loading the app took %s s), "
                      "and every message pays for that again: FL_WORKER_PRELOAD=%s has the warm process import them once",
-                     ", ".join(named), len(value["imported_after_fork"]), "?" if load is None else f"{load:.2f}", ",".join(named))
+                     ", ".join(named), len(value["imported_after_fork"]), "?" if load is None else f"{load:.2f}", ",".join(preload))
 
     def _failed(self, number: int, argv: list[str], base: dict[str, Any], failure: WorkerFailed, flower_had_it: bool, outcome: str = "failed") -> int:
         cause = f"Bouquet's node {self.place.identity} could not serve this message: {failure.cause}"
