@@ -187,14 +187,19 @@ def test_rounds_are_written_for_the_memory_sidecar_from_flowers_round_lines_and_
     from services.appmode.submit import write_rounds
     from services.monitor.rounds import RoundLog
 
-    message = {"node": "n", "partition": 0, "pid": 5, "device": "cpu", "slots": 2, "outcome": "ok"}
+    message = {"node": "n", "partition": 0, "num_partitions": 2, "pid": 5, "device": "cpu", "slots": 2, "outcome": "ok"}
     messages = [{**message, "asked_at": 10.0, "ended_at": 12.0, "worker_started_at": 10.5, "worker_ended_at": 11.5},
-                {**message, "asked_at": 21.0, "ended_at": 25.0, "worker_started_at": 21.5, "worker_ended_at": 24.0, "outcome": "app_error"}]
-    write_rounds(tmp_path, [(1, 9.0), (2, 20.0)], messages, 30.0)
+                {**message, "asked_at": 10.5, "ended_at": 12.5, "worker_started_at": 10.6, "worker_ended_at": 11.6},  # its evaluate message
+                {**message, "asked_at": 21.0, "ended_at": 25.0, "worker_started_at": 21.5, "worker_ended_at": 24.0, "outcome": "app_error"},
+                {**message, "node": "m", "partition": 1, "asked_at": 21.0, "ended_at": 25.0, "worker_started_at": 21.5, "worker_ended_at": 24.0}]
+    assert write_rounds(tmp_path, [(1, 9.0), (2, 20.0)], messages, 30.0) == 2
     rounds = RoundLog(tmp_path / "metrics.jsonl").refresh()
     assert [(r.number, r.started, r.ended) for r in rounds] == [(1, 9.0, 20.0), (2, 20.0, 30.0)]
-    assert [(r.record["clients_ok"], r.record["clients_failed"]) for r in rounds] == [(1, 0), (0, 1)]
-    assert rounds[0].record["clients"][0]["id"] == "n" and rounds[0].record["concurrent_workers_peak"] == {"cpu": 1}
+    # clients counted as task mode counts them (nodes), the messages apart
+    assert [(r.record["clients_ok"], r.record["clients_failed"]) for r in rounds] == [(1, 0), (1, 1)]
+    assert [(r.record["messages_ok"], r.record["messages_failed"]) for r in rounds] == [(2, 0), (1, 1)]
+    assert rounds[0].record["num_partitions"] == 2
+    assert rounds[0].record["clients"][0]["id"] == "n" and rounds[0].record["concurrent_workers_peak"] == {"cpu": 2}  # train and evaluate overlapped
 
 
 def test_the_serverapps_central_evaluations_are_read_from_flowers_log(tmp_path):

@@ -277,7 +277,9 @@ def test_an_app_mode_run_is_in_mlflow_and_tensorboard_with_bouquets_figures(mlfl
     assert run is not None and run["info"]["status"] == "FINISHED"
     run_id = run["info"]["run_id"]
     assert mlflow_server.history(run_id, "accuracy") == {r["round"]: r["accuracy"] for r in rounds} and len(rounds) == 2
-    assert mlflow_server.history(run_id, "clients_ok") == {r["round"]: float(r["clients_ok"]) for r in rounds}  # messages, in app mode
+    assert mlflow_server.history(run_id, "clients_ok") == {1: 2.0, 2: 2.0}  # nodes, as task mode counts clients
+    assert mlflow_server.history(run_id, "messages_ok") == {r["round"]: float(r["messages_ok"]) for r in rounds}
+    assert {p["key"]: p["value"] for p in mlflow_server.run_of(EXPERIMENT, "app-tracked")["data"]["params"]}["num_partitions"] == "2"
     assert set(mlflow_server.history(run_id, "workers_peak")) == {1, 2} and set(mlflow_server.history(run_id, "slot_wait_seconds_max")) == {1, 2}
     params = {p["key"]: p["value"] for p in run["data"]["params"]}
     assert params["engine_mode"].startswith("app") and params["app.name"] == "quickstart-app" and params["app.config.num-server-rounds"] == "3"

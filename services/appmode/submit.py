@@ -152,7 +152,7 @@ class Submission:
     def run(self) -> int:
         started_at, started = time.time(), time.monotonic()
         deadline = started + self.settings.run_timeout
-        summary: dict[str, Any] = {"run_id": self.run_id, "mode": "app", "app": str(Path(self.settings.app).resolve()), "started_at": round(started_at, 3)}
+        summary: dict[str, Any] = {"run_id": self.run_id, "mode": "app", "app": str(Path(self.settings.app).resolve()), "started_at": iso_time(started_at)}
         tracking = RunTracking(
             self.folder, {**settings_module.as_dict(self.settings), "mode": "app", **app_identity(Path(self.settings.app))}, {"path": summary["app"], "sha256": app_fingerprint(Path(self.settings.app))},
             mlflow_experiment=self.settings.mlflow_experiment, mlflow_optional=self.settings.mlflow_optional, tensorboard=self.settings.tensorboard,
@@ -225,7 +225,8 @@ def write_rounds(
     central: evaluations.CentralEvaluations | None = None,
 ) -> int:
     """``metrics.jsonl`` as task mode's server writes it (one line per round, its messages as
-    ``clients``), for the memory sidecar and its report. A round runs from Flower's "[ROUND k/N]"
+    ``clients``; ``clients_ok`` / ``clients_failed`` count nodes, ``messages_ok`` / ``messages_failed``
+    messages), for the memory sidecar, its report and the trackers. A round runs from Flower's "[ROUND k/N]"
     line to the next one (the last to the end of the run); a ServerApp that logs no rounds is one
     round. Written before summary.json: the sidecar stops when that appears. Returns the number of rounds."""
     if not messages:
@@ -237,9 +238,13 @@ def write_rounds(
         ended = starts[index + 1][1] if index + 1 < len(starts) else max([ended_at, *(r.get("ended_at", 0) for r in messages)])
         mine = [record for record in messages if started <= record.get("asked_at", 0) < ended]
         clients = [{**record, "id": record["node"], "worker_pid": record.get("pid")} for record in mine]
+        failed_nodes = {r["node"] for r in mine if r.get("outcome") != "ok"}
         lines.append({
             "round": number, "started_at": iso_time(started), "ended_at": iso_time(ended), "round_seconds": round(ended - started, 3),
-            "clients_ok": sum(1 for r in mine if r.get("outcome") == "ok"), "clients_failed": sum(1 for r in mine if r.get("outcome") != "ok"),
+            # clients as task mode counts them (a node with any failed message failed), and the messages themselves
+            "clients_ok": len({r["node"] for r in mine} - failed_nodes), "clients_failed": len(failed_nodes),
+            "messages_ok": sum(1 for r in mine if r.get("outcome") == "ok"), "messages_failed": sum(1 for r in mine if r.get("outcome") != "ok"),
+            "num_partitions": max((r["num_partitions"] for r in mine if r.get("num_partitions")), default=None),
             "clients": clients, "slots_per_device": slots_per_device(clients), "concurrent_workers_peak": concurrent_workers_peak(clients),
             **(central.by_round.get(number, {}) if central is not None else {}),  # the ServerApp's accuracy and loss, when it logged them
         })

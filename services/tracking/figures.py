@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 # The metrics.jsonl fields taken as they are (a number, or absent / null: not sent).
-PLAIN = ("accuracy", "loss", "round_seconds", "aggregate_seconds", "clients_ok", "clients_failed")
+PLAIN = ("accuracy", "loss", "round_seconds", "aggregate_seconds", "clients_ok", "clients_failed", "messages_ok", "messages_failed")
 
 
 def _number(value: Any) -> float | None:
