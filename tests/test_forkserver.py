@@ -139,3 +139,22 @@ def test_forkserver_worker_past_its_timeout_is_killed() -> None:
         worker.run("tests.worker_jobs:sleep_forever", {}, timeout=3, start_method="forkserver")
     assert "timed out" in failure.value.cause
     assert not Path(f"/proc/{failure.value.pid}").exists()
+
+
+def test_a_worker_starts_with_what_fl_worker_preload_names_already_imported() -> None:
+    """FL_WORKER_PRELOAD (task mode's client and server, app mode's node): the forkserver imports
+    it once, so a worker's job finds it in sys.modules without importing it. A fresh interpreter:
+    this test session's forkserver preloads other things."""
+    code = textwrap.dedent(
+        """
+        import json
+        from services import worker
+        worker.prestart("forkserver", extra_preload=["sklearn.model_selection"])
+        preloaded = worker.run("tests.worker_jobs:imported", {"module": "sklearn.model_selection"}, timeout=300, start_method="forkserver").value
+        other = worker.run("tests.worker_jobs:imported", {"module": "sklearn.cluster"}, timeout=300, start_method="forkserver").value
+        print(json.dumps([preloaded, other]))
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == [True, False]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 
 import pytest
@@ -126,3 +127,11 @@ def test_every_setting_is_documented_in_readme():
     missing = sorted(name for name in names if f"`{name}`" not in readme)
     assert not missing, f"README settings table lacks {missing}"
 
+
+
+def test_the_readme_settings_table_is_the_one_the_declarations_make():
+    """README's table is generated (scripts/settings_table.py); a setting changed without
+    regenerating it would document the old meaning, default or users."""
+    table = subprocess.run([PYTHON, "scripts/settings_table.py"], cwd=REPO, capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONPATH": str(REPO)}).stdout
+    assert table.strip() in (REPO / "README.md").read_text(), "regenerate README's settings table: .venv/bin/python scripts/settings_table.py"

@@ -83,3 +83,10 @@ def announce_and_hold(address: str, seconds: float) -> int:
         connection.send(os.getpid())
     time.sleep(seconds)
     return os.getpid()
+
+
+def imported(module: str) -> bool:
+    """Whether ``module`` was imported in this worker before its job ran (inherited from the forkserver)."""
+    import sys
+
+    return module in sys.modules
