@@ -1,6 +1,7 @@
-"""App mode under Compose v2: the same docker-compose.yml with FL_MODE=app, 8 replicas.
+"""App mode under Compose v2 (8 replicas) and Debian's docker-compose 1.29 (3): the same
+docker-compose.yml with FL_MODE=app.
 
-`up --scale client=8` then `run --rm submit` with the example Flower App in the task folder, as
+`up --scale client=N` then `run --rm submit` with the example Flower App in the task folder, as
 the README says. The server container runs the SuperLink, each replica a SuperNode with its
 partition; the submit service streams the run and exits 0; every message ran in a worker forked
 from its replica's warm process, never more at once than slots; the memory sidecar attributes the
@@ -21,7 +22,6 @@ import pytest
 
 from test_compose import REPO, Stack, _docker_ready
 
-REPLICAS = 8
 EXAMPLE = REPO / "examples" / "quickstart-app"
 
 
@@ -46,28 +46,29 @@ def image_overlay(tmp_path: Path) -> str:
 
 @pytest.mark.docker
 @pytest.mark.timeout(1500)
-def test_app_mode_scale_8_runs_the_flower_app_on_every_replica(tmp_path: Path) -> None:
-    compose = _docker_ready("v2")
+@pytest.mark.parametrize("implementation, replicas", [("v2", 8), ("v1", 3)])
+def test_app_mode_scale_runs_the_flower_app_on_every_replica(tmp_path: Path, implementation: str, replicas: int) -> None:
+    compose = _docker_ready(implementation)
     results = tmp_path / "results"
     results.mkdir()
     results.chmod(0o777)
-    stack = Stack(compose, results, "appmode", FL_MODE="app", BOUQUET_TASK_DIR=str(app_folder(tmp_path)), FL_RUN_ID="app8",
+    stack = Stack(compose, results, f"appmode{implementation}", FL_MODE="app", BOUQUET_TASK_DIR=str(app_folder(tmp_path)), FL_RUN_ID="app8",
                   FL_APP_RUN_CONFIG="num-server-rounds=2", FL_TORCH_THREADS="1")
     stack.env["COMPOSE_FILE"] = image_overlay(tmp_path)
     logs = stack.logs
     try:
-        stack.run("up", "--detach", "--no-build", "--scale", f"client={REPLICAS}")
+        stack.run("up", "--detach", "--no-build", "--scale", f"client={replicas}")
         submitted = stack.run("run", "--rm", "submit", timeout=1200, check=False)
         run_dir = results / "app8"
         summary = json.loads((run_dir / "summary.json").read_text())
         context = f"\n{submitted.stdout[-3000:]}{submitted.stderr[-2000:]}\n{logs()}"
         assert submitted.returncode == 0, context
         assert "Successfully started run" in (run_dir / "flwr-run.log").read_text()
-        assert summary["status"] == "completed" and sorted(summary["partitions"].values()) == list(range(REPLICAS)), context
+        assert summary["status"] == "completed" and sorted(summary["partitions"].values()) == list(range(replicas)), context
         records = [json.loads(line) for line in (run_dir / "messages.jsonl").read_text().splitlines()]
         trains = [r for r in records if r["message_type"] == "train"]
-        assert len(trains) == REPLICAS * 2 and all(r["outcome"] == "ok" for r in records), context
-        assert len({r["node"] for r in trains}) == REPLICAS
+        assert len(trains) == replicas * 2 and all(r["outcome"] == "ok" for r in records), context
+        assert len({r["node"] for r in trains}) == replicas
         for node in {r["node"] for r in records}:
             mine = [r for r in records if r["node"] == node]
             assert len({r["pid"] for r in mine}) == len(mine), f"{node}: a worker pid served two messages"
@@ -81,8 +82,8 @@ def test_app_mode_scale_8_runs_the_flower_app_on_every_replica(tmp_path: Path) -
             time.sleep(2)
         with open(run_dir / "memory.csv") as rows:
             table = list(csv.DictReader(rows))
-        replicas = {row["replica"] for row in table if row["role"] == "client"}
-        assert len(replicas) == REPLICAS, f"monitor saw client replicas {replicas}"
+        seen = {row["replica"] for row in table if row["role"] == "client"}
+        assert len(seen) == replicas, f"monitor saw client replicas {seen}"
         assert any(row["role"] == "worker" for row in table), "no per-message worker attributed"
         memory = json.loads((run_dir / "memory_summary.json").read_text())
         assert memory["verdict"]["ok"] is True, memory["verdict"]["text"]
