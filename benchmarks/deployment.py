@@ -24,7 +24,6 @@ from services.files import read_json_lines, tail
 from services.taskspec import Placement, TaskSpec
 
 APP_DIR = Path(__file__).resolve().parent / "deployment_app"
-REPO = APP_DIR.parent.parent
 
 
 @dataclass
@@ -99,7 +98,7 @@ def run_app(
     try:
         superlink = processes.start(
             [str(bin_dir / "flower-superlink"), "--insecure", "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(port)],
-            work_dir / "logs" / "superlink.log", env, REPO,
+            work_dir / "logs" / "superlink.log", env, work_dir,  # the ServerApp saves its files (final_model.pt) here
         )
         started.append(superlink)
         wait_until_listening(f"127.0.0.1:{port}", superlink, 120, "flower-superlink")
@@ -113,7 +112,7 @@ def run_app(
                         "--port", str(free_port()),
                         "--node-config", f"partition-id={index} num-partitions={clients}",
                     ],
-                    work_dir / "logs" / f"supernode-{index}.log", node_env, REPO,
+                    work_dir / "logs" / f"supernode-{index}.log", node_env, work_dir,
                 )
             )
         started.extend(nodes)

@@ -23,6 +23,8 @@ from typing import IO, Any, Iterator
 
 METRICS = "metrics.jsonl"  # in a run folder: one JSON line per finished round, appended by the server
 SERVERAPP_FOLDER = "serverapp"  # in an app-mode run folder: the ServerApp's working folder, what it saved
+MESSAGES = "messages.jsonl"  # in an app-mode run folder: one JSON line per ClientApp message
+FLWR_RUN_LOG = "flwr-run.log"  # in an app-mode run folder: what `flwr run --stream` printed
 
 
 def scratch_path(target: Path, unique: bool = False) -> Path:

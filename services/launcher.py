@@ -256,6 +256,7 @@ class Federation:
 
 
 MAX_LISTED_PARTITIONS = 5
+SUBMISSION_STOP_S = 90.0  # an interrupted submission's time to stop Flower's run and record its end
 
 
 def missed_rounds_lines(result: dict[str, Any]) -> list[str]:
@@ -317,6 +318,20 @@ class AppFederation(Federation):
             submit += ["--app-run-config", v.app_run_config]
         self.start("submit", submit)
         return self._follow_submission()
+
+    def interrupt(self) -> int:
+        """The submission first, while the SuperLink still answers: it stops Flower's run and
+        records the run's end (summary.json "interrupted", the trackers); then the federation."""
+        console.print("[yellow]interrupted: stopping the run, then the federation[/yellow]")
+        submit = self.processes.get("submit")
+        if submit is not None and submit[0].poll() is None:
+            submit[0].send_signal(signal.SIGTERM)
+            try:
+                submit[0].wait(timeout=SUBMISSION_STOP_S)
+            except subprocess.TimeoutExpired:
+                pass  # _stop kills it
+        self._stop(grace=15)
+        return 130
 
     def _follow_submission(self) -> int:
         submit, log_path = self.processes["submit"]

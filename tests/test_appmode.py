@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
@@ -256,3 +257,31 @@ def test_the_app_runs_over_tls_with_bouquets_certificates_and_a_preloading_warm_
     assert "flower-superlink" in server_log and "insecure" not in server_log.lower()  # the SuperLink serves TLS
     for node in ("client-0", "client-1"):
         assert "Starting insecure channel" not in (run_path / "logs" / f"{node}.log").read_text()  # SuperNode -> SuperLink
+
+
+def test_ctrl_c_stops_flowers_run_and_records_its_end(tmp_path):
+    """Ctrl-C on the launcher mid-run: the submission stops Flower's run, summary.json says
+    "interrupted" with the cause, the rounds so far are kept, the ServerApp's folder marker is
+    gone, and the launcher exits 130."""
+    results = tmp_path / "results"
+    launcher = subprocess.Popen(
+        [PYTHON, "scripts/run_local.py", "--app", str(EXAMPLE), "--clients", "2", "--app-run-config", "num-server-rounds=50",
+         "--results-dir", str(results), "--data-dir", str(tmp_path / "data"), "--run-id", "stopped"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    seen = []
+    try:
+        for line in launcher.stdout:  # wait for the event: Flower has started round 2
+            seen.append(line)
+            if "[ROUND 2/50]" in line:
+                break
+        launcher.send_signal(signal.SIGINT)
+        rest, _ = launcher.communicate(timeout=300)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode == 130, "".join(seen)[-2000:] + (rest or "")[-2000:]
+    summary = json.loads((results / "stopped" / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and "stopped (SIGTERM or Ctrl-C) while it ran" in summary["cause"], summary
+    assert summary["flwr_run_id"] and summary["messages"]["total"] >= 2  # round 1's messages are recorded
+    assert not (results / ".appmode-current-run").exists()

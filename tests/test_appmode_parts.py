@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -90,7 +91,7 @@ def test_supernodes_bouquet_did_not_settle_are_counted_and_said(submission, tmp_
     keep one out, but it says so and records how many there were."""
     assignment.write(str(tmp_path), assignment.Assignment(3, {"a": 0, "b": 1, "c": 2}, ()))
     monkeypatch.setattr(submission, "online_nodes", lambda: 4)
-    assert submission.wait_for_federation(deadline=float("inf")) is None
+    assert submission.wait_for_federation(deadline=time.monotonic() + 30) is None
     assert submission.foreign == 1
     assert "1 SuperNode(s) online that are not among the 3 Bouquet settled" in caplog.text
 
@@ -148,7 +149,7 @@ def test_a_serverapp_no_submission_named_works_in_a_folder_of_its_own_under_resu
     if marker is not None:
         (results / serverapp_shim.CURRENT_RUN).write_text(marker.format(results=results))
     folder, _ = _serverapp_started(tmp_path, results)
-    assert folder.parent == results / "flower-runs" and folder.is_dir()
+    assert folder.parent == results / ".flower-runs" and folder.is_dir()
 
 
 def test_a_message_records_the_installed_packages_its_app_imported_after_the_fork(tmp_path):
@@ -178,21 +179,44 @@ def test_a_folder_that_is_no_flower_app_is_refused(tmp_path):
     assert done.returncode == 2 and "not a Flower App folder" in done.stderr
 
 
+def test_a_run_id_whose_folder_holds_a_finished_run_is_refused(tmp_path):
+    (tmp_path / "done").mkdir()
+    (tmp_path / "done" / "summary.json").write_text('{"status": "completed"}')
+    done = _run("-m", "services.appmode.submit", "--app", str(REPO / "examples" / "quickstart-app"), "--results-dir", str(tmp_path), "--run-id", "done")
+    assert done.returncode == 2 and "FL_RUN_ID" in done.stderr and "never touched" in done.stderr
+    assert (tmp_path / "done" / "summary.json").read_text() == '{"status": "completed"}'
+
+
+def test_a_second_submission_at_once_is_refused(tmp_path):
+    from services.appmode.submit import ONE_AT_A_TIME
+    from services.locks import HeldLock
+
+    running = HeldLock(tmp_path / ONE_AT_A_TIME)
+    assert running.acquire()
+    try:
+        done = _run("-m", "services.appmode.submit", "--app", str(REPO / "examples" / "quickstart-app"), "--results-dir", str(tmp_path), "--run-id", "second")
+    finally:
+        running.release()
+    assert done.returncode == 1 and "another submission is running" in done.stderr
+    assert not (tmp_path / "second").exists()  # nothing half-started
+
+
 def test_a_node_refuses_inprocess_workers():
     done = _run("-m", "services.appmode.node", "--worker-start", "inprocess")
     assert done.returncode == 2 and "FL_WORKER_START" in done.stderr
 
 
 def test_rounds_are_written_for_the_memory_sidecar_from_flowers_round_lines_and_the_messages(tmp_path):
-    from services.appmode.submit import write_rounds
+    from services.appmode.rounds import rounds_completed, write_rounds
     from services.monitor.rounds import RoundLog
 
     message = {"node": "n", "partition": 0, "num_partitions": 2, "pid": 5, "device": "cpu", "slots": 2, "outcome": "ok"}
-    messages = [{**message, "asked_at": 10.0, "ended_at": 12.0, "worker_started_at": 10.5, "worker_ended_at": 11.5},
-                {**message, "asked_at": 10.5, "ended_at": 12.5, "worker_started_at": 10.6, "worker_ended_at": 11.6},  # its evaluate message
-                {**message, "asked_at": 21.0, "ended_at": 25.0, "worker_started_at": 21.5, "worker_ended_at": 24.0, "outcome": "app_error"},
-                {**message, "node": "m", "partition": 1, "asked_at": 21.0, "ended_at": 25.0, "worker_started_at": 21.5, "worker_ended_at": 24.0}]
-    assert write_rounds(tmp_path, [(1, 9.0), (2, 20.0)], messages, 30.0) == 2
+    messages = [{**message, "message_type": "train", "asked_at": 10.0, "ended_at": 12.0, "worker_started_at": 10.5, "worker_ended_at": 11.5},
+                {**message, "message_type": "evaluate", "asked_at": 10.5, "ended_at": 12.5, "worker_started_at": 10.6, "worker_ended_at": 11.6},
+                {**message, "message_type": "train", "asked_at": 21.0, "ended_at": 25.0, "worker_started_at": 21.5, "worker_ended_at": 24.0, "outcome": "app_error"},
+                {**message, "message_type": "evaluate", "node": "m", "partition": 1, "asked_at": 21.0, "ended_at": 25.0, "worker_started_at": 21.5, "worker_ended_at": 24.0}]
+    written = write_rounds(tmp_path, [(1, 9.0), (2, 20.0)], messages, 30.0)
+    assert rounds_completed(written) == 1  # round 2's only train message failed: nobody trained in it
     rounds = RoundLog(tmp_path / "metrics.jsonl").refresh()
     assert [(r.number, r.started, r.ended) for r in rounds] == [(1, 9.0, 20.0), (2, 20.0, 30.0)]
     # clients counted as task mode counts them (nodes), the messages apart
@@ -205,7 +229,7 @@ def test_rounds_are_written_for_the_memory_sidecar_from_flowers_round_lines_and_
 def test_the_serverapps_central_evaluations_are_read_from_flowers_log(tmp_path):
     """As Flower 1.42's FedAvg logs them (colour codes and tree drawing included)."""
     from services.appmode import evaluations
-    from services.appmode.submit import write_rounds
+    from services.appmode.rounds import rounds_completed, write_rounds
     from services.monitor.rounds import RoundLog
 
     log = (

@@ -2,8 +2,10 @@
 
 Every Flower process Bouquet starts runs offline (no telemetry, no update check) and finds
 Flower's console scripts (``flwr-serverapp``, ``flower-superexec``, ``flwr``) in this Python's
-environment; a SuperNode's PATH starts with Bouquet's ``bin/`` so that SuperExec, which starts
-``flwr-clientapp`` by bare name for every message, starts Bouquet's launcher instead.
+environment. SuperExec starts ``flwr-clientapp`` (on a SuperNode, for every message) and
+``flwr-serverapp`` (on the SuperLink, for every run) by bare name, so a PATH that starts with a
+``bin/`` of Bouquet's (``install_program``) starts Bouquet's own instead: the node's launcher
+(``shim``) and the ServerApp's working folder (``serverapp_shim``).
 """
 
 from __future__ import annotations

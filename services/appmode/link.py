@@ -18,9 +18,11 @@ sees no GPU (FL_SERVERAPP_GPUS). Never imports torch.
 from __future__ import annotations
 
 import logging
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -93,9 +95,18 @@ def superlink_command(settings: LinkSettings) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     settings = settings_module.parse(LinkSettings, argv, program="services.appmode.link", description=__doc__, validate=validate)
     logs.setup()
-    # The SuperLink first: compose's health check (and the nodes' connection retries) wait for
-    # its port; the nodes start their SuperNodes only once they know their partition.
-    home = Path(settings.data_dir).resolve() / "appmode-superlink"
+    # FLWR_HOME and the bin/ of Bouquet's flwr-serverapp: private to the server (0700), not in the
+    # data volume the replicas can write to, where one could change what the server runs.
+    home = Path(tempfile.mkdtemp(prefix="bouquet-superlink-"))
+    try:
+        return serve(settings, home)
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def serve(settings: LinkSettings, home: Path) -> int:
+    """The SuperLink first: compose's health check (and the nodes' connection retries) wait for
+    its port; the nodes start their SuperNodes only once they know their partition."""
     hidden = {} if settings.serverapp_gpus else {"CUDA_VISIBLE_DEVICES": ""}
     shim_dir = flower.install_program(home / "bin", "flwr-serverapp", serverapp_shim.__file__).parent
     in_run_folder = {serverapp_shim.RESULTS_VARIABLE: str(Path(settings.results_dir).resolve()), serverapp_shim.PROGRAM_VARIABLE: flower.program("flwr-serverapp")}

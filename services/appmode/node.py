@@ -20,6 +20,7 @@ import signal
 import socketserver
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -109,7 +110,9 @@ def main(argv: list[str] | None = None) -> int:
 def run(settings: NodeSettings, identity: str) -> int:
     place = wait_for_partition(settings.data_dir, identity, settings.connect_timeout)
     log.info("node %s holds partition %d of %d", identity, place.partition, place.num_partitions)
-    home = Path(settings.data_dir).resolve() / "appmode-nodes" / identity  # FLWR_HOME: the apps this SuperNode installed
+    # FLWR_HOME (the apps this SuperNode installs and runs): private to this container (0700), not
+    # in the data volume every replica can write to, where another replica could change the code.
+    home = Path(tempfile.mkdtemp(prefix="bouquet-flwr-home-"))
     # The forkserver and its workers keep the environment they start with (flwr reads some of it
     # at import): offline and this node's FLWR_HOME, as the SuperNode has.
     os.environ.update({**flower.OFFLINE, "FLWR_HOME": str(home)})
@@ -137,6 +140,7 @@ def run(settings: NodeSettings, identity: str) -> int:
     server.shutdown()
     server.server_close()
     shutil.rmtree(launches.scratch, ignore_errors=True)
+    shutil.rmtree(home, ignore_errors=True)
     log.info("flower-supernode exited with code %d", code)
     return 0 if code in (0, -signal.SIGTERM, -signal.SIGINT) else code
 

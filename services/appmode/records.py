@@ -19,7 +19,6 @@ from typing import Any, Iterable
 from services.files import read_json_lines
 
 FOLDER = "appmode-messages"
-RUN_FILE = "messages.jsonl"
 
 
 def node_file(data_dir: str | Path, identity: str) -> Path:

@@ -6,7 +6,7 @@ overwritten by the next run. SuperExec starts ``flwr-serverapp`` by bare name fo
 this, installed by the link (``services.appmode.flower.install_program``), starts instead:
 it changes into the folder Bouquet's submit named in ``<results>/.appmode-current-run`` (the
 run folder's ``serverapp/``; a ``flwr run`` from elsewhere gets
-``<results>/flower-runs/<UTC time>/``), then execs Flower's own ``flwr-serverapp`` with the
+``<results>/.flower-runs/<UTC time>/``, and says so), then execs Flower's own ``flwr-serverapp`` with the
 same arguments. Standard library only (it runs with ``python -S``).
 """
 
@@ -20,20 +20,25 @@ RESULTS_VARIABLE = "BOUQUET_SERVERAPP_RESULTS"
 PROGRAM_VARIABLE = "BOUQUET_SERVERAPP_PROGRAM"
 
 
-def working_folder(results: Path) -> Path:
-    """The folder the marker names, if it lies inside the results folder; else one of its own."""
+def working_folder(results: Path) -> tuple[Path, str | None]:
+    """The folder the marker names, if it lies inside the results folder; else one of its own
+    (hidden: not a run folder, which the memory monitor would wait on), and why."""
     try:
         named = Path((results / CURRENT_RUN).read_text().strip())
-    except OSError:
-        named = None
-    if named is not None and named.is_absolute() and named.resolve().is_relative_to(results.resolve()) and named.resolve() != results.resolve():
-        return named
-    return results / "flower-runs" / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    except OSError as error:
+        named, why = None, f"no submission named a run folder ({type(error).__name__} on {results / CURRENT_RUN}: a flwr run from elsewhere)"
+    if named is not None:
+        if named.is_absolute() and named.resolve().is_relative_to(results.resolve()) and named.resolve() != results.resolve():
+            return named, None
+        why = f"{results / CURRENT_RUN} names {str(named)!r}, not a folder inside {results}"
+    return results / ".flower-runs" / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()), why
 
 
 def main() -> None:
     program = os.environ[PROGRAM_VARIABLE]
-    target = working_folder(Path(os.environ[RESULTS_VARIABLE]))
+    target, why = working_folder(Path(os.environ[RESULTS_VARIABLE]))
+    if why:
+        print(f"flwr-serverapp (Bouquet): {why}; the ServerApp works in {target}", file=sys.stderr, flush=True)
     try:
         target.mkdir(parents=True, exist_ok=True)
         os.chdir(target)

@@ -6,7 +6,10 @@ ClientApp reply is an error, so its exit code says little. This waits for the se
 a FLWR_HOME of its own, keeps the streamed log in the run folder (``flwr-run.log``), then reads
 the run's status from the SuperLink (``flwr ls --run-id N --format json``) and the nodes'
 message records, and writes ``summary.json``: FAILED, with the cause, when the run did not
-finish as completed, or when no ClientApp message succeeded; exit code 0 only for a completed run.
+finish as completed, or when no ClientApp message succeeded; exit code 0 only for a completed run
+(130 for one stopped by SIGTERM or Ctrl-C: the Flower run is stopped and the end still recorded).
+One submission at a time per results folder (a lock there): the ServerApp's working folder and
+the run's records assume it. A run id whose folder holds a finished run is refused.
 Then the run goes to the trackers (MLflow when MLFLOW_TRACKING_URI is set, TensorBoard) from the
 run folder, as task mode's server sends its rounds: at the run's end, as app mode's rounds are
 known only then.
@@ -15,16 +18,14 @@ known only then.
 from __future__ import annotations
 
 import contextlib
-import datetime
-import hashlib
 import json
 import logging
 import re
+import signal
 import subprocess
 import sys
 import threading
 import time
-import tomllib
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -32,8 +33,11 @@ from services import logs, tls
 from services import settings as settings_module
 from services.tracking.run import APP_MODE, RunTracking
 from services.appmode import assignment, evaluations, flower, records, serverapp_shim
-from services.files import METRICS, SERVERAPP_FOLDER, atomic_write, write_json_atomically
-from services.server.results import concurrent_workers_peak, new_run_id, slots_per_device, utc_now
+from services.appmode.app_identity import app_fingerprint, app_identity
+from services.appmode.rounds import iso_time, rounds_completed, write_rounds
+from services.files import FLWR_RUN_LOG, MESSAGES, SERVERAPP_FOLDER, atomic_write, write_json_atomically
+from services.locks import HeldLock
+from services.server.results import concurrent_workers_peak, new_run_id, slots_per_device
 from services.settings import SubmitSettings
 
 log = logging.getLogger("bouquet.submit")
@@ -42,6 +46,8 @@ STARTED = re.compile(r"Successfully started run (\d+)")
 ROUND = re.compile(r"\[ROUND (\d+)/\d+\]")  # Flower's strategies log each round's start
 CONNECTION = "bouquet"
 EXIT_FAILED = 1
+EXIT_INTERRUPTED = 130  # as a shell reports a program stopped by Ctrl-C
+ONE_AT_A_TIME = ".appmode-submission.lock"  # in the results folder: held while a submission runs
 
 
 def validate(values: SubmitSettings) -> SubmitSettings:
@@ -50,6 +56,11 @@ def validate(values: SubmitSettings) -> SubmitSettings:
         raise settings_module.SettingError(f"--app / FL_APP = {values.app!r}: not a Flower App folder (needs a pyproject.toml with [tool.flwr.app])")
     if values.tls_dir is not None:
         tls.client_ca(values.tls_dir)
+    if values.run_id and (Path(values.results_dir) / values.run_id / "summary.json").exists():
+        raise settings_module.SettingError(
+            f"--run-id / FL_RUN_ID = {values.run_id!r}: {Path(values.results_dir) / values.run_id} holds a finished run (summary.json), "
+            "which is never touched: name another run, or leave it unset for a new one"
+        )
     return values
 
 
@@ -63,6 +74,9 @@ class Submission:
         ca = str((Path(settings.tls_dir) / "ca.crt").resolve()) if settings.tls_dir else None
         flower.write_cli_config(self.home, settings.server_address, ca)
         self.env = flower.environment(self.home)
+        self.foreign: int | None = None  # SuperNodes online at submission that Bouquet did not settle
+        self.round_starts: list[tuple[int, float]] = []  # Flower's "[ROUND k/N]" lines, as they came
+        self.interrupted = False  # SIGTERM or Ctrl-C: the Flower run was stopped
 
     def flwr(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
         return subprocess.run([flower.program("flwr"), *args], env=self.env, capture_output=True, text=True, timeout=timeout)
@@ -99,8 +113,7 @@ class Submission:
         if self.settings.app_run_config:
             command += ["--run-config", self.settings.app_run_config]
         flwr_run_id: list[int] = []
-        self.round_starts: list[tuple[int, float]] = []
-        with open(self.folder / "flwr-run.log", "w") as kept:
+        with open(self.folder / FLWR_RUN_LOG, "w") as kept:
             process = subprocess.Popen(command, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
             def copy() -> None:
@@ -119,8 +132,9 @@ class Submission:
             copier.start()
             try:
                 code: int | None = process.wait(timeout=max(1.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
+            except (subprocess.TimeoutExpired, KeyboardInterrupt) as end:
                 code = None
+                self.interrupted = isinstance(end, KeyboardInterrupt)
                 if flwr_run_id:
                     self.flwr("stop", str(flwr_run_id[0]), CONNECTION)
                 process.kill()
@@ -158,24 +172,29 @@ class Submission:
             mlflow_experiment=self.settings.mlflow_experiment, mlflow_optional=self.settings.mlflow_optional, tensorboard=self.settings.tensorboard,
             flush_timeout=self.settings.tracking_flush_timeout, engine_mode=APP_MODE,
         )
-        problem = self.wait_for_federation(deadline)
         flwr_run_id = status = None
         code: int | None = None
+        try:
+            problem = self.wait_for_federation(deadline)
+        except KeyboardInterrupt:
+            self.interrupted, problem = True, "stopped (SIGTERM or Ctrl-C) before the run was submitted"
         if problem is None:
             with self.serverapp_works_here():
                 code, flwr_run_id = self.stream(deadline)
-            if flwr_run_id is None:
-                problem = f"flwr run did not start a run (exit code {code}): {_said(self.folder / 'flwr-run.log')}"
-            else:
+            if self.interrupted:
+                problem = "stopped (SIGTERM or Ctrl-C) while it ran; the Flower run was stopped too" if flwr_run_id else "stopped (SIGTERM or Ctrl-C) before Flower started the run"
+            elif flwr_run_id is None:
+                problem = f"flwr run did not start a run (exit code {code}): {_said(self.folder / FLWR_RUN_LOG)}"
+            if flwr_run_id is not None:
                 status = self.flower_status(flwr_run_id)
         messages = records.of_run(self.settings.data_dir, flwr_run_id, started_at, time.time()) if flwr_run_id is not None else []
-        with open(self.folder / records.RUN_FILE, "w") as out:
+        with open(self.folder / MESSAGES, "w") as out:
             out.writelines(json.dumps(record, sort_keys=True) + "\n" for record in messages)
-        central = evaluations.read(_text(self.folder / "flwr-run.log"))
-        rounds = write_rounds(self.folder, getattr(self, "round_starts", []), messages, time.time(), central)
+        central = evaluations.read(_text(self.folder / FLWR_RUN_LOG))
+        rounds = write_rounds(self.folder, self.round_starts, messages, time.time(), central)
         cause = problem or self.verdict(code, status, messages)
         summary.update(
-            status="failed" if cause else "completed",
+            status="interrupted" if self.interrupted else "failed" if cause else "completed",
             cause=cause,
             flwr_run_id=flwr_run_id,
             flwr_status=None if status is None else status.get("status"),
@@ -187,18 +206,21 @@ class Submission:
             final_accuracy=central.by_round[max(central.by_round)].get("accuracy") if central.by_round else None,
             final_loss=central.by_round[max(central.by_round)].get("loss") if central.by_round else None,
             serverapp_files=_files_under(self.folder / SERVERAPP_FOLDER),
-            foreign_supernodes=getattr(self, "foreign", None),  # online at submission beyond the settled ones (None: not reached)
+            foreign_supernodes=self.foreign,  # online at submission beyond the settled ones (None: not reached)
             nodes=sorted({record["node"] for record in messages}),
             # identity -> partition, as task mode's summary.json (the report names replicas by it)
             partitions={record["node"]: record["partition"] for record in sorted(messages, key=lambda r: r["node"])},
             slots_per_device=slots_per_device([m for m in messages if m.get("device")]),
             concurrent_workers_peak=concurrent_workers_peak(messages),
-            rounds_completed=rounds,
+            rounds_completed=rounds_completed(rounds),
             elapsed_seconds=round(time.monotonic() - started, 3),
-            ended_at=utc_now(),
+            ended_at=iso_time(time.time()),
         )
         write_json_atomically(self.folder / "summary.json", summary)
         tracking.finish()  # the rounds, the run's end and its files, to MLflow and TensorBoard
+        if self.interrupted:
+            log.error("run %s (Flower run %s) interrupted: %s", self.run_id, flwr_run_id, cause)
+            return EXIT_INTERRUPTED
         if cause:
             log.error("run %s (Flower run %s) FAILED: %s", self.run_id, flwr_run_id, cause)
             return EXIT_FAILED
@@ -220,70 +242,11 @@ class Submission:
         return None
 
 
-def write_rounds(
-    folder: Path, starts: list[tuple[int, float]], messages: list[dict[str, Any]], ended_at: float,
-    central: evaluations.CentralEvaluations | None = None,
-) -> int:
-    """``metrics.jsonl`` as task mode's server writes it (one line per round, its messages as
-    ``clients``; ``clients_ok`` / ``clients_failed`` count nodes, ``messages_ok`` / ``messages_failed``
-    messages), for the memory sidecar, its report and the trackers. A round runs from Flower's "[ROUND k/N]"
-    line to the next one (the last to the end of the run); a ServerApp that logs no rounds is one
-    round. Written before summary.json: the sidecar stops when that appears. Returns the number of rounds."""
-    if not messages:
-        return 0
-    if not starts:
-        starts = [(1, min(record["asked_at"] for record in messages))]
-    lines = []
-    for index, (number, started) in enumerate(starts):
-        ended = starts[index + 1][1] if index + 1 < len(starts) else max([ended_at, *(r.get("ended_at", 0) for r in messages)])
-        mine = [record for record in messages if started <= record.get("asked_at", 0) < ended]
-        clients = [{**record, "id": record["node"], "worker_pid": record.get("pid")} for record in mine]
-        failed_nodes = {r["node"] for r in mine if r.get("outcome") != "ok"}
-        lines.append({
-            "round": number, "started_at": iso_time(started), "ended_at": iso_time(ended), "round_seconds": round(ended - started, 3),
-            # clients as task mode counts them (a node with any failed message failed), and the messages themselves
-            "clients_ok": len({r["node"] for r in mine} - failed_nodes), "clients_failed": len(failed_nodes),
-            "messages_ok": sum(1 for r in mine if r.get("outcome") == "ok"), "messages_failed": sum(1 for r in mine if r.get("outcome") != "ok"),
-            "num_partitions": max((r["num_partitions"] for r in mine if r.get("num_partitions")), default=None),
-            "clients": clients, "slots_per_device": slots_per_device(clients), "concurrent_workers_peak": concurrent_workers_peak(clients),
-            **(central.by_round.get(number, {}) if central is not None else {}),  # the ServerApp's accuracy and loss, when it logged them
-        })
-    with atomic_write(folder / METRICS) as out:
-        out.writelines(json.dumps(line, sort_keys=True) + "\n" for line in lines)
-    return len(lines)
-
-
-def app_identity(app: Path) -> dict[str, Any]:
-    """The App as a run's parameters: its name, version and publisher, and its run config as
-    its pyproject.toml declares it (overrides are FL_APP_RUN_CONFIG, a parameter of its own)."""
-    try:
-        project = tomllib.loads((app / "pyproject.toml").read_text())
-    except (OSError, tomllib.TOMLDecodeError):
-        return {}
-    flwr_app = project.get("tool", {}).get("flwr", {}).get("app", {})
-    identity = {"app.name": project.get("project", {}).get("name"), "app.version": project.get("project", {}).get("version"), "app.publisher": flwr_app.get("publisher")}
-    identity.update({f"app.config.{key}": value for key, value in (flwr_app.get("config") or {}).items()})
-    return identity
-
-
-def app_fingerprint(app: Path) -> str:
-    """sha256 over the App's source and configuration (.py and .toml files, by relative path)."""
-    digest = hashlib.sha256()
-    for path in sorted(app.rglob("*")):
-        if path.suffix in (".py", ".toml") and path.is_file() and "__pycache__" not in path.parts:
-            digest.update(str(path.relative_to(app)).encode() + b"\0" + path.read_bytes() + b"\0")
-    return digest.hexdigest()
-
-
 def _text(path: Path) -> str:
     try:
         return path.read_text(errors="replace")
     except OSError:
         return ""
-
-
-def iso_time(seconds: float) -> str:
-    return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).isoformat(timespec="milliseconds")
 
 
 def _said(log_path: Path, lines: int = 6) -> str:
@@ -313,9 +276,21 @@ def _message_counts(messages: list[dict[str, Any]]) -> dict[str, int]:
 def main(argv: list[str] | None = None) -> int:
     settings = settings_module.parse(SubmitSettings, argv, program="services.appmode.submit", description=__doc__, validate=validate)
     logs.setup()
+    Path(settings.results_dir).mkdir(parents=True, exist_ok=True)
+    alone = HeldLock(Path(settings.results_dir) / ONE_AT_A_TIME)
+    if not alone.acquire():  # the ServerApp's working folder and the run's records assume one run at a time
+        print(f"services.appmode.submit: error: another submission is running with results in {settings.results_dir}; "
+              "Bouquet runs one Flower run at a time on its SuperLink: wait for it to end", file=sys.stderr)
+        return EXIT_FAILED
+
+    def stop(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt  # the run's end is still recorded (summary.json "interrupted", the trackers told)
+
+    signal.signal(signal.SIGTERM, stop)
     submission = Submission(settings)
     code = submission.run()
     print(submission.folder)
+    alone.release()
     return code
 
 

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from services.files import SERVERAPP_FOLDER, read_rounds
+from services.files import FLWR_RUN_LOG, MESSAGES, METRICS, SERVERAPP_FOLDER, read_rounds
 from services.tracking.figures import initial_figures, round_figures
 from services.tracking.progress import Progress
 
@@ -28,7 +28,7 @@ RUN_TAG = "bouquet.run_id"
 BATCH = 900  # MLflow's log_batch takes at most 1000 metrics
 # The run folder's files sent as artifacts at the end (those that exist; app mode's too: every
 # message's record, Flower's log of the run, and what the ServerApp saved in serverapp/).
-ARTIFACT_FILES = ("summary.json", "metrics.jsonl", "state.json", "tracking.json", "memory.csv", "memory_summary.json", "report.html", "messages.jsonl", "flwr-run.log")
+ARTIFACT_FILES = ("summary.json", METRICS, "state.json", "tracking.json", "memory.csv", "memory_summary.json", "report.html", MESSAGES, FLWR_RUN_LOG)
 STATUS = {"completed": "FINISHED", "interrupted": "KILLED"}  # any other end: FAILED
 
 # MLflow's client retries a failed request for minutes by default; here a failure should come
