@@ -55,7 +55,9 @@ def test_tracking_and_metrics_profiles_record_the_run_with_nothing_else_to_type(
     results = tmp_path / "results"
     results.mkdir()
     mlflow_port, prometheus_port = free_port(), free_port()
-    stack = Stack(compose, results, "tracking", FL_DATASET="digits", FL_ROUNDS=str(ROUNDS), FL_RUN_ID="tracked", FL_WORKER_SLOTS="1",
+    # Rounds of several seconds (40 local epochs, one worker slot for the 3 replicas): Prometheus
+    # scrapes every 2 s, and digits' default rounds (~0.5 s) can all pass between two scrapes.
+    stack = Stack(compose, results, "tracking", FL_DATASET="digits", FL_ROUNDS=str(ROUNDS), FL_LOCAL_EPOCHS="40", FL_RUN_ID="tracked", FL_WORKER_SLOTS="1",
                   BOUQUET_MLFLOW_PORT=str(mlflow_port), BOUQUET_PROMETHEUS_PORT=str(prometheus_port))
     logs = stack.logs
     mlflow = f"http://127.0.0.1:{mlflow_port}/api/2.0/mlflow"
