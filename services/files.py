@@ -13,6 +13,7 @@ Standard library only (the monitor image imports this module too).
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import math
 import os
@@ -25,6 +26,21 @@ METRICS = "metrics.jsonl"  # in a run folder: one JSON line per finished round, 
 SERVERAPP_FOLDER = "serverapp"  # in an app-mode run folder: the ServerApp's working folder, what it saved
 MESSAGES = "messages.jsonl"  # in an app-mode run folder: one JSON line per ClientApp message
 FLWR_RUN_LOG = "flwr-run.log"  # in an app-mode run folder: what `flwr run --stream` printed
+
+
+def iso(seconds: float) -> str:
+    """A moment as the run folder's files write it: UTC, ISO 8601, milliseconds."""
+    return dt.datetime.fromtimestamp(seconds, dt.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def epoch(iso_text: str) -> float:
+    """The moment a run folder's ISO time stamp names, in epoch seconds."""
+    return dt.datetime.fromisoformat(iso_text).timestamp()
+
+
+def files_under(folder: Path) -> list[Path]:
+    """Every file below ``folder``, sorted (none when it is not a folder)."""
+    return sorted(path for path in folder.rglob("*") if path.is_file()) if folder.is_dir() else []
 
 
 def scratch_path(target: Path, unique: bool = False) -> Path:

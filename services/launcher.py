@@ -130,11 +130,6 @@ def join_token_file(token: str | None) -> Path:
     return path
 
 
-def _die_with_launcher() -> None:
-    """In each child before exec: get SIGTERM if the launcher dies, even by SIGKILL (Linux)."""
-    die_with_parent(signal.SIGTERM)
-
-
 class Federation:
     def __init__(self, values: LauncherSettings) -> None:
         self.run_id = values.run_id or new_run_id()  # named here: the server and the monitor get the same
@@ -155,7 +150,7 @@ class Federation:
             # FL_JOIN_TOKEN stays out: the run's token reaches the processes as FL_JOIN_TOKEN_FILE.
             env={**{key: value for key, value in os.environ.items() if key != "FL_JOIN_TOKEN"}, "PYTHONUNBUFFERED": "1", **(env or {})},
             start_new_session=True,  # Ctrl-C reaches the launcher only; it stops the others in order
-            preexec_fn=_die_with_launcher,
+            preexec_fn=die_with_parent,  # SIGTERM if the launcher dies, even by SIGKILL
         )
         log_file.close()
         self.processes[name] = (process, log_path)

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from services.monitor import csvlog
-from services.monitor.rounds import iso
+from services.files import iso
 from services.server.results import RoundRecorder, RunFolder
 
 T0 = 1_800_000_000.0

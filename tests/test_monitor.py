@@ -21,7 +21,8 @@ from services.monitor import csvlog, nvml as nvml_module
 from services.monitor.containers import ContainerNames, container_id_from_cgroup
 from services.monitor.processes import ProcessTable, ProcProbe, program_of
 from services.monitor.readings import MIB, DeviceReading, ProcessReading, Reading
-from services.monitor.rounds import Round, RoundLog, iso, label
+from services.files import iso
+from services.monitor.rounds import Round, RoundLog, label
 from services.monitor.sampler import Sampler
 from services.monitor.summary import summarize, verdict
 from services.net import free_port

@@ -94,11 +94,13 @@ def imported_after_fork(now: set[str], warm: set[str]) -> dict[str, list[str]]:
     """The installed packages (site-packages: not the app's own modules, not the standard library)
     that the message imported and the warm process had not, and those of them that the app's own
     modules import by name (what FL_WORKER_PRELOAD should list; the rest come with them)."""
-    site = tuple(sysconfig.get_paths()[key] + os.sep for key in ("purelib", "platlib"))
-    standard = tuple(sysconfig.get_paths()[key] + os.sep for key in ("stdlib", "platstdlib"))
+    paths = sysconfig.get_paths()
+    site = tuple(paths[key] + os.sep for key in ("purelib", "platlib"))
+    standard = tuple(paths[key] + os.sep for key in ("stdlib", "platstdlib"))
     tops = {name.partition(".")[0] for name in now} - {name.partition(".")[0] for name in warm}
     installed = sorted(top for top in tops if not top.startswith("_") and _file(top).startswith(site))
-    own = [_file(name) for name in now - warm if _file(name).endswith(".py") and not _file(name).startswith(site + standard)]
+    new_files = (_file(name) for name in now - warm)
+    own = [file for file in new_files if file.endswith(".py") and not file.startswith(site + standard)]
     return {"imported_after_fork": installed, "app_imports_after_fork": sorted(_imported_names(own) & set(installed))}
 
 

@@ -47,10 +47,3 @@ def write_cli_config(flwr_home: Path, address: str, root_certificates: str | Non
     (flwr_home / "config.toml").write_text(f'[superlink]\ndefault = "bouquet"\n\n[superlink.bouquet]\naddress = "{address}"\n{security}\n')
     return "bouquet"
 
-
-def die_with_parent() -> None:
-    """``preexec_fn`` of a Flower program Bouquet starts: SIGTERM when its parent dies, however it dies."""
-    import ctypes
-    import signal
-
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG

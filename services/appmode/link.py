@@ -29,6 +29,7 @@ from pathlib import Path
 from services import logs, roster, tls
 from services import settings as settings_module
 from services.appmode import assignment, flower, serverapp_shim
+from services.lifetime import die_with_parent
 from services.server.membership import Membership
 from services.server.registry import PartitionRegistry
 from services.settings import LinkSettings
@@ -111,7 +112,7 @@ def serve(settings: LinkSettings, home: Path) -> int:
     shim_dir = flower.install_program(home / "bin", "flwr-serverapp", serverapp_shim.__file__).parent
     in_run_folder = {serverapp_shim.RESULTS_VARIABLE: str(Path(settings.results_dir).resolve()), serverapp_shim.PROGRAM_VARIABLE: flower.program("flwr-serverapp")}
     env = flower.environment(home, shim_dir=shim_dir, extra={**hidden, **in_run_folder})
-    superlink = subprocess.Popen(superlink_command(settings), env=env, preexec_fn=flower.die_with_parent)
+    superlink = subprocess.Popen(superlink_command(settings), env=env, preexec_fn=die_with_parent)  # SIGTERM when this process dies, however it dies
     log.info("flower-superlink (pid %d) on %s%s", superlink.pid, settings.listen_address, "" if settings.serverapp_gpus else "; the ServerApp sees no GPU (FL_SERVERAPP_GPUS)")
     log.warning("app mode: whoever reaches %s may join as a SuperNode and use the Control API (submit or stop runs): open-source Flower 1.42 "
                 "has no account authentication for it (FLWR_OIDC_ENABLED is Flower's enterprise plugin), so SuperNode authentication could be "

@@ -29,6 +29,7 @@ from services import logs, roster, tls, worker
 from services import settings as settings_module
 from services.appmode import assignment, flower, records, shim
 from services.appmode.launches import Launches, NodePlace
+from services.lifetime import die_with_parent
 from services.net import free_port
 from services.client.identity import identity as node_identity
 from services.settings import NodeSettings
@@ -127,7 +128,7 @@ def run(settings: NodeSettings, identity: str) -> int:
     server = _LaunchServer(socket_path, launches)
     threading.Thread(target=server.serve_forever, name="bouquet-launches", daemon=True).start()
     env = {**env, "BOUQUET_NODE_SOCKET": socket_path, "BOUQUET_PYTHON": sys.executable}
-    supernode = subprocess.Popen(supernode_command(settings, place, free_port()), env=env, preexec_fn=flower.die_with_parent)
+    supernode = subprocess.Popen(supernode_command(settings, place, free_port()), env=env, preexec_fn=die_with_parent)  # SIGTERM when this process dies, however it dies
     log.info("flower-supernode (pid %d) started for %s", supernode.pid, settings.server_address)
 
     def relay(signum: int, _frame: object) -> None:

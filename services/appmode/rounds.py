@@ -9,18 +9,13 @@ one with any failed message in the round failed), the messages apart.
 
 from __future__ import annotations
 
-import datetime
 import json
 from pathlib import Path
 from typing import Any
 
 from services.appmode import evaluations
-from services.files import METRICS, atomic_write
+from services.files import METRICS, atomic_write, iso
 from services.server.results import concurrent_workers_peak, slots_per_device
-
-
-def iso_time(seconds: float) -> str:
-    return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).isoformat(timespec="milliseconds")
 
 
 def write_rounds(
@@ -42,7 +37,7 @@ def write_rounds(
         clients = [{**record, "id": record["node"], "worker_pid": record.get("pid")} for record in mine]
         failed_nodes = {r["node"] for r in mine if r.get("outcome") != "ok"}
         lines.append({
-            "round": number, "started_at": iso_time(started), "ended_at": iso_time(ended), "round_seconds": round(ended - started, 3),
+            "round": number, "started_at": iso(started), "ended_at": iso(ended), "round_seconds": round(ended - started, 3),
             "clients_ok": len({r["node"] for r in mine} - failed_nodes), "clients_failed": len(failed_nodes),
             "messages_ok": sum(1 for r in mine if r.get("outcome") == "ok"), "messages_failed": sum(1 for r in mine if r.get("outcome") != "ok"),
             "trained": any(r.get("message_type") == "train" and r.get("outcome") == "ok" for r in mine),

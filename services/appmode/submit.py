@@ -34,8 +34,8 @@ from services import settings as settings_module
 from services.tracking.run import APP_MODE, RunTracking
 from services.appmode import assignment, evaluations, flower, records, serverapp_shim
 from services.appmode.app_identity import app_fingerprint, app_identity
-from services.appmode.rounds import iso_time, rounds_completed, write_rounds
-from services.files import FLWR_RUN_LOG, MESSAGES, SERVERAPP_FOLDER, atomic_write, write_json_atomically
+from services.appmode.rounds import rounds_completed, write_rounds
+from services.files import FLWR_RUN_LOG, MESSAGES, SERVERAPP_FOLDER, atomic_write, files_under, iso, write_json_atomically
 from services.locks import HeldLock
 from services.server.results import concurrent_workers_peak, new_run_id, slots_per_device
 from services.settings import SubmitSettings
@@ -166,7 +166,7 @@ class Submission:
     def run(self) -> int:
         started_at, started = time.time(), time.monotonic()
         deadline = started + self.settings.run_timeout
-        summary: dict[str, Any] = {"run_id": self.run_id, "mode": "app", "app": str(Path(self.settings.app).resolve()), "started_at": iso_time(started_at)}
+        summary: dict[str, Any] = {"run_id": self.run_id, "mode": "app", "app": str(Path(self.settings.app).resolve()), "started_at": iso(started_at)}
         tracking = RunTracking(
             self.folder, {**settings_module.as_dict(self.settings), "mode": "app", **app_identity(Path(self.settings.app))}, {"path": summary["app"], "sha256": app_fingerprint(Path(self.settings.app))},
             mlflow_experiment=self.settings.mlflow_experiment, mlflow_optional=self.settings.mlflow_optional, tensorboard=self.settings.tensorboard,
@@ -205,7 +205,7 @@ class Submission:
             initial_loss=central.initial.get("loss"),
             final_accuracy=central.by_round[max(central.by_round)].get("accuracy") if central.by_round else None,
             final_loss=central.by_round[max(central.by_round)].get("loss") if central.by_round else None,
-            serverapp_files=_files_under(self.folder / SERVERAPP_FOLDER),
+            serverapp_files=[str(path.relative_to(self.folder)) for path in files_under(self.folder / SERVERAPP_FOLDER)],
             foreign_supernodes=self.foreign,  # online at submission beyond the settled ones (None: not reached)
             nodes=sorted({record["node"] for record in messages}),
             # identity -> partition, as task mode's summary.json (the report names replicas by it)
@@ -214,7 +214,7 @@ class Submission:
             concurrent_workers_peak=concurrent_workers_peak(messages),
             rounds_completed=rounds_completed(rounds),
             elapsed_seconds=round(time.monotonic() - started, 3),
-            ended_at=iso_time(time.time()),
+            ended_at=iso(time.time()),
         )
         write_json_atomically(self.folder / "summary.json", summary)
         tracking.finish()  # the rounds, the run's end and its files, to MLflow and TensorBoard
@@ -257,13 +257,6 @@ def _said(log_path: Path, lines: int = 6) -> str:
         return "(no log)"
     said = [line.strip(" \u2502\u256d\u256e\u2570\u256f\u2500") for line in text.splitlines()]
     return " ".join(line for line in said if line)[-600:].split(" ", 1)[-1] if any(said) else "(nothing)"
-
-
-def _files_under(folder: Path) -> list[str]:
-    """What the ServerApp saved in its working folder, relative to the run folder."""
-    if not folder.is_dir():
-        return []
-    return sorted(str(path.relative_to(folder.parent)) for path in folder.rglob("*") if path.is_file())
 
 
 def _message_counts(messages: list[dict[str, Any]]) -> dict[str, int]:

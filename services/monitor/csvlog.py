@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from services.files import atomic_write
-from services.monitor.rounds import Round, epoch, label
+from services.files import epoch
+from services.monitor.rounds import Round, label
 
 COLUMNS = [
     "time",  # ISO 8601 UTC, milliseconds

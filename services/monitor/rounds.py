@@ -7,22 +7,13 @@ can live and relabels memory.csv once the run is over.
 
 from __future__ import annotations
 
-import datetime as dt
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from services.files import read_json_lines
+from services.files import epoch, read_json_lines
 
 SETUP, ROUND, BETWEEN, AFTER = "setup", "round", "between", "after"
-
-
-def epoch(iso: str) -> float:
-    return dt.datetime.fromisoformat(iso).timestamp()
-
-
-def iso(seconds: float) -> str:
-    return dt.datetime.fromtimestamp(seconds, dt.timezone.utc).isoformat(timespec="milliseconds")
 
 
 @dataclass(frozen=True)

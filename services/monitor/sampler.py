@@ -14,7 +14,8 @@ from typing import Any, Callable
 
 from services.monitor.processes import ProcessTable
 from services.monitor.readings import MemoryReader
-from services.monitor.rounds import RoundLog, iso, label
+from services.files import iso
+from services.monitor.rounds import RoundLog, label
 
 log = logging.getLogger("bouquet.monitor")
 

@@ -29,7 +29,8 @@ from itertools import groupby
 from typing import Any, Iterable
 
 from services.monitor.processes import WORKER_ROLES as WORKERS  # the roles processes.is_worker gives
-from services.monitor.rounds import Round, iso, label
+from services.files import iso
+from services.monitor.rounds import Round, label
 
 
 class Sample:

@@ -19,12 +19,12 @@ import numpy as np
 
 from services import misses
 from services.admission.records import workers_alive
-from services.files import METRICS, atomic_write, json_safe, write_json_atomically
+from services.files import METRICS, atomic_write, iso, json_safe, write_json_atomically
 from services.locks import HeldLock, is_held
 
 
 def utc_now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
+    return iso(time.time())
 
 
 def new_run_id() -> str:

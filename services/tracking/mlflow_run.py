@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from services.files import FLWR_RUN_LOG, MESSAGES, METRICS, SERVERAPP_FOLDER, read_rounds
+from services.files import FLWR_RUN_LOG, MESSAGES, METRICS, SERVERAPP_FOLDER, files_under, read_rounds
 from services.tracking.figures import initial_figures, round_figures
 from services.tracking.progress import Progress
 
@@ -182,8 +182,7 @@ class MlflowRun:
         sent = self.progress.get().get("artifacts", {})
         checkpoints = sorted((self.folder / "checkpoints").glob("round-*.npz"))
         files = [(self.folder / name, None) for name in ARTIFACT_FILES] + [(checkpoint, "checkpoints") for checkpoint in checkpoints[-1:]]
-        saved = self.folder / SERVERAPP_FOLDER
-        files += [(path, str(path.parent.relative_to(self.folder))) for path in sorted(saved.rglob("*")) if path.is_file()] if saved.is_dir() else []
+        files += [(path, str(path.parent.relative_to(self.folder))) for path in files_under(self.folder / SERVERAPP_FOLDER)]
         for path, under in files:
             if not path.exists():
                 continue
