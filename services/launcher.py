@@ -40,7 +40,8 @@ from services.lifetime import die_with_parent
 from services.net import free_port, wait_until_listening
 from services.files import read_rounds, tail
 from services.server.results import new_run_id
-from services.settings import ClientSettings, JoinSettings, LocalSettings, ServerSettings, SubmitSettings, boolean, positive_int, reuse, setting
+from services.pool.use import uses_pool
+from services.settings import ClientSettings, JoinSettings, LocalSettings, PoolSettings, ServerSettings, SubmitSettings, boolean, positive_int, reuse, setting
 
 # The server, clients and monitor run from the folder that holds the package (the repository,
 # where scripts/bootstrap.sh installs it in editable mode).
@@ -76,6 +77,7 @@ def local_defaults(clients: int) -> dict[str, Any]:
         "join_grace": 0.0,
         "listen_address": f"127.0.0.1:{free_port()}",
         "torch_threads": torch_threads_per_worker(clients),
+        "worker_pool": "host",  # one warm process for the whole federation (services.pool)
     }
 
 
@@ -130,6 +132,17 @@ def join_token_file(token: str | None) -> Path:
     return path
 
 
+def pool_environment(values: LauncherSettings) -> dict[str, str]:
+    """The pool's settings as environment variables, not flags: the memory monitor reads the
+    pool's environment to find its records (services.pool.wire.pool_folder_of)."""
+    out = {}
+    for item in settings_module.declared(PoolSettings):
+        value = getattr(values, item.name)
+        if value is not None:
+            out[item.env] = settings_module.as_text(value)
+    return out
+
+
 class Federation:
     def __init__(self, values: LauncherSettings) -> None:
         self.run_id = values.run_id or new_run_id()  # named here: the server and the monitor get the same
@@ -160,6 +173,8 @@ class Federation:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         joins = {s.name for s in settings_module.declared(JoinSettings)}  # the token goes as a file, in the environment
         server_names = [s.name for s in settings_module.declared(ServerSettings) if s.name not in joins]
+        if uses_pool(v):  # first: the server's and every client's workers are forked by it
+            self.start("worker-pool", ["-m", "services.pool"], pool_environment(v))
         self.start("server", ["-m", "services.server", *settings_module.as_flags(v, server_names)], self.join_env)
         host_port = v.listen_address.replace("0.0.0.0", "127.0.0.1").replace("[::]", "127.0.0.1")
         try:

@@ -55,6 +55,7 @@ MODELS = ("auto", "digits-cnn", "cifar-cnn", "resnet18")
 PARTITIONINGS = ("iid", "dirichlet")
 DEVICES = ("auto", "cpu", "cuda")
 WORKER_STARTS = ("spawn", "forkserver", "inprocess")
+WORKER_POOLS = ("host", "replica")
 IDENTITY_SOURCES = ("hostname", "container")
 STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedmedian", "fedtrimmedavg", "krum")
 MONITOR_SOURCES = ("auto", "nvml", "host")
@@ -512,6 +513,9 @@ class LocalSettings:
     worker_slots: str | int = setting(slot_count, "auto", "workers that may run at once per device, counted over every replica and the server on this host (a shared slots folder): auto (GPU: free memory / one worker's measured need, at least 1; CPU: the cores the host gives the container), a number, or unlimited (no admission)")
     worker_memory_mib: float | None = setting(optional(positive_float), None, "GPU memory one worker needs (CUDA context + peak), in MiB; overrides what workers measured (unset: measured and remembered in the slots folder)")
     slots_dir: str | None = setting(optional(path), None, "folder of the slot lock files, shared by the server and every replica of a host (compose: the slots volume; unset: <data dir>/slots)")
+    worker_pool: str = setting(choice(*WORKER_POOLS), "replica", "who forks the forkserver workers (FL_WORKER_START=forkserver): host (the host's one worker pool, python -m services.pool, imported torch once for every replica; compose and scripts/run_local.py start it) or replica (a warm process of this replica's own: for a replica with a host of its own)")
+    worker_pool_socket: str | None = setting(optional(path), None, "(FL_WORKER_POOL=host) the host worker pool's Unix socket, in a folder only this deployment's services mount (unset: <slots folder>/pool/pool.sock)")
+    worker_pool_wait: float = setting(positive_float, 120.0, "(FL_WORKER_POOL=host) seconds a starting replica or server waits for the worker pool to answer before it gives up")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -564,6 +568,16 @@ class ClientSettings(EngineSettings, LocalSettings, JoinSettings):
     client_id: str | None = setting(optional(identifier), None, "stable identity the server maps to a partition (default: from --identity-source)")
     identity_source: str = setting(choice(*IDENTITY_SOURCES), "hostname", "where the identity comes from when --client-id is unset: hostname (a compose replica's container id, a Kubernetes pod's name), or container (the hostname plus a random id kept in the container's own files: stable across restarts of that container, new for a new one; for replicas that share a hostname, e.g. network_mode: host)")
     connect_timeout: float = setting(positive_float, 120.0, "seconds to keep retrying (with backoff) until the server accepts connections")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PoolSettings:
+    """``python -m services.pool``: the host's one warm process that forks every replica's workers."""
+
+    data_dir: str = reuse(LocalSettings, "data_dir")
+    slots_dir: str | None = reuse(LocalSettings, "slots_dir")
+    worker_pool_socket: str | None = reuse(LocalSettings, "worker_pool_socket")
+    worker_preload: list[str] | None = reuse(LocalSettings, "worker_preload")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -626,6 +640,7 @@ class SubmitSettings(EngineSettings):
 SERVER = declared(ServerSettings)
 CLIENT = declared(ClientSettings)
 MONITOR = declared(MonitorSettings)
+POOL = declared(PoolSettings)
 LINK = declared(LinkSettings)
 NODE = declared(NodeSettings)
 SUBMIT = declared(SubmitSettings)

@@ -12,6 +12,10 @@ its inputs (the weights) down it from a helper thread, the worker answers on it 
 such as a slot on a device, see services.admission), "started" and then its result or its exception. Whatever happens, the worker is reaped
 before ``run`` returns: a job that raises, dies from a signal (the kernel's OOM killer sends
 SIGKILL) or outlives its timeout becomes a ``WorkerFailed`` naming why.
+
+With a host worker pool (``use_pool``, FL_WORKER_POOL=host) a ``forkserver`` job is forked by
+the host's one pool (services.pool) instead of this process's own forkserver: the same job, the
+same messages, over the pool's Unix socket; the pool reports the worker's exit code.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -30,6 +35,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 from services.failures import Kind, classify, first_line
 from services.lifetime import die_with_parent, is_alive
+from services.pool import wire
 from services.settings import WORKER_STARTS
 
 # Modules the forkserver imports once so forked workers start warm. None of them touches CUDA:
@@ -39,6 +45,19 @@ from services.settings import WORKER_STARTS
 # checks it never happens.
 FORKSERVER_PRELOAD = ["torch", "torch._dynamo", "services.task", "services.builtin_task"]
 _extra_preload: list[str] = []  # prestart(extra_preload=...): FL_WORKER_PRELOAD; app mode's node adds flwr's ClientApp runtime
+POOL_EXITED = "worker pool exited"  # the cause of a job whose pool died under it
+
+
+@dataclass(frozen=True)
+class PoolUse:
+    """Where this process's forkserver jobs go instead of its own forkserver (FL_WORKER_POOL=host)."""
+
+    socket_path: str
+    role: str  # "client" or "server": whose workers they are, for the memory monitor
+    identity: str = ""
+
+
+_pool: list[PoolUse] = []  # the one PoolUse of this process, once use_pool checked it
 
 
 class Entered(Protocol):
@@ -121,6 +140,16 @@ def prestart(start_method: str, extra_preload: Sequence[str] = ()) -> None:
         forkserver.ensure_running()
 
 
+def use_pool(pool: PoolUse, slots_dir: str, extra_preload: Sequence[str], patience: float) -> wire.Facts:
+    """Send this process's forkserver jobs to the host's worker pool, once it answered (waiting up
+    to ``patience`` s for it) and serves this deployment with these preloads; raises
+    wire.PoolUnreachable or wire.PoolUnusable, naming the setting, otherwise."""
+    facts = wire.hello(pool.socket_path, patience)
+    wire.check(facts, pool.socket_path, slots_dir, [name for name in extra_preload if name not in FORKSERVER_PRELOAD])
+    _pool[:] = [pool]
+    return facts
+
+
 def forkserver_pid() -> int | None:
     """PID of this process's forkserver, or None before it started (for tests and the benchmark)."""
     from multiprocessing import forkserver
@@ -162,15 +191,21 @@ def resolve(job: str) -> Callable[..., Any]:
 
 
 def _worker_main(connection: multiprocessing.connection.Connection, forked: bool = False, client: int | None = None) -> None:
-    """Entry point inside the worker: receive the job, pass the seam before it (e.g. wait for a
-    slot, before anything can initialise CUDA), import the job, report readiness, run it, send
-    its outcome. First of all it dies with its parent: a forked worker's parent is the forkserver,
-    which exits the moment its client does; a spawned worker's is the client (the ``client`` pid)."""
+    """Entry point inside a worker of this process: first of all it dies with its parent (a forked
+    worker's parent is the forkserver, which exits the moment its client does; a spawned
+    worker's is the client, the ``client`` pid), then it serves its one job."""
     die_with_parent(signal.SIGKILL)
     if forked:
         _let_go_of_the_forkserver()
     if client is not None and (not is_alive(client) if forked else os.getppid() != client):
         os._exit(1)  # the client died before the request took effect: nobody will signal us
+    serve_job(connection, forked)
+
+
+def serve_job(connection: multiprocessing.connection.Connection, forked: bool) -> None:
+    """Receive the job, pass the seam before it (e.g. wait for a slot, before anything can
+    initialise CUDA), import the job, report readiness, run it, send its outcome. A worker of the
+    host pool (services.pool) runs this too."""
     try:
         job, kwargs, before_job = connection.recv()
         if forked:
@@ -210,41 +245,42 @@ def run(
 
     With ``admission`` (any ``BeforeJob``, e.g. services.admission's Admission) the worker first
     passes it; the wait is bounded by ``wait_timeout`` (default: ``timeout``, see services.budget)
-    and ``timeout`` counts from when it has passed."""
+    and ``timeout`` counts from when it has passed. A forkserver job goes to the host's worker
+    pool once ``use_pool`` pointed this process at one."""
     if start_method not in WORKER_STARTS:
         raise ValueError(f"start_method must be one of {WORKER_STARTS}, got {start_method!r}")
     if start_method == "inprocess":
         return _run_inprocess(job, kwargs)
 
     asked = time.monotonic()
-    context = _context(start_method)
-    receiver, worker_end = context.Pipe()
-    process = context.Process(target=_worker_main, args=(worker_end, start_method == "forkserver", os.getpid()), name=f"bouquet-worker-{job.partition(':')[2]}", daemon=True)
+    waiting = admission is not None
+    limit = wait_timeout if waiting and wait_timeout is not None else timeout
+    deadline = asked + limit
+    if start_method == "forkserver" and _pool:
+        worker: _Worker = _PoolWorker(_pool[0], job, deadline)
+    else:
+        worker = _OwnWorker(_context(start_method), job, start_method)
     started_at: float | None = None
     admitted: dict[str, Any] | None = None
     waited = 0.0  # for a slot: not part of the worker's start or run time
-    handover = threading.Thread(target=_hand_over, args=(receiver, job, kwargs, admission), daemon=True)
+    handover = threading.Thread(target=_hand_over, args=(worker.connection, job, kwargs, admission), daemon=True)
     try:
-        _start(process, start_method)
-        worker_end.close()  # only the worker holds its end now: we see EOF once it is gone
         handover.start()
-        waiting = admission is not None
-        limit = wait_timeout if waiting and wait_timeout is not None else timeout
-        deadline = asked + limit
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 what = f" waiting for {admission.waiting_for}" if waiting and admitted is None else " (FL_WORKER_TIMEOUT)"
-                raise WorkerFailed(f"timed out after {limit:g} s{what}", process.pid, admitted=admitted, kind=Kind.TIMED_OUT)
-            ready = multiprocessing.connection.wait([receiver, process.sentinel], timeout=remaining)
+                raise WorkerFailed(f"timed out after {limit:g} s{what}", worker.pid, admitted=admitted, kind=Kind.TIMED_OUT)
+            ready = multiprocessing.connection.wait(worker.waitables, timeout=remaining)
             if not ready:
                 continue
-            if receiver in ready or receiver.poll():
+            if worker.connection in ready or worker.connection.poll():
                 try:
-                    message = receiver.recv()
+                    message = worker.connection.recv()
                 except (EOFError, OSError):  # a worker killed with our inputs unread resets the socket
-                    process.join(timeout=5)
-                    raise _exit_failure(process.exitcode, process.pid, _ended(admitted, time.time()), started_at is not None) from None
+                    raise worker.ended_without_result(_ended(admitted, time.time()), started_at is not None) from None
+                if worker.consumed(message):
+                    continue
                 if message[0] == "admitted":
                     admitted = message[1]
                     limit = timeout
@@ -254,24 +290,152 @@ def run(
                     started_at = time.monotonic() - waited
                 elif message[0] == "ok":
                     finished = time.monotonic() - waited
-                    process.join(timeout=30)
-                    return WorkerResult(message[1], process.pid, (started_at or finished) - asked, finished - asked, _ended(admitted, message[2]))
+                    worker.await_exit(30)
+                    return WorkerResult(message[1], worker.pid, (started_at or finished) - asked, finished - asked, _ended(admitted, message[2]))
                 else:
                     _, kind, cause, trace, error_type, detail = message
-                    raise WorkerFailed(cause, process.pid, admitted=_ended(admitted, time.time()), kind=Kind(kind), traceback=trace, error_type=error_type, detail=detail)
+                    raise WorkerFailed(cause, worker.pid, admitted=_ended(admitted, time.time()), kind=Kind(kind), traceback=trace, error_type=error_type, detail=detail)
             else:  # the process ended and nothing is left in the pipe
-                process.join(timeout=5)
-                raise _exit_failure(process.exitcode, process.pid, _ended(admitted, time.time()), started_at is not None)
+                raise worker.ended_without_result(_ended(admitted, time.time()), started_at is not None)
     finally:
-        if process.is_alive():
-            process.kill()
-        if process.pid is not None:
-            process.join()
+        worker.stop()
         if handover.ident is not None:
             handover.join()  # the worker is gone, so a blocked send has failed by now
-        receiver.close()
-        if hasattr(process, "close"):
-            process.close()
+        worker.connection.close()
+
+
+class _Worker(Protocol):
+    """One job's process as ``run`` sees it: ours (a child), or one the host pool forked."""
+
+    connection: multiprocessing.connection.Connection
+    pid: int | None
+
+    @property
+    def waitables(self) -> list[Any]: ...
+
+    def consumed(self, message: tuple) -> bool:
+        """True for a message about the process itself (not the job's), taken in here."""
+
+    def ended_without_result(self, admitted: dict[str, Any] | None, started: bool) -> WorkerFailed: ...
+
+    def await_exit(self, patience: float) -> None:
+        """After the result: the process is gone (its slot and memory freed) within ``patience``."""
+
+    def stop(self) -> None:
+        """Kill it if it still runs, and reap it."""
+
+
+class _OwnWorker:
+    """A child of this process: spawned, or forked by this process's forkserver."""
+
+    def __init__(self, context: multiprocessing.context.BaseContext, job: str, start_method: str) -> None:
+        self.connection, worker_end = context.Pipe()
+        self.process = context.Process(target=_worker_main, args=(worker_end, start_method == "forkserver", os.getpid()), name=f"bouquet-worker-{job.partition(':')[2]}", daemon=True)
+        try:
+            _start(self.process, start_method)
+        except BaseException:
+            self.connection.close()
+            raise
+        finally:
+            worker_end.close()  # only the worker holds its end now: we see EOF once it is gone
+        self.pid = self.process.pid
+
+    @property
+    def waitables(self) -> list[Any]:
+        return [self.connection, self.process.sentinel]
+
+    def consumed(self, message: tuple) -> bool:
+        return False
+
+    def ended_without_result(self, admitted: dict[str, Any] | None, started: bool) -> WorkerFailed:
+        self.process.join(timeout=5)
+        return _exit_failure(self.process.exitcode, self.pid, admitted, started)
+
+    def await_exit(self, patience: float) -> None:
+        self.process.join(timeout=patience)
+
+    def stop(self) -> None:
+        if self.process.is_alive():
+            self.process.kill()
+        if self.process.pid is not None:
+            self.process.join()
+        if hasattr(self.process, "close"):
+            self.process.close()
+
+
+class _PoolWorker:
+    """A worker the host's pool forked for this job; the pool tells its exit code."""
+
+    def __init__(self, pool: PoolUse, job: str, deadline: float) -> None:
+        self.pool = pool
+        self.pid: int | None = None
+        self.exit_code: int | None = None
+        self.exited = False
+        try:  # a pool that is restarting is waited for, within the job's own wait
+            self.connection = wire.connect(pool.socket_path, max(0.0, deadline - time.monotonic()))
+        except wire.PoolUnreachable as problem:
+            raise WorkerFailed(f"{POOL_EXITED}: {problem} (FL_WORKER_POOL_SOCKET)", None, kind=Kind.START_FAILED) from None
+        except (wire.PoolUnusable, OSError) as problem:
+            raise WorkerFailed(f"could not reach the worker pool: {problem} (FL_WORKER_POOL_SOCKET)", None, kind=Kind.START_FAILED) from None
+        try:
+            self.connection.send(wire.Request("job", role=pool.role, identity=pool.identity, job=job))
+        except OSError:
+            pass  # the pool is gone: the stream's end says so
+
+    @property
+    def waitables(self) -> list[Any]:
+        return [self.connection]
+
+    def consumed(self, message: tuple) -> bool:
+        if message[0] == "forked":
+            self.pid = message[1]
+            return True
+        if message[0] == "exited":  # before a result: the stream ends next, and run() asks why
+            self.exited, self.exit_code = True, message[1]
+            return True
+        return False
+
+    def ended_without_result(self, admitted: dict[str, Any] | None, started: bool) -> WorkerFailed:
+        if not self.exited:
+            self._await_exited(5)
+        if not self.exited:
+            return WorkerFailed(
+                f"{POOL_EXITED} (FL_WORKER_POOL_SOCKET={self.pool.socket_path}): the worker died with it", self.pid, admitted=admitted,
+                kind=Kind.KILLED if started else Kind.START_FAILED,
+            )
+        return _exit_failure(self.exit_code, self.pid, admitted, started)
+
+    def await_exit(self, patience: float) -> None:
+        self._await_exited(patience)
+
+    def stop(self) -> None:
+        """Closing our side of the socket ends the worker (it watches for that) if it still runs."""
+        if self.exited:
+            return
+        try:
+            shut_writing(self.connection)
+        except OSError:
+            return
+        self._await_exited(10)
+
+    def _await_exited(self, patience: float) -> None:
+        deadline = time.monotonic() + patience
+        while not self.exited:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self.connection.poll(remaining):
+                return
+            try:
+                message = self.connection.recv()
+            except (EOFError, OSError):
+                return
+            if message[0] == "exited":
+                self.exited, self.exit_code = True, message[1]
+
+
+def shut_writing(connection: multiprocessing.connection.Connection) -> None:
+    """Tell the other end that nothing more comes (it sees the end of the stream); reading goes on."""
+    with socket.socket(fileno=os.dup(connection.fileno())) as duplicate:
+        duplicate.shutdown(socket.SHUT_WR)
 
 
 def _ended(admitted: dict[str, Any] | None, ended_at: float) -> dict[str, Any] | None:

@@ -16,8 +16,10 @@ LAYERS: list[tuple[str, ...]] = [
     ("services.settings", "services.roster", "services.cache"),
     ("services.tls", "services.certs", "services.joining", "services.taskspec", "services.budget", "services.models", "services.data", "services.partitioning"),
     ("services.task", "services.builtin_task"),
+    ("services.pool.wire",),  # what the host worker pool and its askers say (the worker speaks it)
     ("services.worker",),
     ("services.admission",),
+    ("services.pool",),  # the host worker pool: forks workers (services.worker) for every replica
     ("services.tracking",),  # the trackers: fed from the run folder; the server and the monitor use them
     ("services.server", "services.client", "services.monitor"),
     # App mode settles with the server's membership and names its nodes as the client does.

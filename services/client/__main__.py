@@ -6,10 +6,11 @@ import dataclasses
 import logging
 import sys
 
-from services import joining, logs, roster, tls, worker
+from services import joining, logs, roster, tls
 from services import settings as settings_module
 from services.client.connect import ServerUnreachable, wait_for_server
 from services.client.identity import identity as client_identity
+from services.pool.use import PoolProblem, check_setting as check_pool_setting, start_workers
 from services.settings import ClientSettings
 from services.taskspec import Placement
 
@@ -37,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
 def validate(values: ClientSettings) -> ClientSettings:
     if values.tls_dir is not None:
         tls.client_ca(values.tls_dir)
+    check_pool_setting(values)
     return dataclasses.replace(values, join_token=joining.token_of(values.join_token, values.join_token_file))
 
 
@@ -59,8 +61,12 @@ def serve(settings: ClientSettings, identity: str) -> int:
         if mismatch is not None:  # gRPC would retry this until the timeout and then say UNAVAILABLE
             log.error("%s", mismatch)
             return 1
-        if not prestarted:
-            worker.prestart(settings.worker_start, extra_preload=settings.worker_preload or [])  # the forkserver imports torch now, not in round 1
+        if not prestarted:  # the host's worker pool (waited for, checked), or this replica's own forkserver
+            try:
+                start_workers(settings, "client", identity)
+            except PoolProblem as problem:
+                log.error("%s", problem)
+                return problem.exit_code
             prestarted = True
         log.info("client %s connecting to %s (%s, workers: %s)", identity, settings.server_address, "TLS" if ca else "plaintext", settings.worker_start)
         try:

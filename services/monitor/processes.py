@@ -6,8 +6,11 @@ Roles: ``client`` and ``server`` (the Python interpreter running ``-m services.c
 ``worker`` (a process under a client: its per-round training and evaluation workers),
 ``server-worker`` (the same under the server: initial weights, central evaluation),
 ``helper`` (any other process under them: multiprocessing's resource tracker and forkserver,
-a short-lived subprocess), ``monitor`` and ``other`` (anything else, e.g. another program on the GPU).
-A worker belongs to the replica of the client or server above it. A client's replica is its
+a short-lived subprocess), ``pool`` (the host worker pool, ``services.pool``: a line of its own),
+``monitor`` and ``other`` (anything else, e.g. another program on the GPU).
+A worker belongs to the replica of the client or server above it; a worker the host pool forked
+belongs to the replica that asked for it, which the pool wrote down in its records folder
+(``services.pool.wire``; found through the pool's environment, as compose and the launcher set it). A client's replica is its
 identity: FL_CLIENT_ID from its environment (the local launcher sets client-0..N-1), else
 its container's hostname (or compose names, where FL_DOCKER_API is set), else its pid.
 
@@ -30,15 +33,18 @@ from typing import Protocol
 import psutil
 
 from services.monitor.containers import Container, ContainerNames, read_container_id, read_hostname
+from services.pool import wire
 
 log = logging.getLogger("bouquet.monitor")
 
-PROGRAMS = {"services.client": "client", "services.server": "server", "services.monitor": "monitor"}
+PROGRAMS = {"services.client": "client", "services.server": "server", "services.monitor": "monitor", "services.pool": "pool"}
 FORKSERVER = "from multiprocessing.forkserver import main"  # the -c command of multiprocessing's forkserver
 SPAWNED = "--multiprocessing-fork"  # the last argument of every process multiprocessing spawns
 OWNER_ROLES = ("client", "server")
 WORKER_ROLES = ("worker", "server-worker")
-RUN_ROLES = (*OWNER_ROLES, *WORKER_ROLES, "helper")
+POOL = "pool"
+RUN_ROLES = (*OWNER_ROLES, *WORKER_ROLES, "helper", POOL)
+POOL_REPLICA = "worker-pool"  # the pool's line in the records (its compose name, where names are known)
 MAX_DEPTH = 4  # forkserver workers sit two levels below their client
 PYTHON_EXECUTABLE = re.compile(r"python(\d+(\.\d+)*)?")  # python, python3, python3.11 (any folder)
 OPTIONS_WITH_VALUE = "WX"  # python -W arg, -X opt: the next token (or the rest of this one) is theirs
@@ -150,6 +156,8 @@ class Probe(Protocol):
 
     def sees(self, pid: int, folder: str) -> bool | None: ...  # whether it sees our ``folder`` at that path; None: cannot tell
 
+    def pool_record(self, pid: int, pool: int) -> dict | None: ...  # who asked the pool ``pool`` for its worker ``pid``
+
 
 def boot_time(proc: str = "/proc") -> float:
     """Boot time to the millisecond. psutil's comes from /proc/stat's whole-second btime, which
@@ -167,6 +175,7 @@ class ProcProbe:
         self.proc = proc
         self.boot = boot_time(proc)
         self.ticks = os.sysconf("SC_CLK_TCK")
+        self._pool_folders: dict[int, str | None] = {}
 
     def listing(self) -> dict[int, tuple[int | None, float | None]]:
         out: dict[int, tuple[int | None, float | None]] = {}
@@ -219,6 +228,25 @@ class ProcProbe:
         except OSError:  # PermissionError without CAP_SYS_PTRACE; or the process just exited
             return None
         return (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino)
+
+    def pool_record(self, pid: int, pool: int) -> dict | None:
+        """The record the pool's worker wrote, read through the worker's own view of the files
+        (/proc/<pid>/root) under the pid it has in its own namespace (the last of NSpid)."""
+        if pool not in self._pool_folders:
+            try:
+                process = psutil.Process(pool)
+                self._pool_folders[pool] = wire.pool_folder_of(process.environ(), process.cwd())
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                self._pool_folders[pool] = None
+        folder = self._pool_folders[pool]
+        if folder is None:
+            return None
+        try:
+            with open(os.path.join(self.proc, str(pid), "status")) as status:
+                inner = next(line.split()[-1] for line in status if line.startswith("NSpid:"))
+        except (OSError, StopIteration):
+            return None
+        return wire.read_record(os.path.join(self.proc, str(pid), "root", folder.lstrip("/"), wire.RECORDS, f"{inner}.json"))
 
 
 class ProcessTable:
@@ -320,29 +348,57 @@ class ProcessTable:
             seen += 1
 
     def _role(self, pid: int) -> tuple[str, int | None]:
-        """(role, pid of the owning client or server, or None)."""
+        """(role, pid of the owning client, server or pool, or None)."""
         cmdline, _ = self._cmdline(pid)
         program = program_of(cmdline)
         if program == "monitor":
             return "monitor", None
+        owners = (*OWNER_ROLES, POOL)
         owner_pid, owner = next(
-            ((ancestor, found) for ancestor in self._ancestors(pid) if (found := program_of(self._cmdline(ancestor)[0])) in OWNER_ROLES),
+            ((ancestor, found) for ancestor in self._ancestors(pid) if (found := program_of(self._cmdline(ancestor)[0])) in owners),
             (None, None),
         )
-        if program in OWNER_ROLES and owner != program:
+        if program in owners and owner != program:
             return program, pid
         if owner_pid is None:
             return "other", None
+        if owner == POOL:
+            return self._pool_worker(pid, owner_pid)
         parent = self._listing.get(pid, (None, None))[0]
         parent_cmdline = self._cmdline(parent)[0] if parent is not None else ()
         if is_worker(cmdline, parent_cmdline, owner):
             return ("worker" if owner == "client" else "server-worker"), owner_pid
         return "helper", owner_pid  # resource tracker, forkserver, or any other subprocess
 
+    def _pool_worker(self, pid: int, pool: int) -> tuple[str, int | None]:
+        """A process under the host pool: the worker of the replica (or server) that asked for it,
+        as the pool's records say; anything else there (a hello, a worker whose asker is gone) is the pool's helper."""
+        worker = pid
+        while self._listing.get(worker, (None, None))[0] not in (pool, None):
+            worker = self._listing[worker][0]  # a process the worker started itself (e.g. a DataLoader's)
+        read = getattr(self.probe, "pool_record", None)
+        record = read(worker, pool) if read is not None else None
+        if record is not None:
+            asker = self._asker(record.get("role"), record.get("identity") or "")
+            if asker is not None:
+                return ("worker" if record.get("role") == "client" else "server-worker"), asker
+        return "helper", pool
+
+    def _asker(self, role: str | None, identity: str) -> int | None:
+        """The client with this identity (or the server) among the processes this sample lists."""
+        for pid in self._listing:
+            cmdline, env_identity = self._cmdline(pid)
+            program = program_of(cmdline)
+            if program == role and (role == "server" or identity in (env_identity, self.probe.hostname(pid) if env_identity is None else None)):
+                return pid
+        return None
+
     def _owner(self, owner: int, owner_role: str) -> tuple[str, str, Container | None]:
         """(replica, identity, container) of a client or server process."""
         _, env_identity = self._cmdline(owner)
         container = self._container(owner)
+        if owner_role == POOL:
+            return (container.replica if container and container.named else POOL_REPLICA), "", container
         if owner_role == "server":
             return (container.replica if container and container.named else "server"), "", container
         if container is not None:  # compose names ("client-3") read better than hostnames (container ids)

@@ -15,6 +15,7 @@ from typing import TypeVar
 
 from services import joining, logs, roster, tls, worker
 from services import settings as settings_module
+from services.pool.use import PoolProblem, check_setting as check_pool_setting, start_workers
 from services.server import resume
 from services.server.central import CentralEvaluator
 from services.server.membership import Membership
@@ -41,6 +42,7 @@ def validate(values: S) -> S:
     values = dataclasses.replace(values, strategy_args=strategies.parse_args(values.strategy, values.strategy_args))
     if values.tls_dir is not None:
         tls.server_files(values.tls_dir)
+    check_pool_setting(values)
     values = dataclasses.replace(values, join_token=joining.token_of(values.join_token, values.join_token_file))
     if values.min_fit_clients > values.min_clients:
         raise settings_module.SettingError(
@@ -105,7 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     logs.setup()
     spec = TaskSpec.from_settings(settings)
     placement = Placement.from_settings(settings)
-    worker.prestart(settings.worker_start, extra_preload=settings.worker_preload or [])  # the forkserver imports torch now, not in round 1
+    try:  # the host's worker pool (waited for, checked), or this process's own forkserver started now
+        start_workers(settings, "server")
+    except PoolProblem as problem:
+        print(f"services.server: error: {problem}", file=sys.stderr)
+        return problem.exit_code
     try:
         task = check_task(settings, CentralEvaluator(spec, placement, settings.worker_start))
     except settings_module.SettingError as problem:
