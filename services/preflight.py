@@ -22,14 +22,17 @@ from services.server.central import CentralEvaluator
 from services.appmode.link import validate as validate_link
 from services.appmode.node import validate as validate_node
 from services.appmode.submit import validate as validate_submission
+from services.pool.use import check_setting as check_pool_setting
 from services.settings import (
-    ClientSettings, CommandLineOnly, EngineSettings, LinkSettings, MonitorSettings, NodeSettings, ServerSettings, SubmitSettings, comma_list, choice, repeated, setting,
+    ClientSettings, CommandLineOnly, EngineSettings, LinkSettings, MonitorSettings, NodeSettings, PoolSettings, ServerSettings, SubmitSettings, comma_list, choice, repeated,
+    setting,
 )
 from services.taskspec import Placement, TaskSpec
 
 PROGRAMS: dict[str, tuple[type, Callable[[Any], Any] | None]] = {
     "server": (ServerSettings, validate_server),
     "client": (ClientSettings, validate_client),
+    "pool": (PoolSettings, check_pool_setting),
     "monitor": (MonitorSettings, None),
 }
 # FL_MODE=app: the same services run app mode's programs (the server the link, a replica a
@@ -37,6 +40,7 @@ PROGRAMS: dict[str, tuple[type, Callable[[Any], Any] | None]] = {
 APP_PROGRAMS: dict[str, tuple[type, Callable[[Any], Any] | None]] = {
     "server": (LinkSettings, validate_link),
     "client": (NodeSettings, validate_node),
+    "pool": (PoolSettings, None),
     "monitor": (MonitorSettings, None),
     "submit": (SubmitSettings, validate_submission),
 }

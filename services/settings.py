@@ -574,10 +574,13 @@ class ClientSettings(EngineSettings, LocalSettings, JoinSettings):
 class PoolSettings:
     """``python -m services.pool``: the host's one warm process that forks every replica's workers."""
 
+    mode: str = reuse(EngineSettings, "mode")
+
     data_dir: str = reuse(LocalSettings, "data_dir")
     slots_dir: str | None = reuse(LocalSettings, "slots_dir")
     worker_pool_socket: str | None = reuse(LocalSettings, "worker_pool_socket")
     worker_preload: list[str] | None = reuse(LocalSettings, "worker_preload")
+    worker_pool_lifetime: str = setting(choice("askers", "forever"), "askers", "askers: the pool exits (code 0) once every server and replica that used it has gone and no worker runs, so compose's up ends with the run; forever: until it is stopped")
 
 
 @dataclass(frozen=True, kw_only=True)

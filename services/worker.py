@@ -58,6 +58,7 @@ class PoolUse:
 
 
 _pool: list[PoolUse] = []  # the one PoolUse of this process, once use_pool checked it
+_session: list[tuple[multiprocessing.connection.Connection, str, list[str]]] = []  # its hello connection, slots folder, preloads
 
 
 class Entered(Protocol):
@@ -143,11 +144,43 @@ def prestart(start_method: str, extra_preload: Sequence[str] = ()) -> None:
 def use_pool(pool: PoolUse, slots_dir: str, extra_preload: Sequence[str], patience: float) -> wire.Facts:
     """Send this process's forkserver jobs to the host's worker pool, once it answered (waiting up
     to ``patience`` s for it) and serves this deployment with these preloads; raises
-    wire.PoolUnreachable or wire.PoolUnusable, naming the setting, otherwise."""
-    facts = wire.hello(pool.socket_path, patience)
-    wire.check(facts, pool.socket_path, slots_dir, [name for name in extra_preload if name not in FORKSERVER_PRELOAD])
+    wire.PoolUnreachable or wire.PoolUnusable, naming the setting, otherwise. The hello's
+    connection stays open while this process lives: the pool's count of who still needs it."""
+    preload = [name for name in extra_preload if name not in FORKSERVER_PRELOAD]
+    facts, session = wire.hello(pool.socket_path, patience)
+    try:
+        wire.check(facts, pool.socket_path, slots_dir, preload)
+    except BaseException:
+        session.close()
+        raise
+    leave_pool()
     _pool[:] = [pool]
+    _session[:] = [(session, slots_dir, preload)]
     return facts
+
+
+def leave_pool() -> None:
+    """Back to this process's own warm process; the pool sees this session end."""
+    _pool.clear()
+    for session, _, _ in _session:
+        session.close()
+    _session.clear()
+
+
+def _renew_session(deadline: float) -> None:
+    """A pool that was restarted (compose restarts one that died) gets this process's session
+    again, and is checked as the first one was."""
+    session, slots_dir, preload = _session[0]
+    if not session.poll():  # nothing arrives on a live session: the pool is the one we greeted
+        return
+    session.close()
+    facts, renewed = wire.hello(_pool[0].socket_path, max(0.0, deadline - time.monotonic()))
+    try:
+        wire.check(facts, _pool[0].socket_path, slots_dir, preload)
+    except BaseException:
+        renewed.close()
+        raise
+    _session[0] = (renewed, slots_dir, preload)
 
 
 def forkserver_pid() -> int | None:
@@ -372,6 +405,8 @@ class _PoolWorker:
         self.exit_code: int | None = None
         self.exited = False
         try:  # a pool that is restarting is waited for, within the job's own wait
+            if _session:
+                _renew_session(deadline)
             self.connection = wire.connect(pool.socket_path, max(0.0, deadline - time.monotonic()))
         except wire.PoolUnreachable as problem:
             raise WorkerFailed(f"{POOL_EXITED}: {problem} (FL_WORKER_POOL_SOCKET)", None, kind=Kind.START_FAILED) from None

@@ -111,6 +111,7 @@ def test_compose_passes_only_settings_the_programs_know() -> None:
         "client": {s.env for s in (*settings.CLIENT, *settings.NODE)},
         "submit": {s.env for s in settings.SUBMIT},
         "gpu-monitor": {s.env for s in settings.MONITOR},
+        "worker-pool": {s.env for s in settings.POOL},
     }
     known["check"] = set().union(*known.values())
     for name, service in _load(BASE)["services"].items():
@@ -146,7 +147,7 @@ def test_dotenv_gives_the_programs_own_defaults() -> None:
     """.env documents the defaults: each FL_* value there parses to the program's default."""
     from services import settings
 
-    by_env = {s.env: s for s in (*settings.SERVER, *settings.CLIENT, *settings.MONITOR, *settings.LINK, *settings.NODE, *settings.SUBMIT)}
+    by_env = {s.env: s for s in (*settings.SERVER, *settings.CLIENT, *settings.MONITOR, *settings.LINK, *settings.NODE, *settings.SUBMIT, *settings.POOL)}
     for key, raw in _dotenv().items():
         if key.startswith("FL_"):
             setting = by_env[key]

@@ -42,19 +42,21 @@ def wait_until(condition, timeout: float = 30.0, what: str = "condition") -> Non
 class RunningPool:
     """``python -m services.pool`` as compose and the launcher start it (settings from the environment)."""
 
-    def __init__(self, slots: Path, preload: str = "") -> None:
+    def __init__(self, slots: Path, preload: str = "", lifetime: str = "forever") -> None:
         self.slots = slots
         self.socket = wire.default_socket(str(slots))
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([TESTS, str(REPO)]), "FL_SLOTS_DIR": str(slots), "FL_WORKER_PRELOAD": preload}
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([TESTS, str(REPO)]), "FL_SLOTS_DIR": str(slots), "FL_WORKER_PRELOAD": preload,
+               "FL_WORKER_POOL_LIFETIME": lifetime}
         self.log = slots.parent / f"pool-{time.monotonic_ns()}.log"  # a file: a worker that outlives the pool cannot hold it open
         with open(self.log, "w") as log:
             self.process = subprocess.Popen([PYTHON, "-m", "services.pool"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-        self.facts = wire.hello(self.socket, 120)  # answers once it has imported torch and listens
+        self.facts, self.session = wire.hello(self.socket, 120)  # answers once it has imported torch and listens
 
     def workers(self) -> list[psutil.Process]:
         return [child for child in psutil.Process(self.process.pid).children() if child.status() != psutil.STATUS_ZOMBIE]
 
     def stop(self) -> str:
+        self.session.close()
         if self.process.poll() is None:
             self.process.terminate()
         self.process.wait(120)
@@ -72,7 +74,7 @@ def pool(slots: Path):
     running = RunningPool(slots)
     worker.use_pool(worker.PoolUse(running.socket, "client", "replica-a"), str(slots), [], 0)
     yield running
-    worker._pool.clear()
+    worker.leave_pool()
     running.stop()
 
 
@@ -199,7 +201,7 @@ def test_a_pool_that_dies_fails_its_running_job_with_that_cause_and_a_new_pool_s
         finally:
             second.stop()
     finally:
-        worker._pool.clear()
+        worker.leave_pool()
         first.stop()
 
 
@@ -217,7 +219,7 @@ def test_a_replica_that_starts_before_the_pool_waits_for_it(slots, caplog):
         assert worker._pool and worker._pool[0].identity == "replica-a"
         running.stop()
     finally:
-        worker._pool.clear()
+        worker.leave_pool()
 
 
 def _start(settings: ClientSettings) -> Exception | None:
@@ -271,7 +273,7 @@ def test_a_pool_with_the_preloads_serves_them(slots):
         worker.use_pool(worker.PoolUse(running.socket, "client", "x"), str(slots), ["json"], 0)
         assert worker.run("worker_jobs:imported", {"module": "json"}, timeout=60, start_method="forkserver").value is True
     finally:
-        worker._pool.clear()
+        worker.leave_pool()
         running.stop()
 
 
@@ -281,3 +283,33 @@ def test_sigterm_stops_the_pool_and_its_socket_goes(slots):
     assert running.process.wait(30) == 0
     assert not os.path.exists(running.socket)
     assert "ready at" in running.stop()
+
+
+def test_the_pool_exits_once_every_asker_has_gone_and_no_worker_runs(slots):
+    """FL_WORKER_POOL_LIFETIME=askers (compose's and the launcher's): the run is over when the
+    server and every replica that said hello have gone, so `docker compose up` returns."""
+    running = RunningPool(slots, lifetime="askers")
+    try:
+        code = (
+            "import sys; from services import worker\n"
+            f"worker.use_pool(worker.PoolUse({running.socket!r}, 'client', sys.argv[1]), {str(slots)!r}, [], 0)\n"
+            "worker.run('worker_jobs:report_pid', {'value': 1}, timeout=60, start_method='forkserver')\n"
+            "print('trained', flush=True); sys.stdin.read()\n"  # stays until the test closes its stdin
+        )
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([TESTS, str(REPO)])}
+        askers = [subprocess.Popen([PYTHON, "-c", code, f"replica-{i}"], cwd=REPO, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                  for i in range(2)]
+        assert [asker.stdout.readline() for asker in askers] == ["trained\n"] * 2
+        running.session.close()  # the test's own hello: only the two replicas are left
+        askers[0].stdin.close()
+        askers[0].wait(60)
+        with pytest.raises(subprocess.TimeoutExpired):
+            running.process.wait(1)  # one asker is left
+        askers[1].stdin.close()
+        askers[1].wait(60)
+        assert running.process.wait(30) == 0
+        assert "has gone (" in running.stop()
+    finally:
+        for process in askers:
+            process.kill()
+        running.stop()

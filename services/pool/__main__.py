@@ -16,26 +16,24 @@ from services import settings as settings_module
 from services.admission.config import slots_dir
 from services.pool import wire
 from services.pool.server import Pool
-from services.pool.use import socket_path
+from services.pool.use import check_setting, socket_path
 from services.settings import PoolSettings
 
 log = logging.getLogger("bouquet.pool")
 
 
 def main(argv: list[str] | None = None) -> int:
-    settings = settings_module.parse(PoolSettings, argv, program="services.pool", description=__doc__)
+    settings = settings_module.parse(PoolSettings, argv, program="services.pool", description=__doc__, validate=check_setting)
     logs.setup()
+    if settings.mode == "app":
+        log.info("FL_MODE=app: every replica's node forks its ClientApp messages from a warm process of its own; the host pool is not needed and exits")
+        return 0
     path = socket_path(settings)
-    try:
-        wire.check_socket_path(path)
-    except wire.PoolUnusable as problem:
-        log.error("--worker-pool-socket / FL_WORKER_POOL_SOCKET: %s", problem)
-        return settings_module.EXIT_BAD_SETTING
     started = time.monotonic()
     preload = [*worker.FORKSERVER_PRELOAD, *(name for name in settings.worker_preload or [] if name not in worker.FORKSERVER_PRELOAD)]
     for name in preload:  # what multiprocessing's forkserver would import: torch, never CUDA
         importlib.import_module(name)
-    pool = Pool(path, slots_dir(settings), preload)
+    pool = Pool(path, slots_dir(settings), preload, until_askers_leave=settings.worker_pool_lifetime == "askers")
     try:
         listener = pool.bind()
     except (wire.PoolUnusable, OSError) as problem:

@@ -1,8 +1,12 @@
-"""The host worker pool's loop: accept a connection, fork a fresh worker for it, reap the
-worker and tell the asker how it ended.
+"""The host worker pool's loop: accept a connection, read its request, answer a hello or fork a
+fresh worker for a job, reap the worker and tell the asker how it ended.
 
 The pool imported torch (and FL_WORKER_PRELOAD) but never CUDA, and stays single-threaded so
-that forking it is safe: one ``selectors`` loop over the listening socket and a pidfd per worker.
+that forking it is safe: one ``selectors`` loop over the listening socket, the connections whose
+request is still arriving, the askers' sessions and a pidfd per worker. A hello connection stays
+open as long as its asker lives (its session): with FL_WORKER_POOL_LIFETIME=askers the pool
+exits once every asker that said hello is gone and no worker runs (compose's `up` then ends
+with the run).
 A worker dies with the pool (``PR_SET_PDEATHSIG``) and with its asker: it watches its
 connection and kills itself when the asker's end closes (a SIGKILLed replica, a timed-out
 job), so its slot lock and memory go back at once. The pool writes ``("exited", code)`` itself,
@@ -31,6 +35,19 @@ from services.pool import wire
 log = logging.getLogger("bouquet.pool")
 
 BACKLOG = 256  # connections waiting to be accepted: every replica of a large host asking at once
+MAX_REQUEST = 1 << 16  # bytes: a Request is a few hundred
+
+
+class PoolDone(Exception):
+    """Every asker has gone (FL_WORKER_POOL_LIFETIME=askers): the run is over."""
+
+
+@dataclass
+class _Arriving:
+    """A connection whose request has not fully arrived yet."""
+
+    asker: socket.socket
+    received: bytes = b""
 
 
 @dataclass
@@ -51,7 +68,11 @@ class Pool:
     preload: list[str]
     pool_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     pid: int = field(default_factory=os.getpid)  # the pool's own (its workers see it as their parent)
+    until_askers_leave: bool = False  # FL_WORKER_POOL_LIFETIME=askers
     running: dict[int, _Running] = field(default_factory=dict)  # by pidfd
+    arriving: dict[int, _Arriving] = field(default_factory=dict)  # by socket fd
+    sessions: dict[int, socket.socket] = field(default_factory=dict)  # by socket fd: askers that said hello
+    sessions_seen: int = 0
 
     @property
     def records(self) -> str:
@@ -89,18 +110,26 @@ class Pool:
         return listener
 
     def serve(self, listener: socket.socket) -> None:
-        """Fork a worker per connection until SIGTERM / SIGINT (workers die with the pool)."""
+        """Serve until SIGTERM / SIGINT, or until every asker has gone (``until_askers_leave``);
+        running workers die with the pool."""
         selector = selectors.DefaultSelector()
-        selector.register(listener, selectors.EVENT_READ, "accept")
+        selector.register(listener, selectors.EVENT_READ, ("accept", None))
         try:
             while True:
-                for key, events in selector.select():
-                    if key.data == "accept":
+                for key, _ in selector.select():
+                    what, item = key.data
+                    if what == "accept":
                         self._accept(listener, selector)
-                    elif key.data == "exited":
-                        self._reap(key.fd, selector)
+                    elif what == "request":
+                        self._read_request(item, listener, selector)
+                    elif what == "session":
+                        self._end_session(item, selector)
+                    elif what == "exited":
+                        self._reap(item, selector)
                     else:  # "write": the rest of an "exited" frame
-                        self._flush(self.running[key.data], selector)
+                        self._flush(item, selector)
+        except PoolDone:
+            log.info("every replica and server that used the pool has gone (%d in all): the pool exits", self.sessions_seen)
         finally:
             selector.close()
 
@@ -109,6 +138,63 @@ class Pool:
             asker, _ = listener.accept()
         except BlockingIOError:
             return
+        asker.setblocking(False)
+        arriving = _Arriving(asker)
+        self.arriving[asker.fileno()] = arriving
+        selector.register(asker, selectors.EVENT_READ, ("request", arriving))
+
+    def _read_request(self, arriving: _Arriving, listener: socket.socket, selector: selectors.BaseSelector) -> None:
+        """Take in the request as it arrives (multiprocessing.connection's framing); then answer
+        a hello (the connection becomes the asker's session) or fork the job's worker."""
+        received = arriving.received
+        size = struct.unpack("!i", received[:4])[0] if len(received) >= 4 else None
+        if size is not None and not 0 < size <= MAX_REQUEST:
+            chunk = b""  # not a Request: refused below
+        else:  # exactly the request's bytes: the job the asker sends next is its worker's to read
+            try:
+                chunk = arriving.asker.recv(4 - len(received) if size is None else 4 + size - len(received))
+            except BlockingIOError:
+                return
+            except OSError:
+                chunk = b""
+        arriving.received += chunk
+        size = struct.unpack("!i", arriving.received[:4])[0] if len(arriving.received) >= 4 else None
+        if chunk and (size is None or len(arriving.received) < 4 + size):
+            return  # more to come
+        selector.unregister(arriving.asker)
+        del self.arriving[arriving.asker.fileno()]
+        request = _parse(arriving.received, size)
+        if request is None:  # gone before asking, or not a Bouquet asker
+            arriving.asker.close()
+            self._maybe_done()
+        elif request.kind == "hello":
+            frame = _frame(("hello", asdict(self.facts())))
+            try:
+                arriving.asker.setblocking(True)
+                arriving.asker.settimeout(5)
+                arriving.asker.sendall(frame)
+                arriving.asker.setblocking(False)
+            except OSError:
+                arriving.asker.close()
+                return
+            self.sessions[arriving.asker.fileno()] = arriving.asker
+            self.sessions_seen += 1
+            selector.register(arriving.asker, selectors.EVENT_READ, ("session", arriving.asker))
+        else:
+            self._fork(arriving.asker, request, listener, selector)
+
+    def _end_session(self, asker: socket.socket, selector: selectors.BaseSelector) -> None:
+        """An asker's session ends when it dies or stops (it never writes on it again)."""
+        selector.unregister(asker)
+        self.sessions.pop(asker.fileno(), None)
+        asker.close()
+        self._maybe_done()
+
+    def _maybe_done(self) -> None:
+        if self.until_askers_leave and self.sessions_seen and not self.sessions and not self.running:
+            raise PoolDone()
+
+    def _fork(self, asker: socket.socket, request: wire.Request, listener: socket.socket, selector: selectors.BaseSelector) -> None:
         pid = os.fork()
         if pid == 0:
             try:
@@ -117,13 +203,14 @@ class Pool:
                 for running in self.running.values():
                     os.close(running.pidfd)
                     running.asker.close()
-                _serve_one(asker, self)
+                for other in [*self.sessions.values(), *(a.asker for a in self.arriving.values())]:
+                    other.close()
+                _serve_one(asker, request, self)
             finally:
                 os._exit(1)  # _serve_one exits itself; only a failure before it lands here
         pidfd = os.pidfd_open(pid)
-        asker.setblocking(False)
         self.running[pidfd] = _Running(pid, pidfd, asker)
-        selector.register(pidfd, selectors.EVENT_READ, "exited")
+        selector.register(pidfd, selectors.EVENT_READ, ("exited", pidfd))
 
     def _reap(self, pidfd: int, selector: selectors.BaseSelector) -> None:
         running = self.running[pidfd]
@@ -135,9 +222,8 @@ class Pool:
             os.unlink(os.path.join(self.records, f"{running.pid}.json"))
         except FileNotFoundError:
             pass
-        data = pickle.dumps(("exited", running.exit_code))
-        running.outgoing = struct.pack("!i", len(data)) + data  # multiprocessing.connection's framing
-        selector.register(running.asker, selectors.EVENT_WRITE, pidfd)
+        running.outgoing = _frame(("exited", running.exit_code))
+        selector.register(running.asker, selectors.EVENT_WRITE, ("write", running))
         self._flush(running, selector)
 
     def _flush(self, running: _Running, selector: selectors.BaseSelector) -> None:
@@ -152,10 +238,27 @@ class Pool:
             selector.unregister(running.asker)
             running.asker.close()
             del self.running[running.pidfd]
+            self._maybe_done()
 
 
-def _serve_one(asker: socket.socket, pool: Pool) -> None:
-    """In the forked worker: say hello, or run the one job the asker sends, then exit."""
+def _frame(message: object) -> bytes:
+    """One message as multiprocessing.connection.Connection.send frames it."""
+    data = pickle.dumps(message)
+    return struct.pack("!i", len(data)) + data
+
+
+def _parse(received: bytes, size: int | None) -> wire.Request | None:
+    if size is None or size < 0 or len(received) != 4 + size:
+        return None
+    try:
+        request = pickle.loads(received[4:])
+    except Exception:
+        return None
+    return request if isinstance(request, wire.Request) else None
+
+
+def _serve_one(asker: socket.socket, request: wire.Request, pool: Pool) -> None:
+    """In the forked worker: run the asker's one job, then exit."""
     die_with_parent(signal.SIGKILL)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
@@ -166,13 +269,9 @@ def _serve_one(asker: socket.socket, pool: Pool) -> None:
     code = 0
     try:
         connection.send(("forked", os.getpid()))
-        request: wire.Request = connection.recv()
-        if request.kind == "hello":
-            connection.send(("hello", asdict(pool.facts())))
-        else:
-            wire.write_record(pool.records, os.getpid(), request)
-            _die_when_the_asker_leaves(connection.fileno())
-            worker.serve_job(connection, forked=True)
+        wire.write_record(pool.records, os.getpid(), request)
+        _die_when_the_asker_leaves(connection.fileno())
+        worker.serve_job(connection, forked=True)
     except (EOFError, OSError):
         code = 1  # the asker left before its job arrived
     finally:

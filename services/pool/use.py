@@ -27,7 +27,8 @@ def socket_path(settings) -> str:
 
 
 def uses_pool(settings) -> bool:
-    return settings.worker_pool == "host" and settings.worker_start == "forkserver"
+    """The pool program itself has no FL_WORKER_POOL: it is the pool."""
+    return getattr(settings, "worker_pool", "host") == "host" and getattr(settings, "worker_start", "forkserver") == "forkserver"
 
 
 def start_workers(settings, role: str, identity: str = "", extra_preload: list[str] | None = None) -> None:
@@ -55,13 +56,14 @@ def start_workers(settings, role: str, identity: str = "", extra_preload: list[s
     log.info("workers: forked by the host worker pool (pid %d on %s, pool %s)", facts.pid, facts.hostname, facts.pool_id[:8])
 
 
-def check_setting(settings) -> None:
+def check_setting(settings):
     """At parse time (nothing started yet): a socket path that can never work is a bad setting."""
     from services.settings import SettingError
 
     if not uses_pool(settings):
-        return
+        return settings
     try:
         wire.check_socket_path(socket_path(settings))
     except wire.PoolUnusable as problem:
         raise SettingError(f"--worker-pool-socket / FL_WORKER_POOL_SOCKET: {problem}") from None
+    return settings

@@ -1,18 +1,18 @@
 """Where a replica meets the host worker pool, and what they say: shared by both sides.
 
-One connection per job. The replica connects to the pool's Unix socket; the pool forks a fresh
-worker at once and hands it the connection. On it travel, in order:
+One connection per job. The replica connects to the pool's Unix socket and sends a ``Request``
+(who asks: the memory monitor counts the worker for that replica); the pool forks a fresh
+worker and hands it the connection. On it travel, in order:
 
 - worker → replica: ``("forked", pid)``
-- replica → worker: a ``Request`` (who asks: the memory monitor counts the worker for that
-  replica), then the job exactly as ``services.worker`` sends it to any worker
+- replica → worker: the job exactly as ``services.worker`` sends it to any worker
 - worker → replica: ``services.worker``'s own messages (admitted, started, ok or error)
 - pool → replica: ``("exited", code)`` once the pool reaped the worker: what ``waitpid`` tells a
   parent (a negative code is the signal that killed it)
 
 The stream ending without ``exited`` means the pool itself is gone. A ``hello`` request instead
 of a job is answered with the pool's ``Facts`` (what it preloaded, which slots folder it admits
-to), checked once when a replica starts. Standard library only: the client side runs in
+to), checked when a replica starts; that connection then stays open as the replica's session. Standard library only: the client side runs in
 replicas that never import torch.
 """
 
@@ -111,20 +111,23 @@ def connect(socket_path: str, patience: float) -> multiprocessing.connection.Con
         time.sleep(RETRY_SECONDS)
 
 
-def hello(socket_path: str, patience: float) -> Facts:
-    """Ask the pool what it is (waiting ``patience`` seconds for it to come up)."""
+def hello(socket_path: str, patience: float) -> tuple[Facts, multiprocessing.connection.Connection]:
+    """Ask the pool what it is (waiting ``patience`` seconds for it to come up). The connection
+    that comes back is the asker's session: kept open while the asker lives, it tells the pool
+    who still needs it."""
     connection = connect(socket_path, patience)
     try:
-        connection.recv()  # ("forked", pid): the pool answers every connection with a fresh process
         connection.send(Request("hello"))
         kind, facts = connection.recv()
         if kind != "hello":
             raise PoolUnusable(f"{socket_path!r} answered {kind!r} to hello: not a Bouquet worker pool")
-        return Facts(**facts)
+        return Facts(**facts), connection
     except (EOFError, OSError) as error:
-        raise PoolUnreachable(f"the worker pool at {socket_path!r} closed the connection ({type(error).__name__})") from None
-    finally:
         connection.close()
+        raise PoolUnreachable(f"the worker pool at {socket_path!r} closed the connection ({type(error).__name__})") from None
+    except BaseException:
+        connection.close()
+        raise
 
 
 def read_pool_id(slots_dir: str) -> str | None:
