@@ -191,9 +191,11 @@ esac
 [ -z "$tag" ] || tags=("$tag")
 for image in server client; do
     first="bouquet/$image:${tags[0]}"
-    say "docker build $first (Dockerfile, target $image; torch from the wheelhouse: PyPI's build)"
+    # The two Dockerfiles share their common part: the second build takes those layers (torch's
+    # among them) from the cache.
+    say "docker build $first (Dockerfile.$image; torch from the wheelhouse: PyPI's build)"
     docker build --network host \
-        --file "$repo/Dockerfile" --target "$image" \
+        --file "$repo/Dockerfile.$image" \
         --build-arg BASE_IMAGE="$base_image" \
         --build-arg TORCH_FLAVOUR=gpu \
         --build-arg PIP_INSTALL_OPTS="$pip_opts" \

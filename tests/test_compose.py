@@ -1,6 +1,6 @@
-"""The container setup: compose files, the Dockerfile, and a real compose smoke test.
+"""The container setup: compose files, the Dockerfiles, and a real compose smoke test.
 
-The fast tests (schema, one Dockerfile body for both images, CPU/GPU switch, dependency flavours, every
+The fast tests (schema, the two Dockerfiles' shared layers, CPU/GPU switch, dependency flavours, every
 setting checked before start) run in the default test run. The tests marked ``docker`` run the
 real thing with the CPU images built by scripts/build_images_offline.sh, once with Compose v2
 (`docker compose`) and once with docker-compose 1.29: ``up --scale client=8`` on digits for 2
@@ -155,22 +155,42 @@ def test_dotenv_gives_the_programs_own_defaults() -> None:
             assert value == setting.default, f".env {key}={raw!r}: the program's default is {setting.default!r}"
 
 
-def test_both_images_are_one_dockerfile_body_with_a_target_each() -> None:
-    """The server and client targets are the stage ``common`` plus their command: the torch layer and
-    the code are built once for both images, and nothing is built after the code."""
-    text = (REPO / "Dockerfile").read_text()
-    stages = re.findall(r"^FROM (\S+) AS (\w+)$", text, re.M)
-    assert stages == [("${BASE_IMAGE}", "common"), ("common", "server"), ("common", "client")]
-    common = text[text.index(" AS common\n") : text.index("FROM common AS server")]
+DOCKERFILES = {image: REPO / f"Dockerfile.{image}" for image in ("server", "client")}
+COMMON_START = "# ---- common: the same text in Dockerfile.server and Dockerfile.client"
+COMMON_END = "# ---- end of common ----\n"
+
+
+def _dockerfile_parts(image: str) -> tuple[str, str, str]:
+    """A Dockerfile as (its own header, the common part, its own tail)."""
+    text = DOCKERFILES[image].read_text()
+    head, rest = text.split(COMMON_START, 1)
+    common, tail = rest.split(COMMON_END, 1)
+    return head, COMMON_START + common + COMMON_END, tail
+
+
+def _instructions(text: str) -> list[str]:
+    return re.findall(r"^([A-Z]+)\b", text, re.M)
+
+
+def test_the_server_and_client_dockerfiles_share_their_layers() -> None:
+    """Dockerfile.server and Dockerfile.client (the names users and tools look for) share one common
+    part, identical down to the text, so the build cache builds and stores the torch layer and the
+    code once for both images; after it, each adds only its command and labels (no layer)."""
+    assert not (REPO / "Dockerfile").exists()
+    parts = {image: _dockerfile_parts(image) for image in DOCKERFILES}
+    assert parts["server"][1] == parts["client"][1], "the common parts of Dockerfile.server and Dockerfile.client differ"
+    common = parts["server"][1]
     assert common.index("install-deps.sh") < common.index("COPY services"), "dependencies before code"
     assert "USER bouquet" in common
-    for target in ("server", "client"):
-        stage = text.split(f"FROM common AS {target}\n", 1)[1].split("\nFROM ", 1)[0]
-        assert f'CMD ["python", "-m", "services.{target}"]' in stage
-        assert not re.search(r"^(RUN|COPY|ADD)\b", stage, re.M), f"{target}: layers after the code layer"
+    for image, (head, _, tail) in parts.items():
+        assert _instructions(head) == [], f"Dockerfile.{image}: instructions before the common part"
+        assert f'CMD ["python", "-m", "services.{image}"]' in tail
+        assert set(_instructions(tail)) <= {"EXPOSE", "CMD", "LABEL"}, f"Dockerfile.{image}: layers after the common part"
     compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
-    assert compose["services"]["client"]["build"]["target"] == "client"
-    assert compose["x-server-image"]["build"]["target"] == "server"
+    assert compose["x-server-image"]["build"]["dockerfile"] == "Dockerfile.server"
+    assert compose["services"]["client"]["build"]["dockerfile"] == "Dockerfile.client"
+    remote = yaml.safe_load((REPO / "docker-compose.remote-clients.yml").read_text())
+    assert remote["services"]["client"]["build"]["dockerfile"] == "Dockerfile.client"
 
 
 def _requirements(flavour: str, **env: str) -> subprocess.CompletedProcess:
@@ -240,6 +260,22 @@ def _docker_ready(implementation: str) -> list[str]:
     if missing:
         _unavailable(f"images {missing} are missing: run scripts/build_images_offline.sh")
     return compose
+
+
+@pytest.mark.docker
+def test_the_built_server_and_client_images_share_every_filesystem_layer() -> None:
+    """What the common part of the two Dockerfiles is for: the images that
+    scripts/build_images_offline.sh built hold the same layers, torch's gigabytes stored once."""
+    if shutil.which("docker") is None:
+        _unavailable("the docker CLI is not installed")
+    layers = {}
+    for image in CPU_IMAGES:
+        found = subprocess.run(["docker", "image", "inspect", "--format", "{{json .RootFS.Layers}}", image], capture_output=True, text=True, timeout=60)
+        if found.returncode != 0:
+            _unavailable(f"{image} is not there (Docker not reachable, or run scripts/build_images_offline.sh): {found.stderr.strip()}")
+        layers[image] = json.loads(found.stdout)
+    server, client = (layers[image] for image in CPU_IMAGES)
+    assert len(server) > 3 and server == client
 
 
 class Stack:

@@ -90,6 +90,8 @@ def test_every_round_is_in_mlflow_as_the_run_folder_has_it(mlflow_server, record
     assert params["version.torch"] == "2.15.0" and params["engine_mode"].startswith("task")
     tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
     assert tags["bouquet.status"] == "completed"
+    experiment = mlflow_server.api("experiments/get-by-name", experiment_name=EXPERIMENT)["experiment"]
+    assert {"key": "mlflow.experimentKind", "value": "custom_model_development"} in experiment["tags"]  # the UI's model-training view
 
 
 def test_the_run_folders_files_are_mlflow_artifacts(mlflow_server, recorded):

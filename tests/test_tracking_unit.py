@@ -1,5 +1,6 @@
 """The trackers' parts without a tracking server: the figures of a round, the run's parameters,
-the background sender's behaviour when its tracker fails, tracking.json's sections."""
+the background sender's behaviour when its tracker fails, tracking.json's sections, the MLflow
+experiment's kind (in a local MLflow store)."""
 
 from __future__ import annotations
 
@@ -184,3 +185,24 @@ def test_an_optional_mlflow_whose_host_does_not_resolve_is_off_and_one_that_reso
     assert resolvable("http://127.0.0.1:5000") and resolvable("http://localhost:5000")
     assert resolvable("sqlite:///mlflow.db")  # nothing to resolve
     assert not resolvable("http://no-such-host.invalid:5000", attempts=1)
+
+
+def test_bouquets_mlflow_experiment_opens_as_model_training_not_genai(tmp_path):
+    """MLflow 3's UI files an experiment without ``mlflow.experimentKind`` under GenAI evaluations.
+    Against a real MLflow store (sqlite): the experiment Bouquet creates, and one that existed
+    without the tag, are model training; a kind that someone set is kept."""
+    from mlflow.tracking import MlflowClient
+
+    from services.tracking.mlflow_run import MlflowRun
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    client.create_experiment("made-before")
+    client.create_experiment("chosen", tags={"mlflow.experimentKind": "genai_development"})
+    for experiment in ("new", "made-before", "chosen"):
+        folder = tmp_path / experiment / "run-1"
+        folder.mkdir(parents=True)
+        MlflowRun(folder, experiment, uri).sync()
+        assert client.search_runs([client.get_experiment_by_name(experiment).experiment_id])  # the run is there
+    kinds = {name: client.get_experiment_by_name(name).tags.get("mlflow.experimentKind") for name in ("new", "made-before", "chosen")}
+    assert kinds == {"new": "custom_model_development", "made-before": "custom_model_development", "chosen": "genai_development"}

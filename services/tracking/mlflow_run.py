@@ -30,6 +30,10 @@ BATCH = 900  # MLflow's log_batch takes at most 1000 metrics
 # message's record, Flower's log of the run, and what the ServerApp saved in serverapp/).
 ARTIFACT_FILES = ("summary.json", METRICS, "state.json", "tracking.json", "memory.csv", "memory_summary.json", "report.html", MESSAGES, FLWR_RUN_LOG)
 STATUS = {"completed": "FINISHED", "interrupted": "KILLED"}  # any other end: FAILED
+# MLflow 3's UI files an experiment without this tag under GenAI ("Evaluations"); Bouquet's runs
+# train models, so its experiments open in the model-training view.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 
 # MLflow's client retries a failed request for minutes by default; here a failure should come
 # back quickly: the sender retries on its own schedule and the run folder keeps everything.
@@ -99,8 +103,7 @@ class MlflowRun:
     def _create_run(self) -> str:
         from mlflow.entities import RunStatus
 
-        experiment = self.client.get_experiment_by_name(self.experiment)
-        experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(self.experiment)
+        experiment_id = self._experiment_id()
         run_name = self.folder.name
         found = self.client.search_runs([experiment_id], filter_string=f"tags.`{RUN_TAG}` = '{run_name}'", max_results=1)
         if found:
@@ -111,6 +114,17 @@ class MlflowRun:
         self.progress.update(run_id=run_id, experiment_id=experiment_id, uri=self.uri)
         log.info("run %s is MLflow run %s in experiment %r (%s)", run_name, run_id, self.experiment, self.uri)
         return run_id
+
+    def _experiment_id(self) -> str:
+        """The experiment, created if missing, with its kind: model training. An experiment made
+        before (by an older Bouquet, or by hand) gets the kind if it has none; a kind someone
+        chose is kept."""
+        experiment = self.client.get_experiment_by_name(self.experiment)
+        if experiment is None:
+            return self.client.create_experiment(self.experiment, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        if EXPERIMENT_KIND_TAG not in experiment.tags:
+            self.client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+        return experiment.experiment_id
 
     def _send_params(self, run_id: str) -> None:
         from mlflow.entities import Param
