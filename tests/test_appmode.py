@@ -5,7 +5,8 @@ ClientApp message ran in a fresh worker forked from its node's warm forkserver, 
 workers at once than slots, partitions 0..2. And the failures Flower itself leaves silent or
 hanging: a ServerApp that does not import, a ClientApp whose every reply is an error, a node
 that cannot get a slot in time (the message fails through Flower, no relaunch loop), a warm
-process killed between messages (the next message gets a new one). The failing Apps are the
+process killed between messages (the next message gets a new one), a node whose replies are
+poison (refused reply by reply, the run completes with a finite model). The failing Apps are the
 example with one module replaced, written into the test's folder.
 """
 
