@@ -315,7 +315,8 @@ class AppFederation(Federation):
         # Through the server's and client's own commands with --mode app, as compose runs them:
         # the memory monitor knows those programs (and FL_CLIENT_ID names each replica).
         self.start("server", ["-m", "services.server", "--mode", "app", "--listen-address", v.listen_address, "--min-clients", str(v.clients), "--join-grace", "0",
-                              "--join-timeout", str(v.join_timeout), "--results-dir", str(v.results_dir), *common])
+                              "--join-timeout", str(v.join_timeout), "--results-dir", str(v.results_dir), *common,
+                              *(["--max-update-norm", repr(v.max_update_norm)] if v.max_update_norm is not None else [])])
         address = v.listen_address.replace("0.0.0.0", "127.0.0.1")
         node_names = [s.name for s in settings_module.declared(LocalSettings)] + ["connect_timeout", "worker_timeout"]
         node_flags = [*settings_module.as_flags(v, node_names)]

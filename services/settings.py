@@ -610,6 +610,7 @@ class LinkSettings(EngineSettings):
     data_dir: str = reuse(LocalSettings, "data_dir")
     tls_dir: str | None = reuse(LocalSettings, "tls_dir")
     results_dir: str = reuse(ServerSettings, "results_dir")
+    max_update_norm: float | None = reuse(ServerSettings, "max_update_norm")
     serverapp_gpus: bool = setting(boolean, False, "(app mode) let the ServerApp process see the GPUs (off: CUDA_VISIBLE_DEVICES is empty for it, so a ServerApp that evaluates centrally does it on the CPU and holds no GPU memory for the whole run)")
 
 

@@ -5,7 +5,8 @@ ClientApp message ran in a fresh worker forked from its node's warm forkserver, 
 workers at once than slots, partitions 0..2. And the failures Flower itself leaves silent or
 hanging: a ServerApp that does not import, a ClientApp whose every reply is an error, a node
 that cannot get a slot in time (the message fails through Flower, no relaunch loop), a warm
-process killed between messages (the next message gets a new one). The failing Apps are the
+process killed between messages (the next message gets a new one), a node whose replies are
+poison (refused reply by reply, the run completes with a finite model). The failing Apps are the
 example with one module replaced, written into the test's folder.
 """
 
@@ -285,3 +286,78 @@ def test_ctrl_c_stops_flowers_run_and_records_its_end(tmp_path):
     assert summary["status"] == "interrupted" and "stopped (SIGTERM or Ctrl-C) while it ran" in summary["cause"], summary
     assert summary["flwr_run_id"] and summary["messages"]["total"] >= 2  # round 1's messages are recorded
     assert not (results / ".appmode-current-run").exists()
+
+
+HOSTILE_CLIENT = '''
+import numpy as np
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from quickstart_app import client_app as example
+
+app = ClientApp()
+SPOILED = {1: "NaN", 2: "a wrong shape", 3: "a renamed array"}  # what partition 1 sends back in each round
+
+
+def _hostile(context):
+    return int(context.node_config["partition-id"]) == 1
+
+
+@app.train()
+def train(msg, context):
+    if not _hostile(context):
+        return example.train(msg, context)
+    arrays = {key: array.numpy() for key, array in msg.content["arrays"].items()}
+    spoiled = int(msg.content["config"]["server-round"])
+    if spoiled == 1:
+        arrays["fc2.bias"] = np.full_like(arrays["fc2.bias"], np.nan)
+    elif spoiled == 2:
+        arrays["fc2.bias"] = np.zeros(11, np.float32)
+    else:
+        arrays["fc2.offset"] = arrays.pop("fc2.bias")
+    content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}), "metrics": MetricRecord({"train_loss": 0.1, "num-examples": 1000})})
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg, context):
+    reply = example.evaluate(msg, context)
+    if not _hostile(context) or int(msg.content["config"]["server-round"]) == 3:
+        return reply
+    metrics = dict(reply.content["metrics"])
+    metrics.update({"num-examples": 0} if int(msg.content["config"]["server-round"]) == 1 else {"eval_loss": float("nan")})
+    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+'''
+
+
+def test_a_node_whose_replies_are_poison_is_refused_and_the_run_completes_with_a_finite_model(tmp_path):
+    """Flower's quickstart App shape, its ServerApp's FedAvg unchanged; partition 1 sends back NaN,
+    a wrong shape, a renamed array, num-examples 0 and a NaN metric. Each reply is refused in the
+    ServerApp's process, reaches FedAvg as a failed reply and is recorded with its reason; the
+    honest node's updates make the final model. FL_MAX_UPDATE_NORM reaches the ServerApp too."""
+    app = app_with(tmp_path, "hostile_app.py", HOSTILE_CLIENT)
+    pyproject = app / "pyproject.toml"
+    pyproject.write_text(pyproject.read_text().replace("quickstart_app.client_app:app", "quickstart_app.hostile_app:app").replace("fraction-evaluate = 0.5", "fraction-evaluate = 1.0"))
+    done, run_path = run_app(app, tmp_path, 2, 3, "--max-update-norm", "1000")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    summary = json.loads((run_path / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["rounds_completed"] == 3
+    records = messages(run_path)
+    refused = [(r["message_type"], r["reason"]) for r in records if r["outcome"] == "refused"]
+    assert refused == [
+        ("train", "ArrayRecord 'arrays': array 'fc2.bias': 10 of 10 values are not finite (NaN)"),
+        ("evaluate", "MetricRecord 'metrics': num-examples 0, expected a positive integer"),
+        ("train", "ArrayRecord 'arrays': array 'fc2.bias': shape (11,), expected (10,)"),
+        ("evaluate", "MetricRecord 'metrics': metric 'eval_loss' is nan"),
+        ("train", "ArrayRecord 'arrays': arrays missing 'fc2.bias'; not sent 'fc2.offset'"),
+    ]
+    assert {(r["node"], r["partition"]) for r in records if r["outcome"] == "refused"} == {("client-1", 1)}
+    assert summary["updates_rejected"] == 3 and summary["messages"] == {"total": 12, "ok": 7, "refused": 5}
+    honest = [r for r in records if r["message_type"] == "train" and r["outcome"] == "ok"]
+    assert len(honest) == 3 and all(0 < r["update_norm"] < 1000 and "clipped_from_norm" not in r for r in honest)
+    assert (run_path / "flwr-run.log").read_text().count("Bouquet refused this reply") >= 5  # FedAvg logged each as a failure
+    lines = [json.loads(line) for line in (run_path / "metrics.jsonl").read_text().splitlines()]
+    assert [line["clients_rejected"] for line in lines] == [1, 1, 1] and all(line["trained"] for line in lines)
+    finite = subprocess.run([PYTHON, "-c", "import sys, torch; m = torch.load(sys.argv[1]); print(len(m), all(bool(torch.isfinite(t).all()) for t in m.values()))",
+                             str(run_path / "serverapp" / "final_model.pt")], capture_output=True, text=True, check=True).stdout.split()
+    assert finite == ["8", "True"]

@@ -124,12 +124,13 @@ def test_bouquet_flwr_clientapp_hands_its_argv_to_the_node_and_exits_with_its_ou
 def _serverapp_started(tmp_path: Path, results: Path) -> tuple[Path, list[str]]:
     """Start Bouquet's flwr-serverapp as SuperExec does, with a stand-in for Flower's that tells where it ran."""
     stand_in = tmp_path / "real-flwr-serverapp"
-    stand_in.write_text(f"#!{PYTHON}\nimport json, os, sys\nprint(json.dumps([os.getcwd(), sys.argv[1:]]))\n")
+    stand_in.write_text(f"#!{PYTHON}\nimport json, os, sys\nprint(json.dumps([os.getcwd(), sys.argv[1:], os.environ['{serverapp_shim.RUN_FOLDER_VARIABLE}']]))\n")
     stand_in.chmod(0o755)
     launcher = flower.install_program(tmp_path / "bin", "flwr-serverapp", serverapp_shim.__file__)
-    env = {**os.environ, serverapp_shim.RESULTS_VARIABLE: str(results), serverapp_shim.PROGRAM_VARIABLE: str(stand_in)}
+    env = {**os.environ, serverapp_shim.RESULTS_VARIABLE: str(results), serverapp_shim.COMMAND_VARIABLE: json.dumps([str(stand_in), "--checked"])}
     done = subprocess.run([str(launcher), "--serverappio-api-address", "127.0.0.1:9091", "--token", "t"], env=env, capture_output=True, text=True, timeout=30, check=True)
-    folder, argv = json.loads(done.stdout)
+    folder, argv, run_folder = json.loads(done.stdout)
+    assert Path(run_folder) == (Path(folder).parent if Path(folder).name == "serverapp" else Path(folder))  # where the reply checks are recorded
     return Path(folder), argv
 
 
@@ -139,7 +140,7 @@ def test_the_serverapp_works_in_the_folder_of_the_run_submit_named(tmp_path):
     (results / serverapp_shim.CURRENT_RUN).write_text(f"{results / 'run-7' / 'serverapp'}\n")
     folder, argv = _serverapp_started(tmp_path, results)
     assert folder == results / "run-7" / "serverapp" and folder.is_dir()
-    assert argv == ["--serverappio-api-address", "127.0.0.1:9091", "--token", "t"]  # Flower's own program gets the same arguments
+    assert argv == ["--checked", "--serverappio-api-address", "127.0.0.1:9091", "--token", "t"]  # the command the link named gets the same arguments
 
 
 @pytest.mark.parametrize("marker", [None, "", "run-7/serverapp", "{results}/../elsewhere", "{results}"])
@@ -249,3 +250,25 @@ def test_the_serverapps_central_evaluations_are_read_from_flowers_log(tmp_path):
     message = {"node": "n", "partition": 0, "pid": 5, "device": "cpu", "slots": 2, "outcome": "ok", "ended_at": 12.0}
     write_rounds(tmp_path, [(1, 9.0), (2, 20.0)], [{**message, "asked_at": 10.0}, {**message, "asked_at": 21.0}], 30.0, central)
     assert [r.record.get("accuracy") for r in RoundLog(tmp_path / "metrics.jsonl").refresh()] == [0.25, 0.5]
+
+
+def test_the_serverapps_reply_checks_are_merged_into_the_messages_of_the_run(tmp_path):
+    """A refused reply makes its node's message "refused" with the reason; a measured one gets its
+    distance; a reply from a SuperNode Bouquet did not start gets a line of its own; rounds count
+    a node whose reply was refused as rejected, as task mode does."""
+    from services.appmode.rounds import write_rounds
+
+    base = {"partition": 0, "num_partitions": 2, "flwr_run_id": 7, "outcome": "ok", "cause": None, "ended_at": 12.0}
+    messages = [{**base, "node": "a", "message_id": "m1", "message_type": "train", "asked_at": 10.0},
+                {**base, "node": "b", "partition": 1, "message_id": "m2", "message_type": "train", "asked_at": 10.1}]
+    checks = [{"message_id": "m1", "flwr_node_id": 11, "flwr_run_id": 7, "message_type": "train", "checked_at": 11.0, "refused": "ArrayRecord 'arrays': array 'w': shape (4,), expected (3,)"},
+              {"message_id": "m2", "flwr_node_id": 12, "flwr_run_id": 7, "message_type": "train", "checked_at": 11.1, "update_norm": 1.0, "clipped_from_norm": 3.5},
+              {"message_id": "m9", "flwr_node_id": 99, "flwr_run_id": 7, "message_type": "train", "checked_at": 11.2, "refused": "MetricRecord 'metrics': num-examples 0, expected a positive integer"}]
+    merged = records.with_reply_checks(messages, checks)
+    assert [(r["node"], r["partition"], r["outcome"]) for r in merged] == [("a", 0, "refused"), ("b", 1, "ok"), ("flower-node-99", None, "refused")]
+    assert merged[0]["reason"] == checks[0]["refused"] and "shape (4,)" in merged[0]["cause"]
+    assert merged[1]["update_norm"] == 1.0 and merged[1]["clipped_from_norm"] == 3.5
+    assert messages[0]["outcome"] == "ok"  # the node's own records are left as they were
+    line, = write_rounds(tmp_path, [(1, 9.0)], merged, 20.0)
+    assert (line["clients_ok"], line["clients_failed"], line["clients_rejected"], line["messages_rejected"]) == (1, 0, 2, 2)
+    assert line["rejected"][0] == {"id": "a", "partition": 0, "message_type": "train", "reason": checks[0]["refused"]}

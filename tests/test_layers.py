@@ -14,7 +14,8 @@ from conftest import REPO
 LAYERS: list[tuple[str, ...]] = [
     ("services", "services.net", "services.files", "services.locks", "services.logs", "services.protocol", "services.failures", "services.lifetime", "services.misses"),
     ("services.settings", "services.roster", "services.cache"),
-    ("services.tls", "services.certs", "services.joining", "services.taskspec", "services.budget", "services.models", "services.data", "services.partitioning"),
+    ("services.tls", "services.certs", "services.joining", "services.taskspec", "services.budget", "services.models", "services.data", "services.partitioning",
+     "services.updates"),  # the checks on a client's update, shared by task mode's server and app mode's ServerApp
     ("services.task", "services.builtin_task"),
     ("services.pool.wire",),  # what the host worker pool and its askers say (the worker speaks it)
     ("services.worker",),

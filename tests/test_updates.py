@@ -1,5 +1,5 @@
 """Issue 19: the checks every client update passes before a Flower strategy sees it
-(services/server/updates.py), and what BouquetStrategy.aggregate_fit does with them, with
+(services/updates.py, shared with app mode's reply checks), and what BouquetStrategy.aggregate_fit does with them, with
 Flower's real FedAvg behind it: bad updates left out and recorded, far ones clipped, and a
 non-finite aggregate refused with the previous model kept."""
 
@@ -14,7 +14,7 @@ from flwr.server.strategy import FedAvg
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 
 from services import settings as settings_module
-from services.server import updates
+from services import updates
 from services.server.flower import BouquetStrategy
 from services.server.membership import Membership
 from services.server.registry import PartitionRegistry

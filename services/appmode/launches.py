@@ -98,7 +98,7 @@ class Launches:
         outcome = "ok" if value["exit_code"] == 0 and not value["app_error"] else "app_error"
         cause = value["app_error"] or (None if value["exit_code"] == 0 else f"flwr-clientapp exited with code {value['exit_code']}")
         record = {**base, **(result.admitted or {}), "pid": result.pid, "parent_pid": value["parent_pid"], "forkserver_pid": forkserver_pid(), "flwr_run_id": value["flwr_run_id"], "task_id": value["task_id"],
-                  "message_type": value["message_type"], "outcome": outcome, "cause": cause, "exit_code": value["exit_code"], "retried_after_oom": retried,
+                  "message_type": value["message_type"], "message_id": value["message_id"], "outcome": outcome, "cause": cause, "exit_code": value["exit_code"], "retried_after_oom": retried,
                   "worker_start_seconds": round(result.start_seconds, 4), "app_load_seconds": value["app_load_seconds"],
                   "imported_after_fork": value["imported_after_fork"], "app_imports_after_fork": value["app_imports_after_fork"], "ended_at": round(time.time(), 4)}
         self.records.append(record)
@@ -129,7 +129,7 @@ class Launches:
             log.error("launch %d: %s; failing the message through Flower", number, cause)
             with KeepAlive(launch_args.endpoint(argv)):  # until the refusal's own runtime beats
                 refused = self._refuse(argv, cause)
-            record.update({k: refused.get(k) for k in ("flwr_run_id", "task_id", "message_type")})
+            record.update({k: refused.get(k) for k in ("flwr_run_id", "task_id", "message_type", "message_id")})
             record["refused"] = refused.get("message_type") is not None
             if not record["refused"]:
                 log.error("launch %d: could not fail the message through Flower either: %s", number, refused.get("problem", refused))

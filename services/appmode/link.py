@@ -11,12 +11,14 @@ it settled still run, their partitions are kept; otherwise it settles anew.
 Then ``flower-superlink`` runs as this process's child on FL_LISTEN_ADDRESS (TLS with Bouquet's
 certificates when FL_TLS_DIR is set), without installing app dependencies at run time. The
 ServerApp runs in the ``flwr-serverapp`` process the SuperLink starts for each run, in that run's
-folder (``serverapp_shim``: what it saves lands in ``<run folder>/serverapp/``); by default it
+folder (``serverapp_shim``: what it saves lands in ``<run folder>/serverapp/``), with every
+ClientApp reply checked (``serverapp``; FL_MAX_UPDATE_NORM clips as in task mode); by default it
 sees no GPU (FL_SERVERAPP_GPUS). Never imports torch.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import signal
@@ -110,7 +112,12 @@ def serve(settings: LinkSettings, home: Path) -> int:
     its port; the nodes start their SuperNodes only once they know their partition."""
     hidden = {} if settings.serverapp_gpus else {"CUDA_VISIBLE_DEVICES": ""}
     shim_dir = flower.install_program(home / "bin", "flwr-serverapp", serverapp_shim.__file__).parent
-    in_run_folder = {serverapp_shim.RESULTS_VARIABLE: str(Path(settings.results_dir).resolve()), serverapp_shim.PROGRAM_VARIABLE: flower.program("flwr-serverapp")}
+    in_run_folder = {
+        serverapp_shim.RESULTS_VARIABLE: str(Path(settings.results_dir).resolve()),
+        # -P: the run folder the ServerApp works in is not on its import path
+        serverapp_shim.COMMAND_VARIABLE: json.dumps([sys.executable, "-P", "-m", "services.appmode.serverapp"]),
+        serverapp_shim.MAX_NORM_VARIABLE: "" if settings.max_update_norm is None else repr(settings.max_update_norm),
+    }
     env = flower.environment(home, shim_dir=shim_dir, extra={**hidden, **in_run_folder})
     superlink = subprocess.Popen(superlink_command(settings), env=env, preexec_fn=die_with_parent)  # SIGTERM when this process dies, however it dies
     log.info("flower-superlink (pid %d) on %s%s", superlink.pid, settings.listen_address, "" if settings.serverapp_gpus else "; the ServerApp sees no GPU (FL_SERVERAPP_GPUS)")

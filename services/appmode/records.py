@@ -2,11 +2,13 @@
 
 Each node agent appends to its own file ``<data dir>/appmode-messages/<identity>.jsonl`` (one
 writer per file); ``submit`` copies the lines of its run (Flower's run id, or no run id and a
-time inside the run: a launch Flower never handed a message) into ``<run folder>/messages.jsonl``.
-Fields: node, partition, num_partitions, launch, flwr_run_id, task_id, message_type, pid,
+time inside the run: a launch Flower never handed a message) into ``<run folder>/messages.jsonl``,
+with what the ServerApp's reply checks said of each reply (``with_reply_checks``).
+Fields: node, partition, num_partitions, launch, flwr_run_id, task_id, message_type, message_id, pid,
 device, slots, slot_wait_seconds, worker_started_at / worker_ended_at (epoch s, while the slot
 was held), asked_at / ended_at, outcome (ok, app_error, failed, lost), cause, exit_code,
-retried_after_oom. Never the token.
+retried_after_oom; from the reply checks: reason (outcome "refused"), update_norm,
+clipped_from_norm. Never the token.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any, Iterable
 from services.files import read_json_lines
 
 FOLDER = "appmode-messages"
+REFUSED = "refused"  # a message's outcome when the ServerApp's checks refused its reply
 
 
 def node_file(data_dir: str | Path, identity: str) -> Path:
@@ -57,3 +60,26 @@ def of_run(data_dir: str | Path, flwr_run_id: int | None, started_at: float, end
         if (run is not None and run == flwr_run_id) or (run is None and started_at <= record.get("asked_at", 0) <= ended_at):
             chosen.append(record)
     return sorted(chosen, key=lambda record: record.get("asked_at", 0))
+
+
+def with_reply_checks(messages: list[dict[str, Any]], checks: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The run's messages with what the ServerApp process's reply checks (reply-checks.jsonl,
+    services.appmode.serverapp) said of their replies, matched by the message's id: a refused
+    reply makes its message "refused" with the reason; a measured one adds its distance
+    (``update_norm``, ``clipped_from_norm``). A reply from a SuperNode Bouquet did not start has
+    no node record: it gets a line of its own, named by Flower's node id, without a partition."""
+    out = [dict(record) for record in messages]
+    by_id = {record["message_id"]: record for record in out if record.get("message_id")}
+    for check in checks:
+        record = by_id.get(check["message_id"])
+        if record is None:
+            record = by_id[check["message_id"]] = {
+                "node": f"flower-node-{check['flwr_node_id']}", "partition": None, "flwr_node_id": check["flwr_node_id"], "flwr_run_id": check.get("flwr_run_id"),
+                "message_id": check["message_id"], "message_type": check.get("message_type"), "asked_at": check["checked_at"], "ended_at": check["checked_at"],
+                "outcome": "ok", "cause": None,
+            }
+            out.append(record)
+        if "refused" in check:
+            record.update(outcome=REFUSED, reason=check["refused"], cause=f"reply refused: {check['refused']}")
+        record.update({key: check[key] for key in ("update_norm", "clipped_from_norm") if key in check})
+    return sorted(out, key=lambda record: record.get("asked_at", 0))

@@ -6,10 +6,13 @@ overwritten by the next run. SuperExec starts ``flwr-serverapp`` by bare name fo
 this, installed by the link (``services.appmode.flower.install_program``), starts instead:
 it changes into the folder Bouquet's submit named in ``<results>/.appmode-current-run`` (the
 run folder's ``serverapp/``; a ``flwr run`` from elsewhere gets
-``<results>/.flower-runs/<UTC time>/``, and says so), then execs Flower's own ``flwr-serverapp`` with the
-same arguments. Standard library only (it runs with ``python -S``).
+``<results>/.flower-runs/<UTC time>/``, and says so), then execs the command the link named
+(``services.appmode.serverapp``: Flower's own ``flwr-serverapp`` with every ClientApp reply
+checked) with the same arguments, telling it the run folder its records go to. Standard library
+only (it runs with ``python -S``).
 """
 
+import json
 import os
 import sys
 import time
@@ -17,7 +20,9 @@ from pathlib import Path
 
 CURRENT_RUN = ".appmode-current-run"  # in the results folder: where the ServerApp of the run being submitted works
 RESULTS_VARIABLE = "BOUQUET_SERVERAPP_RESULTS"
-PROGRAM_VARIABLE = "BOUQUET_SERVERAPP_PROGRAM"
+COMMAND_VARIABLE = "BOUQUET_SERVERAPP_COMMAND"  # a JSON list: the program and its first arguments
+RUN_FOLDER_VARIABLE = "BOUQUET_RUN_FOLDER"  # for the command: the run folder (services.appmode.serverapp reads it)
+MAX_NORM_VARIABLE = "BOUQUET_MAX_UPDATE_NORM"  # for the command: FL_MAX_UPDATE_NORM, set by the link
 
 
 def working_folder(results: Path) -> tuple[Path, str | None]:
@@ -35,8 +40,9 @@ def working_folder(results: Path) -> tuple[Path, str | None]:
 
 
 def main() -> None:
-    program = os.environ[PROGRAM_VARIABLE]
+    command = json.loads(os.environ[COMMAND_VARIABLE])
     target, why = working_folder(Path(os.environ[RESULTS_VARIABLE]))
+    os.environ[RUN_FOLDER_VARIABLE] = str(target if why else target.parent)  # a folder of its own keeps its records too
     if why:
         print(f"flwr-serverapp (Bouquet): {why}; the ServerApp works in {target}", file=sys.stderr, flush=True)
     try:
@@ -44,7 +50,7 @@ def main() -> None:
         os.chdir(target)
     except OSError as error:
         print(f"flwr-serverapp (Bouquet): cannot work in {target} ({error}); the ServerApp works in {os.getcwd()}", file=sys.stderr, flush=True)
-    os.execv(program, [program, *sys.argv[1:]])
+    os.execv(command[0], [*command, *sys.argv[1:]])
 
 
 if __name__ == "__main__":

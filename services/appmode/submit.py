@@ -4,9 +4,10 @@ Flower's ``flwr run`` exits 0 when the ServerApp fails to import (exit code 607)
 ClientApp reply is an error, so its exit code says little. This waits for the settled federation
 (every partition's SuperNode online), runs ``flwr run <app> --stream`` with the CLI's config in
 a FLWR_HOME of its own, keeps the streamed log in the run folder (``flwr-run.log``), then reads
-the run's status from the SuperLink (``flwr ls --run-id N --format json``) and the nodes'
-message records, and writes ``summary.json``: FAILED, with the cause, when the run did not
-finish as completed, or when no ClientApp message succeeded; exit code 0 only for a completed run
+the run's status from the SuperLink (``flwr ls --run-id N --format json``), the nodes'
+message records and the ServerApp's reply checks (``reply-checks.jsonl``), and writes
+``summary.json``: FAILED, with the cause, when the run did not finish as completed, or when no
+ClientApp message succeeded; exit code 0 only for a completed run
 (130 for one stopped by SIGTERM or Ctrl-C: the Flower run is stopped and the end still recorded).
 One submission at a time per results folder (a lock there): the ServerApp's working folder and
 the run's records assume it. A run id whose folder holds a finished run is refused.
@@ -35,7 +36,7 @@ from services.tracking.run import APP_MODE, RunTracking
 from services.appmode import assignment, evaluations, flower, records, serverapp_shim
 from services.appmode.app_identity import app_fingerprint, app_identity
 from services.appmode.rounds import rounds_completed, write_rounds
-from services.files import FLWR_RUN_LOG, MESSAGES, SERVERAPP_FOLDER, atomic_write, files_under, iso, write_json_atomically
+from services.files import FLWR_RUN_LOG, MESSAGES, REPLY_CHECKS, SERVERAPP_FOLDER, atomic_write, files_under, iso, read_json_lines, write_json_atomically
 from services.locks import HeldLock
 from services.server.results import concurrent_workers_peak, new_run_id, slots_per_device
 from services.settings import SubmitSettings
@@ -188,6 +189,8 @@ class Submission:
             if flwr_run_id is not None:
                 status = self.flower_status(flwr_run_id)
         messages = records.of_run(self.settings.data_dir, flwr_run_id, started_at, time.time()) if flwr_run_id is not None else []
+        checks = [line for line in read_json_lines(self.folder / REPLY_CHECKS)[0] if line.get("flwr_run_id") == flwr_run_id] if flwr_run_id is not None else []
+        messages = records.with_reply_checks(messages, checks)
         with open(self.folder / MESSAGES, "w") as out:
             out.writelines(json.dumps(record, sort_keys=True) + "\n" for record in messages)
         central = evaluations.read(_text(self.folder / FLWR_RUN_LOG))
@@ -209,7 +212,11 @@ class Submission:
             foreign_supernodes=self.foreign,  # online at submission beyond the settled ones (None: not reached)
             nodes=sorted({record["node"] for record in messages}),
             # identity -> partition, as task mode's summary.json (the report names replicas by it)
-            partitions={record["node"]: record["partition"] for record in sorted(messages, key=lambda r: r["node"])},
+            partitions={record["node"]: record["partition"] for record in sorted(messages, key=lambda r: r["node"]) if record["partition"] is not None},
+            # train replies (updates) the ServerApp's checks refused (services.appmode.replies; every refused reply: messages),
+            # and replies clipped to FL_MAX_UPDATE_NORM, as task mode counts its updates
+            updates_rejected=sum(1 for record in messages if record.get("outcome") == records.REFUSED and record.get("message_type") == "train"),
+            updates_clipped=sum(1 for record in messages if "clipped_from_norm" in record),
             slots_per_device=slots_per_device([m for m in messages if m.get("device")]),
             concurrent_workers_peak=concurrent_workers_peak(messages),
             rounds_completed=rounds_completed(rounds),

@@ -36,11 +36,11 @@ from flwr.server.client_manager import ClientManager, SimpleClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
-from services import joining, protocol, tls, worker
+from services import joining, protocol, tls, updates, worker
 from services import settings as settings_module
 from services.budget import JobBudget
 from services.server.central import CentralEvaluator
-from services.server import strategies, updates
+from services.server import strategies
 from services.server.membership import Holder, Membership
 from services.server.results import RoundRecorder, RunState
 from services.settings import ServerSettings
@@ -349,7 +349,7 @@ class BouquetStrategy(Strategy):
         results: list[tuple[ClientProxy, FitRes]],
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
-        """Every update is checked (services.server.updates) before the Flower strategy sees
+        """Every update is checked (services.updates) before the Flower strategy sees
         it; a failing one is left out and recorded with its reason. The strategy's result is
         checked too: no client's answer, and no arithmetic, can end the run or make the global
         model non-finite."""

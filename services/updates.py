@@ -3,9 +3,14 @@
 A Flower strategy averages whatever it is given: arrays of the wrong shape end the run in the
 middle of its arithmetic, NaN or Inf poison the model silently, and a zero or negative number of
 examples turns a weighted mean upside down. So every update is checked here first, against the
-layout of the model the run started from (number of arrays, each one's shape and dtype), and a
-failing one is left out with a reason that names the array. The aggregate is checked too: the
-strategy's own arithmetic can overflow to Inf from finite updates.
+layout of the model it was sent (its arrays, each one's shape and dtype), and a failing one is
+left out with a reason that names the array. The aggregate is checked too: the strategy's own
+arithmetic can overflow to Inf from finite updates.
+
+The rules of both modes: task mode's server checks a list of arrays against the run's model
+(``update_problem``); app mode's ServerApp process checks the named arrays of a ClientApp's
+reply against those its ServerApp sent (``keyed_problem``, ``examples_problem``,
+``metrics_problem``, ``clip_update``: services.appmode.replies).
 """
 
 from __future__ import annotations
@@ -36,23 +41,58 @@ def structure_problem(layout: Layout, weights: Sequence[np.ndarray]) -> str | No
     if len(weights) != len(layout):
         return f"{len(weights)} arrays, expected {len(layout)}"
     for index, (array, expected) in enumerate(zip(weights, layout)):
-        if tuple(array.shape) != expected.shape:
-            return f"array {index}: shape {_shape(array.shape)}, expected {_shape(expected.shape)}"
-        if array.dtype != expected.dtype:
-            return f"array {index}: dtype {array.dtype}, expected {expected.dtype}"
-        if array.dtype.kind in "fc" and not np.isfinite(array).all():
-            bad = array.size - int(np.isfinite(array).sum())
-            kinds = "/".join(name for name, found in (("NaN", np.isnan(array).any()), ("Inf", np.isinf(array).any())) if found)
-            return f"array {index}: {bad} of {array.size} values are not finite ({kinds})"
+        problem = array_problem(f"array {index}", array, expected)
+        if problem is not None:
+            return problem
+    return None
+
+
+def keyed_problem(layout: Mapping[str, ArrayLayout], arrays: Mapping[str, np.ndarray]) -> str | None:
+    """Named arrays (a Flower ArrayRecord's) against the named layout they were sent with: the
+    same names, then each one's shape, dtype and values; the first problem found."""
+    missing, extra = [key for key in layout if key not in arrays], [key for key in arrays if key not in layout]
+    if missing or extra:
+        said = [f"{label} {', '.join(map(repr, keys[:5]))}{' ...' if len(keys) > 5 else ''}" for label, keys in (("missing", missing), ("not sent", extra)) if keys]
+        return f"arrays {'; '.join(said)}"
+    for key, expected in layout.items():
+        problem = array_problem(f"array {key!r}", arrays[key], expected)
+        if problem is not None:
+            return problem
+    return None
+
+
+def array_problem(label: str, array: np.ndarray, expected: ArrayLayout) -> str | None:
+    """One array's shape, dtype and values against what it must be."""
+    if tuple(array.shape) != expected.shape:
+        return f"{label}: shape {_shape(array.shape)}, expected {_shape(expected.shape)}"
+    if array.dtype != expected.dtype:
+        return f"{label}: dtype {array.dtype}, expected {expected.dtype}"
+    return finite_problem(label, array)
+
+
+def finite_problem(label: str, array: np.ndarray) -> str | None:
+    """NaN or Inf in a floating-point (or complex) array."""
+    if array.dtype.kind in "fc" and not np.isfinite(array).all():
+        bad = array.size - int(np.isfinite(array).sum())
+        kinds = "/".join(name for name, found in (("NaN", np.isnan(array).any()), ("Inf", np.isinf(array).any())) if found)
+        return f"{label}: {bad} of {array.size} values are not finite ({kinds})"
+    return None
+
+
+def examples_problem(num_examples: Any, name: str = "num_examples") -> str | None:
+    """The number of examples an update is weighed by: a positive integer (not a bool, not a float)."""
+    if isinstance(num_examples, bool) or not isinstance(num_examples, (int, np.integer)):
+        return f"{name} {num_examples!r} is not an integer"
+    if num_examples <= 0:
+        return f"{name} {num_examples}, expected a positive integer"
     return None
 
 
 def update_problem(layout: Layout, weights: Sequence[np.ndarray], num_examples: Any, metrics: Mapping[str, Any]) -> str | None:
     """Why this update must not be aggregated, or None when it may be."""
-    if isinstance(num_examples, bool) or not isinstance(num_examples, (int, np.integer)):
-        return f"num_examples {num_examples!r} is not an integer"
-    if num_examples <= 0:
-        return f"num_examples {num_examples}, expected a positive integer"
+    problem = examples_problem(num_examples)
+    if problem is not None:
+        return problem
     problem = structure_problem(layout, weights)
     if problem is not None:
         return problem
