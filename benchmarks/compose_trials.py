@@ -20,6 +20,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 
 from services.files import read_rounds
@@ -48,12 +49,15 @@ def one_run(compose: list[str], replicas: int, index: int, work: Path) -> dict:
     results.mkdir(parents=True)
     env = {"COMPOSE_FILE": "docker-compose.yml", "COMPOSE_PROJECT_NAME": project, "BOUQUET_RESULTS_DIR": str(results), "FL_RUN_ID": "trial"}
     run = lambda *args, **kw: subprocess.run([*compose, *args], cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True, **kw)  # noqa: E731
-    started = time.monotonic()
+    started, started_at = time.monotonic(), time.time()
     peak_total, stop = [0.0, {}], threading.Event()
+    peak_each: dict[str, float] = {}  # per container, over the run
 
     def watch_stats() -> None:
         while not stop.is_set():
             usage = docker_stats_mib(project)
+            for name, mib in usage.items():
+                peak_each[name] = max(peak_each.get(name, 0.0), mib)
             if sum(usage.values()) > peak_total[0]:
                 peak_total[0], peak_total[1] = sum(usage.values()), usage
     watcher = threading.Thread(target=watch_stats, daemon=True)
@@ -75,7 +79,12 @@ def one_run(compose: list[str], replicas: int, index: int, work: Path) -> dict:
         summary = json.loads((folder / "summary.json").read_text())
         memory = json.loads((folder / "memory_summary.json").read_text()) if (folder / "memory_summary.json").exists() else {}
         rounds = read_rounds(folder)
+        clients = sorted(mib for name, mib in peak_each.items() if "-client-" in name)
         return {
+            "round1_s": round(datetime.fromisoformat(rounds[0]["ended_at"]).timestamp() - started_at, 1) if rounds else None,
+            "client_peak_median_mib": round(clients[len(clients) // 2], 1) if clients else None,
+            "client_peak_max_mib": round(clients[-1], 1) if clients else None,
+            "others_peak_mib": {name.removeprefix(f"{project}-"): round(mib, 1) for name, mib in peak_each.items() if "-client-" not in name},
             "run": index,
             "seconds": round(time.monotonic() - started, 1),
             "server_exit": exit_code,
@@ -105,20 +114,22 @@ def main() -> None:
     compose = shlex.split(options.compose)
     version = subprocess.run([*compose, "version"], capture_output=True, text=True).stdout.strip()
     lines = [f"{options.runs} fresh `{options.compose} up --scale client={options.replicas}` runs ({version}), CPU images, .env defaults", "",
-             "| run | s | server exit | status | partitions | clients ok per round | final acc | memory verdict | monitor peak MiB | docker stats peak MiB | report.html |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| run | s | up → round 1 done s | server exit | status | partitions | clients ok per round | final acc | memory verdict | monitor peak MiB | docker stats peak MiB | replica peak MiB (median / max) | report.html |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     print("\n".join(lines), flush=True)
     with tempfile.TemporaryDirectory(prefix="bouquet-trials-") as work:
         for index in range(1, options.runs + 1):
             r = one_run(compose, options.replicas, index, Path(work))
             if "error" in r:
-                line = f"| {index} | | | error: {r['error']} | | | | | | | |"
+                line = f"| {index} | | | | error: {r['error']} | | | | | | | | |"
             else:
-                line = (f"| {index} | {r['seconds']} | {r['server_exit']} | {r['status']} | {r['num_partitions']} | {r['clients_ok']} | "
-                        f"{r['final_accuracy']:.3f} | {r['verdict']} | {r['peak_mib']} | {r['docker_stats_peak_mib']} | {r['report']} |")
+                line = (f"| {index} | {r['seconds']} | {r['round1_s']} | {r['server_exit']} | {r['status']} | {r['num_partitions']} | {r['clients_ok']} | "
+                        f"{r['final_accuracy']:.3f} | {r['verdict']} | {r['peak_mib']} | {r['docker_stats_peak_mib']} | "
+                        f"{r['client_peak_median_mib']} / {r['client_peak_max_mib']} | {r['report']} |")
             lines.append(line)
             print(line, flush=True)
-            print(f"    settled: {r.get('settled')}; ps: {r.get('ps')}", flush=True)
+            print(f"    settled: {r.get('settled')}; ps: {r.get('ps')}; other containers' peaks (MiB): {r.get('others_peak_mib')}", flush=True)
+            lines.append(f"<!-- run {index}: other containers' peaks (MiB): {r.get('others_peak_mib')} -->")
     if options.out:
         options.out.parent.mkdir(parents=True, exist_ok=True)
         options.out.write_text("\n".join(lines) + "\n")

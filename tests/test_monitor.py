@@ -218,6 +218,49 @@ def test_roles_and_replicas_from_a_recorded_process_table():
     assert processes.describe(111).identity == "client-0"
 
 
+POOL = ("/venv/bin/python", "-m", "services.pool")
+
+
+class FakePoolProbe(FakeProbe):
+    """FakeProbe plus the host pool's records: worker pid -> who asked (services.pool.wire.Request)."""
+
+    def __init__(self, table, records):
+        super().__init__(table)
+        self.records = records
+
+    def pool_record(self, pid, pool):
+        return self.records.get(pid)
+
+
+def test_a_worker_the_host_pool_forked_counts_for_the_replica_that_asked():
+    """FL_WORKER_POOL=host: workers are children of the pool, not of their replica; the pool's
+    records say whose they are. The pool is a line of its own; a child without a record (a
+    worker whose record is not written yet) is the pool's helper."""
+    processes = {
+        1: (0, T0 - 1000, ("/sbin/init",), None, None),
+        100: (1, T0 - 60, ("/venv/bin/python", "scripts/run_local.py"), None, None),
+        101: (100, T0 - 59, SERVER, None, None),
+        102: (100, T0 - 58, CLIENT, "client-0", None),
+        103: (100, T0 - 58, CLIENT, "client-1", None),
+        104: (100, T0 - 58, MONITOR, None, None),
+        105: (100, T0 - 59, POOL, None, None),
+        150: (105, T0 - 20, POOL, None, None),  # forked by the pool for client-1
+        151: (105, T0 - 20, POOL, None, None),  # for the server
+        152: (150, T0 - 19, ("/venv/bin/python", "-c", "dataloader"), None, None),  # started by 150
+        153: (105, T0 - 20, POOL, None, None),  # no record (yet)
+    }
+    records = {150: {"role": "client", "identity": "client-1"}, 151: {"role": "server", "identity": ""}}
+    host = ProcessTable("launcher", ContainerNames(None), probe=FakePoolProbe(processes, records), self_pid=104, root_pid=100, clock=lambda: T0)
+    host.refresh()
+    seen = {pid: (host.describe(pid).role, host.describe(pid).replica) for pid in processes}
+    assert seen[105] == ("pool", "worker-pool")
+    assert seen[150] == ("worker", "client-1") and host.describe(150).identity == "client-1"
+    assert seen[152] == ("worker", "client-1")
+    assert seen[151] == ("server-worker", "server")
+    assert seen[153] == ("helper", "worker-pool")
+    assert {105, 150, 151, 152, 153} <= set(host.tracked())
+
+
 def test_launcher_scope_keeps_other_runs_out_and_host_scope_takes_them_in():
     launcher = table("launcher", recorded_host())
     launcher.refresh()

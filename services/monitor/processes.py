@@ -372,7 +372,11 @@ class ProcessTable:
 
     def _pool_worker(self, pid: int, pool: int) -> tuple[str, int | None]:
         """A process under the host pool: the worker of the replica (or server) that asked for it,
-        as the pool's records say; anything else there (a hello, a worker whose asker is gone) is the pool's helper."""
+        as the pool's records say; anything else there (a worker whose asker is gone, or not yet
+        written down) is the pool's helper. A forked worker keeps the pool's command line, so the
+        pool is the topmost of the pool-looking ancestors."""
+        while (parent := self._listing.get(pool, (None, None))[0]) and program_of(self._cmdline(parent)[0]) == POOL:
+            pool = parent
         worker = pid
         while self._listing.get(worker, (None, None))[0] not in (pool, None):
             worker = self._listing[worker][0]  # a process the worker started itself (e.g. a DataLoader's)
