@@ -312,6 +312,12 @@ class Stack:
 
 def assert_exits_0(container: str, logs, timeout: float = 600) -> None:
     """Wait for the container (the server) to end; it must exit 0."""
+    code = exit_code(container, logs, timeout)
+    assert code == "0", f"{container[:12]} exited {code}\n{logs()}"
+
+
+def exit_code(container: str, logs, timeout: float = 600) -> str:
+    """Wait for the container to end; its exit code."""
     deadline = time.monotonic() + timeout
     while True:
         state = subprocess.run(
@@ -322,7 +328,7 @@ def assert_exits_0(container: str, logs, timeout: float = 600) -> None:
             break
         assert time.monotonic() < deadline, f"{container[:12]} still {state[0]} after {timeout:g} s\n{logs()}"
         time.sleep(2)
-    assert state[1] == "0", f"{container[:12]} exited {state[1]}\n{logs()}"
+    return state[1]
 
 
 REPLICAS = 8
@@ -403,11 +409,64 @@ def test_compose_up_scale_8_cpu_trains_every_replica_and_proves_memory_returned(
             assert time.monotonic() < deadline, f"no report.html 120 s after the run ended\n{logs()}"
             time.sleep(2)
         with open(run_dir / "memory.csv") as rows:
-            replicas = {row["replica"] for row in csv.DictReader(rows) if row["role"] == "client"}
+            processes = [row for row in csv.DictReader(rows) if row["kind"] == "process"]
+        replicas = {row["replica"] for row in processes if row["role"] == "client"}
         assert len(replicas) == REPLICAS, f"monitor saw client replicas {replicas}"
+        # The host worker pool (compose's default) forked every worker; each is counted for the
+        # replica that asked, and the pool is a line of its own.
+        assert {row["replica"] for row in processes if row["role"] == "worker"} == replicas
+        assert {row["replica"] for row in processes if row["role"] == "pool"} == {"worker-pool"}
+        pool = stack.run("ps", "--all", "-q", "worker-pool").stdout.strip()
+        assert_exits_0(pool, logs, timeout=60)  # it ends by itself once the server and every replica have gone
         memory = json.loads((run_dir / "memory_summary.json").read_text())
         assert memory["verdict"]["ok"] is True, memory["verdict"]["text"]
         assert "memory returned" in (run_dir / "report.html").read_text()
+    finally:
+        stack.down()
+
+
+@pytest.mark.docker
+@pytest.mark.timeout(900)
+def test_a_killed_worker_pool_fails_its_running_jobs_with_that_cause_and_the_next_round_trains(tmp_path: Path) -> None:
+    """The pool's process dies (as the OOM killer would kill it) while a replica's worker trains:
+    that job fails with "worker pool exited", compose restarts the pool, the run completes."""
+    compose = _docker_ready("v2")
+    results = tmp_path / "results"
+    results.mkdir()
+    stack = Stack(compose, results, "poolkill", FL_DATASET="digits", FL_ROUNDS="3", FL_LOCAL_EPOCHS="6", FL_RUN_ID="poolkill")
+    logs = stack.logs
+    client_worker = "grep -ls '\"role\": \"client\"' /slots/pool/workers/*.json"
+    kill_pool = ("import os\n"
+                 "for p in os.listdir('/proc'):\n"
+                 "    if p.isdigit() and open(f'/proc/{p}/stat').read().split()[3] == '1' and b'services.pool' in open(f'/proc/{p}/cmdline', 'rb').read():\n"
+                 "        os.kill(int(p), 9)\n")
+    try:
+        stack.run("up", "--detach", "--no-build", "--scale", "client=3")
+        server = stack.run("ps", "-q", "server").stdout.strip()
+        deadline = time.monotonic() + 300
+        while stack.run("exec", "-T", "worker-pool", "sh", "-c", client_worker, check=False).returncode != 0:
+            assert time.monotonic() < deadline, f"no replica's worker ran in the pool within 300 s\n{logs()}"
+            time.sleep(0.3)
+        stack.run("exec", "-T", "worker-pool", "python", "-c", kill_pool)
+        server_exit = exit_code(server, logs)
+        pool = stack.run("ps", "--all", "-q", "worker-pool").stdout.strip()
+        restarts = subprocess.run(["docker", "inspect", "-f", "{{.RestartCount}}", pool], capture_output=True, text=True, check=True).stdout.strip()
+        assert int(restarts) >= 1, logs()
+        run_dir = results / "poolkill"
+        rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        summary = json.loads((run_dir / "summary.json").read_text())
+        context = f"\nrounds: {json.dumps(rounds, indent=1)}\n{logs()}"
+        failures = [failure for record in rounds for failure in record.get("failures", [])]
+        assert failures and all(f["cause"].startswith("worker pool exited") for f in failures), context
+        hit = next(record for record in rounds if record.get("failures"))
+        assert hit["clients_ok"] + hit["clients_failed"] == 3, context
+        after = [record for record in rounds if record["round"] > hit["round"]]
+        assert after and all(record["clients_ok"] == 3 and record["trained"] for record in after), context
+        # Every job in flight died with the pool (the queued ones too): the round trained only
+        # if a replica had already finished; the summary and the exit code say which.
+        trained = [record["round"] for record in rounds if record["trained"]]
+        assert summary["rounds_completed"] == len(trained), context
+        assert (summary["status"], server_exit) == (("completed", "0") if len(trained) == 3 else ("incomplete", "1")), context
     finally:
         stack.down()
 
