@@ -59,6 +59,7 @@ class PoolUse:
 
 _pool: list[PoolUse] = []  # the one PoolUse of this process, once use_pool checked it
 _session: list[tuple[multiprocessing.connection.Connection, str, list[str]]] = []  # its hello connection, slots folder, preloads
+_session_lock = threading.Lock()  # the server's evaluation and a round's job may both renew it
 
 
 class Entered(Protocol):
@@ -170,17 +171,18 @@ def leave_pool() -> None:
 def _renew_session(deadline: float) -> None:
     """A pool that was restarted (compose restarts one that died) gets this process's session
     again, and is checked as the first one was."""
-    session, slots_dir, preload = _session[0]
-    if not session.poll():  # nothing arrives on a live session: the pool is the one we greeted
-        return
-    session.close()
-    facts, renewed = wire.hello(_pool[0].socket_path, max(0.0, deadline - time.monotonic()))
-    try:
-        wire.check(facts, _pool[0].socket_path, slots_dir, preload)
-    except BaseException:
-        renewed.close()
-        raise
-    _session[0] = (renewed, slots_dir, preload)
+    with _session_lock:
+        session, slots_dir, preload = _session[0]
+        if not session.closed and not session.poll():  # nothing arrives on a live session: the pool is the one we greeted
+            return
+        session.close()
+        facts, renewed = wire.hello(_pool[0].socket_path, max(0.0, deadline - time.monotonic()))
+        try:
+            wire.check(facts, _pool[0].socket_path, slots_dir, preload)
+        except BaseException:
+            renewed.close()
+            raise
+        _session[0] = (renewed, slots_dir, preload)
 
 
 def forkserver_pid() -> int | None:

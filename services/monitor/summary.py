@@ -164,7 +164,7 @@ def _replicas(samples: list[Sample], since: float) -> dict[str, Any]:
             entry["helpers_max_mib"] = max(entry["helpers_max_mib"], helpers.get(row["replica"], 0.0))
             if row["role"] in WORKERS:
                 entry["worker_pids"].add(row["pid"])
-            elif row["role"] in ("client", "server") and sample.t >= since and row["memory_mib"] is not None:
+            elif row["role"] in ("client", "server", "pool") and sample.t >= since and row["memory_mib"] is not None:
                 low, high = entry["process_min_mib"], entry["process_max_mib"]
                 entry["process_min_mib"] = row["memory_mib"] if low is None else min(low, row["memory_mib"])
                 entry["process_max_mib"] = row["memory_mib"] if high is None else max(high, row["memory_mib"])
