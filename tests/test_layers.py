@@ -12,7 +12,7 @@ from conftest import REPO
 
 # Lowest first. A module belongs to the first prefix it starts with, longest prefix winning.
 LAYERS: list[tuple[str, ...]] = [
-    ("services", "services.net", "services.files", "services.locks", "services.logs", "services.protocol", "services.failures", "services.lifetime", "services.misses"),
+    ("services", "services.net", "services.files", "services.locks", "services.logs", "services.protocol", "services.failures", "services.lifetime", "services.misses", "services.heap"),
     ("services.settings", "services.roster", "services.cache"),
     ("services.tls", "services.certs", "services.joining", "services.taskspec", "services.budget", "services.models", "services.data", "services.partitioning",
      "services.updates"),  # the checks on a client's update, shared by task mode's server and app mode's ServerApp

@@ -38,6 +38,7 @@ from flwr.server.strategy import Strategy
 
 from services import joining, protocol, tls, updates, worker
 from services import settings as settings_module
+from services.heap import release_freed_memory
 from services.budget import JobBudget
 from services.server.central import CentralEvaluator
 from services.server import strategies
@@ -569,6 +570,7 @@ class RecordingServer(Server):
         if record["trained"]:
             self.folder.save_checkpoint(server_round, parameters_to_ndarrays(self.parameters))
         self.recorder.commit(record)
+        release_freed_memory()  # the round's updates are gone: their pages go back, not held to the next round
         log.info(
             "round %d done in %.2f s: accuracy %s, %d ok, %d failed, %d partition(s) missing%s",
             server_round,
