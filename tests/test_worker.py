@@ -77,7 +77,12 @@ def test_worker_killed_while_receiving_large_inputs_does_not_hang_the_caller(sta
     caller then sees EOF or a reset connection, and must report the kill either way."""
     me = psutil.Process()
     worker.prestart(start_method)
+    # prestart returns before the forkserver has imported its preloads, and importing them runs
+    # subprocesses of the forkserver (ctypes.util.find_library runs /sbin/ldconfig -p), which look
+    # like its workers: one job first, so the forkserver is done with them and only forks jobs.
+    worker.run("worker_jobs:report_pid", {"value": 1}, timeout=60, start_method=start_method)
     before = {p.pid for p in me.children(recursive=True)}
+    killed: list[int] = []
 
     def kill_first_worker():
         deadline = time.monotonic() + 60
@@ -86,6 +91,7 @@ def test_worker_killed_while_receiving_large_inputs_does_not_hang_the_caller(sta
                 for child in me.children(recursive=True):
                     if child.pid not in before and is_worker_process(child):
                         child.kill()
+                        killed.append(child.pid)
                         return
             except psutil.Error:
                 pass
@@ -93,10 +99,11 @@ def test_worker_killed_while_receiving_large_inputs_does_not_hang_the_caller(sta
 
     killer = threading.Thread(target=kill_first_worker)
     killer.start()
-    with pytest.raises(worker.WorkerFailed, match="SIGKILL"):
+    with pytest.raises(worker.WorkerFailed, match="SIGKILL") as failure:
         # The job never ends by itself: if the kill comes late it still ends the worker, never the test.
         worker.run("worker_jobs:sleep_forever", {"padding": b"x" * 50 * 2**20}, timeout=90, start_method=start_method)
     killer.join()
+    assert killed == [failure.value.pid]  # the job's own worker, nothing else
     assert no_children_left()
 
 
