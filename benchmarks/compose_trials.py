@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import tempfile
 import threading
@@ -110,6 +111,7 @@ def main() -> None:
     parser.add_argument("--replicas", type=int, default=20)
     parser.add_argument("--compose", default="docker compose", help="the compose command (default: Compose v2)")
     parser.add_argument("--out", type=Path, help="write the table here (Markdown) as well")
+    parser.add_argument("--keep", type=Path, help="copy each run's folder (report.html, memory.csv, ...) here as run<N>/")
     options = parser.parse_args()
     compose = shlex.split(options.compose)
     version = subprocess.run([*compose, "version"], capture_output=True, text=True).stdout.strip()
@@ -120,6 +122,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bouquet-trials-") as work:
         for index in range(1, options.runs + 1):
             r = one_run(compose, options.replicas, index, Path(work))
+            if options.keep and (Path(work) / f"run{index}" / "trial").is_dir():
+                shutil.copytree(Path(work) / f"run{index}" / "trial", options.keep / f"run{index}", dirs_exist_ok=True)
             if "error" in r:
                 line = f"| {index} | | | | error: {r['error']} | | | | | | | | |"
             else:

@@ -137,7 +137,7 @@ def pool_environment(values: LauncherSettings) -> dict[str, str]:
     pool's environment to find its records (services.pool.wire.pool_folder_of)."""
     out = {}
     for item in settings_module.declared(PoolSettings):
-        value = getattr(values, item.name)
+        value = getattr(values, item.name, None)  # the pool's own (its lifetime) keep their defaults
         if value is not None:
             out[item.env] = settings_module.as_text(value)
     return out
