@@ -58,13 +58,14 @@ def memory_figure(rows: list[dict[str, Any]], rounds: list[Round], memory: dict[
     for current in rounds:
         axis.text((current.started + current.ended) / 2 - start, 0.98, f"round {current.number}", transform=axis.get_xaxis_transform(), ha="center", va="top", fontsize=8)
     replicas = sorted({r["replica"] for s in samples for r in s.processes})
+    servers = servers | {r["replica"] for s in samples for r in s.processes if r["role"] == "pool"}  # the pool: a named line too
     series: dict[str, list[float]] = defaultdict(list)
     long_lived: dict[str, list[float]] = defaultdict(list)
     for sample in samples:
         held = sample.by_replica(held=True)  # like the summary: constant helpers left out
         own = defaultdict(float)
         for row in sample.processes:
-            if row["role"] in ("client", "server"):
+            if row["role"] in ("client", "server", "pool"):
                 own[row["replica"]] += row["memory_mib"] or 0.0
         for name in replicas:
             series[name].append(held.get(name, 0.0))
@@ -79,7 +80,7 @@ def memory_figure(rows: list[dict[str, Any]], rounds: list[Round], memory: dict[
         line, = axis.plot(times, series[name], label=label, **style)
         if any(value == value for value in long_lived[name]):  # not all NaN: the process itself was sampled
             lower.plot(times, long_lived[name], linewidth=style["linewidth"], color=line.get_color(), alpha=style.get("alpha", 1.0))
-    own_title = "Client and server processes' own GPU memory (none in worker mode)" if rows[0]["source"] == "nvml" else "Client and server processes alone (should stay flat)"
+    own_title = "Client and server processes' own GPU memory (none in worker mode)" if rows[0]["source"] == "nvml" else "Client, server and worker-pool processes alone (should stay flat)"
     lower.set(xlabel="seconds since the monitor's first sample", ylabel="MiB", title=own_title)
     lower.grid(alpha=0.3)
     overall_label = "device used" if rows[0]["source"] == "nvml" else "all of the run's processes"

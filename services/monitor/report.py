@@ -76,8 +76,9 @@ def facts(run_path: Path, rounds: list[Round], rows: list[dict[str, Any]], memor
         out.append(
             f"the run's processes, helpers included (what <code>docker stats</code> adds up, give or take page cache): "
             f"{_mib(helpers['last_overall_mib'])} at the last sample ({html.escape(helpers['last_at'][11:19])} UTC), peak {_mib(peak.get('overall_mib'))}; "
-            f"of it <b>{_mib(helpers['last_mib'])} in {helpers['last_processes']} helper processes</b>: each replica's idle forkserver "
-            f"(torch imported once, so workers start fast) and resource tracker. They stay for the replica's life, so they are left "
+            f"of it <b>{_mib(helpers['last_mib'])} in {helpers['last_processes']} helper processes</b>: resource trackers, and with "
+            f"FL_WORKER_POOL=replica each replica's idle forkserver (torch imported once, so workers start fast; with the host's worker "
+            f"pool that is the pool's own line). They stay for the replica's life, so they are left "
             f"out of the baseline, the residuals, the chart and the peaks below (peak without them: {_mib(peak.get('without_helpers_mib'))})"
         )
     crowd, slots = memory.get("max_workers_alive", {}), settled_slots(rounds)
