@@ -269,7 +269,10 @@ def _serve_one(asker: socket.socket, request: wire.Request, pool: Pool) -> None:
     code = 0
     try:
         connection.send(("forked", os.getpid()))
-        wire.write_record(pool.records, os.getpid(), request)
+        try:
+            wire.write_record(pool.records, os.getpid(), request)
+        except OSError:
+            pass  # the job matters more than its attribution: the monitor then counts it as the pool's
         _die_when_the_asker_leaves(connection.fileno())
         worker.serve_job(connection, forked=True)
     except (EOFError, OSError):
