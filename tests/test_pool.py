@@ -314,3 +314,17 @@ def test_the_pool_exits_once_every_asker_has_gone_and_no_worker_runs(slots):
         for process in askers:
             process.kill()
         running.stop()
+
+
+def test_a_pool_in_a_folder_deeper_than_a_socket_address_allows_still_serves(tmp_path):
+    """A Unix socket address holds 107 bytes; a data folder deep in a user's tree is longer."""
+    deep = tmp_path.joinpath(*["a-rather-long-folder-name"] * 5) / "slots"
+    deep.parent.mkdir(parents=True)
+    assert len(wire.default_socket(str(deep))) > wire.MAX_SOCKET_PATH
+    running = RunningPool(deep)
+    try:
+        worker.use_pool(worker.PoolUse(running.socket, "client", "replica-a"), str(deep), [], 0)
+        assert worker.run("worker_jobs:report_pid", {"value": 1}, timeout=60, start_method="forkserver").value["parent"] == running.facts.pid
+    finally:
+        worker.leave_pool()
+        running.stop()

@@ -98,7 +98,8 @@ class Pool:
         for stale in os.listdir(self.records):  # a dead pool's workers died with it
             os.unlink(os.path.join(self.records, stale))
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        listener.bind(self.socket_path)
+        with wire.reachable(self.socket_path) as address:
+            listener.bind(address)
         os.chmod(self.socket_path, 0o660)  # this user and group (compose: bouquet) may ask, nobody else
         listener.listen(BACKLOG)
         listener.setblocking(False)

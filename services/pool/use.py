@@ -27,8 +27,12 @@ def socket_path(settings) -> str:
 
 
 def uses_pool(settings) -> bool:
-    """The pool program itself has no FL_WORKER_POOL: it is the pool."""
-    return getattr(settings, "worker_pool", "host") == "host" and getattr(settings, "worker_start", "forkserver") == "forkserver"
+    """Task mode's forkserver workers with FL_WORKER_POOL=host (the pool program itself has no
+    FL_WORKER_POOL: it is the pool). App mode's nodes fork from warm processes of their own."""
+    return (
+        getattr(settings, "worker_pool", "host") == "host" and getattr(settings, "worker_start", "forkserver") == "forkserver"
+        and getattr(settings, "mode", "task") != "app"
+    )
 
 
 def start_workers(settings, role: str, identity: str = "", extra_preload: list[str] | None = None) -> None:

@@ -18,6 +18,7 @@ replicas that never import torch.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import multiprocessing.connection
@@ -26,12 +27,13 @@ import socket
 import stat
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Iterator
 
 SOCKET_NAME = "pool.sock"
 POOL_FOLDER = "pool"  # in the slots folder: the socket, the pool's id, the worker records
 RECORDS = "workers"  # <pool folder>/workers/<pid>.json: who asked for each running worker
 POOL_ID = "pool.id"  # <slots folder>/pool.id: written by the pool that admits to this folder
-MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes with the terminating NUL
+MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes with the terminating NUL: longer paths go through reachable()
 RETRY_SECONDS = 0.2  # between tries while the pool is not there yet
 
 
@@ -76,10 +78,28 @@ def pool_id_file(slots_dir: str) -> str:
     return os.path.join(slots_dir, POOL_ID)
 
 
+@contextlib.contextmanager
+def reachable(socket_path: str) -> Iterator[str]:
+    """The path to bind or connect to: ``socket_path`` itself, or, when it is longer than a Unix
+    socket address may be (a deep data folder), the same file reached through an open handle on
+    its folder (``/proc/self/fd/N/pool.sock``), so any folder works."""
+    if len(os.fsencode(socket_path)) <= MAX_SOCKET_PATH:
+        yield socket_path
+        return
+    try:
+        folder = os.open(os.path.dirname(os.path.abspath(socket_path)), os.O_PATH | os.O_DIRECTORY)
+    except FileNotFoundError:
+        raise
+    except OSError as error:
+        raise PoolUnusable(f"{socket_path!r}: its folder cannot be opened: {error.strerror}") from None
+    try:
+        yield f"/proc/self/fd/{folder}/{os.path.basename(socket_path)}"
+    finally:
+        os.close(folder)
+
+
 def check_socket_path(socket_path: str) -> None:
-    """A path that can be a Unix socket, and is one if something is there (PoolUnusable otherwise)."""
-    if len(os.fsencode(os.path.abspath(socket_path))) > MAX_SOCKET_PATH:
-        raise PoolUnusable(f"{socket_path!r} is longer than a Unix socket path may be ({MAX_SOCKET_PATH} bytes)")
+    """A path that is a Unix socket if something is there (PoolUnusable otherwise)."""
     try:
         mode = os.stat(socket_path).st_mode
     except FileNotFoundError:
@@ -97,7 +117,8 @@ def connect(socket_path: str, patience: float) -> multiprocessing.connection.Con
         check_socket_path(socket_path)
         endpoint = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            endpoint.connect(socket_path)
+            with reachable(socket_path) as address:
+                endpoint.connect(address)
             return multiprocessing.connection.Connection(endpoint.detach())
         except (FileNotFoundError, ConnectionRefusedError) as error:
             endpoint.close()
