@@ -23,7 +23,7 @@
 #   --refresh-base  make the base image again with debootstrap (otherwise it is reused).
 #
 # Your task's pip packages: list them, pinned (name==version), in task/requirements.txt; the
-# images install them on top of requirements.lock (README "Bring your own task").
+# images install them on top of requirements.lock (docs/tasks.md).
 #
 # Environment:
 #   BOUQUET_CACHE_DIR   cache kept between runs (default ${XDG_CACHE_HOME:-~/.cache}/bouquet):

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Print the README's settings table from the declarations in services/settings.py."""
+"""Print the settings table of docs/settings.md from the declarations in services/settings.py."""
 
 from __future__ import annotations
 

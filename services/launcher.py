@@ -4,7 +4,7 @@
     .venv/bin/python scripts/run_local.py --clients 5 --rounds 5 --dataset digits
     .venv/bin/python -m services.launcher --clients 5 --rounds 5 --dataset digits   # the same
 
-Every server and client setting is accepted too (see the README's table) and validated
+Every server and client setting is accepted too (see the table in docs/settings.md) and validated
 before anything starts. Locally the launcher knows N, so some defaults differ from the
 server's: --min-clients N, --min-fit-clients min(2, N), --join-grace 0, --listen-address
 127.0.0.1:<a free port>, and --torch-threads max(1, cores // N) (the workers share this

@@ -22,8 +22,8 @@ How to add a setting
    ``TaskSettings`` only what the server sends to the clients each round (``TaskSpec``).
 2. Checks across several settings go in the program's ``validate`` (it returns the values,
    changed with ``dataclasses.replace`` where it converts one) and raise ``SettingError``.
-3. Regenerate the README table: ``.venv/bin/python scripts/settings_table.py`` (a test checks
-   that every variable is in it).
+3. Regenerate the settings table in ``docs/settings.md``: ``.venv/bin/python scripts/settings_table.py``
+   prints it; paste it over the old one (a test checks that the file holds exactly this table).
    Compose passes ``FL_*`` variables to the services that declare them (``tests/test_compose.py``).
 
 A script's options (``benchmarks/bench.py``) are a class too, based on ``CommandLineOnly`` (flags
@@ -261,7 +261,7 @@ def flag(name: str) -> str:
 
 @dataclass(frozen=True)
 class Setting:
-    """One declared setting as the parser, the help and the README table see it."""
+    """One declared setting as the parser, the help and the settings table (docs/settings.md) see it."""
 
     name: str
     parse: Callable[[str], Any]
@@ -317,7 +317,7 @@ def reuse(group: type, name: str, default: Any = dataclasses.MISSING) -> Any:
 
 def declared(kind: type, defaults: Mapping[str, Any] | None = None) -> list[Setting]:
     """The settings of a program or group class: its own first, then each base's in the order
-    the class lists them (the order of ``--help`` and of the README table)."""
+    the class lists them (the order of ``--help`` and of the settings table in docs/settings.md)."""
     fields = {f.name: f for f in dataclasses.fields(kind) if _META in f.metadata}
     unknown = set(defaults or {}) - set(fields)
     if unknown:
@@ -640,7 +640,7 @@ class SubmitSettings(EngineSettings):
     tracking_flush_timeout: float = reuse(ServerSettings, "tracking_flush_timeout")
 
 
-# Views for the README table, compose's variables and the tests.
+# Views for the settings table (docs/settings.md), compose's variables and the tests.
 SERVER = declared(ServerSettings)
 CLIENT = declared(ClientSettings)
 MONITOR = declared(MonitorSettings)

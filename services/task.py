@@ -1,8 +1,8 @@
 """The work a worker process does, for any task module: build ``Net``, load the partition's
 data, ``train`` or ``test``, and hand back plain values (numpy weights, counts, metrics).
 
-A task module is shaped like Flower's quickstart-pytorch ``task.py`` (README: "Bring your own
-task"): ``Net``, ``load_data(partition_id, num_partitions[, batch_size])`` (with batch_size
+A task module is shaped like Flower's quickstart-pytorch ``task.py`` (docs/tasks.md):
+``Net``, ``load_data(partition_id, num_partitions[, batch_size])`` (with batch_size
 when it takes one, as in quickstart-pytorch; without, as in advanced-pytorch), ``train(net,
 trainloader, epochs, lr, device)``, ``test(net, testloader, device)`` and optionally
 ``load_centralized_dataset()`` and ``configure(**knobs)``. Bouquet's built-in task is one such

@@ -1,4 +1,4 @@
-"""A task's extra pip packages reach the images, the offline way (README "Bring your own task").
+"""A task's extra pip packages reach the images, the offline way (docs/tasks.md).
 
 The user lists them, pinned, in ``task/requirements.txt``; ``scripts/build_images_offline.sh``
 downloads their wheels into the host's wheelhouse and both images install them in a layer of

@@ -123,7 +123,7 @@ def serve(settings: LinkSettings, home: Path) -> int:
     log.info("flower-superlink (pid %d) on %s%s", superlink.pid, settings.listen_address, "" if settings.serverapp_gpus else "; the ServerApp sees no GPU (FL_SERVERAPP_GPUS)")
     log.warning("app mode: whoever reaches %s may join as a SuperNode and use the Control API (submit or stop runs): open-source Flower 1.42 "
                 "has no account authentication for it (FLWR_OIDC_ENABLED is Flower's enterprise plugin), so SuperNode authentication could be "
-                "bypassed too; the join token is task mode's. Keep the port inside the compose network or a private one (README: \"Who may join\")",
+                "bypassed too; the join token is task mode's. Keep the port inside the compose network or a private one (docs/security.md: \"Who may join\")",
                 settings.listen_address)
     settled = threading.Event()
 
