@@ -266,6 +266,8 @@ def _serve_one(asker: socket.socket, request: wire.Request, pool: Pool) -> None:
     if os.getppid() != pool.pid:
         os._exit(1)  # the pool died before PR_SET_PDEATHSIG took effect
     asker.setblocking(True)
+    if request.role == "client" and request.identity:
+        os.environ["FL_CLIENT_ID"] = request.identity  # as a worker of the replica itself sees it (its client identity)
     connection = worker.multiprocessing.connection.Connection(asker.detach())
     code = 0
     try:
