@@ -10,15 +10,11 @@ where there is no glibc.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import gc
 
 
 def release_freed_memory() -> None:
     gc.collect()  # cycles first: what they hold is freed before the trim
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        trim = libc.malloc_trim
-    except (OSError, AttributeError):
-        return
-    trim(0)
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # the process's own libc, as services.lifetime finds prctl
+    if trim is not None:
+        trim(0)

@@ -278,6 +278,7 @@ class ProcessTable:
         self.run_volume = run_volume
         self._unseen_warned = False
         self._listing: dict[int, tuple[int | None, float | None]] = {}
+        self._askers: dict[tuple[str, str], int] | None = None
         self._details: dict[tuple[int, float | None], tuple[tuple[str, ...], str | None]] = {}
         self._settled: dict[tuple[int, float | None], Attribution] = {}
         self._in_scope: set[tuple[int, float | None]] = set()
@@ -288,6 +289,7 @@ class ProcessTable:
     def refresh(self) -> None:
         now = self.clock()
         self._listing = self.probe.listing()
+        self._askers: dict[tuple[str, str], int] | None = None  # (role, identity) -> pid, built on a pool worker's first lookup
         alive = {(pid, started) for pid, (_, started) in self._listing.items()}
         for cache in (self._details, self._settled):
             for key in set(cache) - alive:
@@ -389,13 +391,18 @@ class ProcessTable:
         return "helper", pool
 
     def _asker(self, role: str | None, identity: str) -> int | None:
-        """The client with this identity (or the server) among the processes this sample lists."""
-        for pid in self._listing:
-            cmdline, env_identity = self._cmdline(pid)
-            program = program_of(cmdline)
-            if program == role and (role == "server" or identity in (env_identity, self.probe.hostname(pid) if env_identity is None else None)):
-                return pid
-        return None
+        """The client with this identity (or the server) among the processes this sample lists;
+        the sample's owners are looked up once, whatever number of pool workers ask."""
+        if self._askers is None:
+            self._askers = {}
+            for pid in self._listing:
+                cmdline, env_identity = self._cmdline(pid)
+                program = program_of(cmdline)
+                if program == "server":
+                    self._askers.setdefault(("server", ""), pid)
+                elif program == "client":
+                    self._askers.setdefault(("client", env_identity or self.probe.hostname(pid) or ""), pid)
+        return self._askers.get((role or "", identity if role == "client" else ""))
 
     def _owner(self, owner: int, owner_role: str) -> tuple[str, str, Container | None]:
         """(replica, identity, container) of a client or server process."""

@@ -16,6 +16,7 @@ without blocking: a stuck asker never stalls the other replicas.
 from __future__ import annotations
 
 import logging
+import multiprocessing.connection
 import os
 import pickle
 import select
@@ -268,7 +269,7 @@ def _serve_one(asker: socket.socket, request: wire.Request, pool: Pool) -> None:
     asker.setblocking(True)
     if request.role == "client" and request.identity:
         os.environ["FL_CLIENT_ID"] = request.identity  # as a worker of the replica itself sees it (its client identity)
-    connection = worker.multiprocessing.connection.Connection(asker.detach())
+    connection = multiprocessing.connection.Connection(asker.detach())
     code = 0
     try:
         connection.send(("forked", os.getpid()))
