@@ -56,13 +56,25 @@ BAD_SERVER_VALUES = [
 ]
 
 
-@pytest.mark.parametrize("argv, env_name, allowed", [(["--identity-source", "mac"], "FL_IDENTITY_SOURCE", "hostname, container")])
+@pytest.mark.parametrize("argv, env_name, allowed", [
+    (["--identity-source", "mac"], "FL_IDENTITY_SOURCE", "hostname, container"),
+    (["--worker-pool", "everywhere"], "FL_WORKER_POOL", "host, replica"),
+    (["--worker-pool-wait", "0"], "FL_WORKER_POOL_WAIT", "must be a number > 0"),
+])
 def test_bad_client_setting_exits_2_naming_it(argv, env_name, allowed, capsys):
     with pytest.raises(SystemExit) as exit_info:
         settings.parse(settings.ClientSettings, argv, {}, program="services.client")
     assert exit_info.value.code == 2
     message = capsys.readouterr().err.strip()
     assert len(message.splitlines()) == 1 and env_name in message and allowed in message
+
+
+def test_a_bad_pool_lifetime_exits_2_naming_it(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        settings.parse(settings.PoolSettings, ["--worker-pool-lifetime", "sometimes"], {}, program="services.pool")
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err.strip()
+    assert len(message.splitlines()) == 1 and "FL_WORKER_POOL_LIFETIME" in message and "askers, forever" in message
 
 
 def parse_server(argv, environ=None):
