@@ -2,6 +2,11 @@
 each one settled on: the evidence behind "every replica gets its own partition, every time".
 
     .venv/bin/python -m benchmarks.compose_trials --runs 10 --replicas 20 --out docs/measurements/<machine>/compose-trials.md
+    .venv/bin/python -m benchmarks.compose_trials --runs 3 --replicas 20 --app examples/quickstart-app --rounds 3   # app mode
+
+App mode (``--app``): FL_MODE=app with the App as the task folder, `up`, then `run --rm submit` as the
+README says; also recorded: each round's seconds (metrics.jsonl) and the messages' median
+``app_load_seconds`` (messages.jsonl).
 
 Each run: `up --detach --no-build --scale client=N` with the CPU switch (COMPOSE_FILE=docker-compose.yml),
 the repository's .env otherwise unchanged, a results folder of its own; waits for the server to
@@ -44,11 +49,34 @@ def docker_stats_mib(project: str) -> dict[str, float]:
     return usage
 
 
-def one_run(compose: list[str], replicas: int, index: int, work: Path) -> dict:
+def app_settings(app: Path, rounds: int, work: Path) -> dict[str, str]:
+    """FL_MODE=app with a copy of the App as the task folder (readable by the containers' user)."""
+    folder = work / "app"
+    if not folder.exists():
+        shutil.copytree(app, folder, ignore=shutil.ignore_patterns("__pycache__"))
+        for path in (folder, *folder.rglob("*")):
+            path.chmod(0o755 if path.is_dir() else 0o644)
+    return {"FL_MODE": "app", "BOUQUET_TASK_DIR": str(folder), "FL_APP_RUN_CONFIG": f"num-server-rounds={rounds}"}
+
+
+def app_facts(folder: Path) -> dict:
+    """Round seconds (metrics.jsonl) and the messages' median app_load_seconds (messages.jsonl)."""
+    rounds = read_rounds(folder)
+    seconds = [round(datetime.fromisoformat(r["ended_at"]).timestamp() - datetime.fromisoformat(r["started_at"]).timestamp(), 1) for r in rounds]
+    messages = [json.loads(line) for line in (folder / "messages.jsonl").read_text().splitlines()] if (folder / "messages.jsonl").exists() else []
+    loads = sorted(m["app_load_seconds"] for m in messages if m.get("app_load_seconds") is not None)
+    warm = sorted(m["app_load_seconds"] for m in messages if m.get("app_was_warm"))
+    return {"round_seconds": seconds, "app_load_median_s": loads[len(loads) // 2] if loads else None,
+            "app_load_warm_median_s": warm[len(warm) // 2] if warm else None, "messages": len(messages), "messages_warm": len(warm)}
+
+
+def one_run(compose: list[str], replicas: int, index: int, work: Path, app: Path | None = None, rounds: int = 3) -> dict:
     project = f"bouquet-trial{index}"
     results = work / f"run{index}"
     results.mkdir(parents=True)
-    env = {"COMPOSE_FILE": "docker-compose.yml", "COMPOSE_PROJECT_NAME": project, "BOUQUET_RESULTS_DIR": str(results), "FL_RUN_ID": "trial"}
+    results.chmod(0o777)
+    env = {"COMPOSE_FILE": "docker-compose.yml", "COMPOSE_PROJECT_NAME": project, "BOUQUET_RESULTS_DIR": str(results), "FL_RUN_ID": "trial",
+           **(app_settings(app, rounds, work) if app else {})}
     run = lambda *args, **kw: subprocess.run([*compose, *args], cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True, **kw)  # noqa: E731
     started, started_at = time.monotonic(), time.time()
     peak_total, stop = [0.0, {}], threading.Event()
@@ -67,10 +95,13 @@ def one_run(compose: list[str], replicas: int, index: int, work: Path) -> dict:
         if up.returncode != 0:
             return {"run": index, "error": f"up exited {up.returncode}: {up.stderr[-500:]}"}
         watcher.start()
-        server = run("ps", "-q", "server").stdout.strip()
-        while subprocess.run(["docker", "inspect", "-f", "{{.State.Status}}", server], capture_output=True, text=True).stdout.strip() not in ("exited", "dead"):
-            time.sleep(2)
-        exit_code = subprocess.run(["docker", "inspect", "-f", "{{.State.ExitCode}}", server], capture_output=True, text=True).stdout.strip()
+        if app:  # the submission is the run: it exits with the run's outcome
+            exit_code = str(run("run", "--rm", "submit").returncode)
+        else:
+            server = run("ps", "-q", "server").stdout.strip()
+            while subprocess.run(["docker", "inspect", "-f", "{{.State.Status}}", server], capture_output=True, text=True).stdout.strip() not in ("exited", "dead"):
+                time.sleep(2)
+            exit_code = subprocess.run(["docker", "inspect", "-f", "{{.State.ExitCode}}", server], capture_output=True, text=True).stdout.strip()
         folder = results / "trial"
         deadline = time.monotonic() + 120
         while not (folder / "report.html").exists() and time.monotonic() < deadline:  # the monitor writes it last
@@ -99,6 +130,7 @@ def one_run(compose: list[str], replicas: int, index: int, work: Path) -> dict:
             "docker_stats_peak_mib": round(peak_total[0], 1),
             "report": (folder / "report.html").exists(),
             "ps": sorted(set(ps)),
+            **(app_facts(folder) if app else {}),
         }
     finally:
         stop.set()
@@ -112,16 +144,19 @@ def main() -> None:
     parser.add_argument("--compose", default="docker compose", help="the compose command (default: Compose v2)")
     parser.add_argument("--out", type=Path, help="write the table here (Markdown) as well")
     parser.add_argument("--keep", type=Path, help="copy each run's folder (report.html, memory.csv, ...) here as run<N>/")
+    parser.add_argument("--app", type=Path, help="app mode: this Flower App (e.g. examples/quickstart-app), submitted with `run --rm submit`")
+    parser.add_argument("--rounds", type=int, default=3, help="app mode: num-server-rounds")
     options = parser.parse_args()
     compose = shlex.split(options.compose)
     version = subprocess.run([*compose, "version"], capture_output=True, text=True).stdout.strip()
-    lines = [f"{options.runs} fresh `{options.compose} up --scale client={options.replicas}` runs ({version}), CPU images, .env defaults", "",
+    mode = f", app mode ({options.app}, {options.rounds} rounds)" if options.app else ""
+    lines = [f"{options.runs} fresh `{options.compose} up --scale client={options.replicas}` runs ({version}), CPU images, .env defaults{mode}", "",
              "| run | s | up → round 1 done s | server exit | status | partitions | clients ok per round | final acc | memory verdict | monitor peak MiB | docker stats peak MiB | replica peak MiB (median / max) | report.html |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     print("\n".join(lines), flush=True)
     with tempfile.TemporaryDirectory(prefix="bouquet-trials-") as work:
         for index in range(1, options.runs + 1):
-            r = one_run(compose, options.replicas, index, Path(work))
+            r = one_run(compose, options.replicas, index, Path(work), options.app, options.rounds)
             if options.keep and (Path(work) / f"run{index}" / "trial").is_dir():
                 shutil.copytree(Path(work) / f"run{index}" / "trial", options.keep / f"run{index}", dirs_exist_ok=True)
             if "error" in r:
@@ -134,6 +169,11 @@ def main() -> None:
             print(line, flush=True)
             print(f"    settled: {r.get('settled')}; ps: {r.get('ps')}; other containers' peaks (MiB): {r.get('others_peak_mib')}", flush=True)
             lines.append(f"<!-- run {index}: other containers' peaks (MiB): {r.get('others_peak_mib')} -->")
+            if options.app and "error" not in r:
+                line = (f"    app mode: round seconds {r['round_seconds']}; app_load_seconds median {r['app_load_median_s']} (warm messages: "
+                        f"{r['messages_warm']} of {r['messages']}, median {r['app_load_warm_median_s']})")
+                print(line, flush=True)
+                lines.append(line)
     if options.out:
         options.out.parent.mkdir(parents=True, exist_ok=True)
         options.out.write_text("\n".join(lines) + "\n")

@@ -312,6 +312,8 @@ class AppFederation(Federation):
         self.log_dir.mkdir(parents=True, exist_ok=True)
         assignment.path(v.data_dir).unlink(missing_ok=True)  # a new federation: settle anew
         common = ["--data-dir", v.data_dir, *(["--tls-dir", v.tls_dir] if v.tls_dir else [])]
+        if uses_pool(v):  # first: every node's ClientApp workers are forked by it
+            self.start("worker-pool", ["-m", "services.pool"], {**pool_environment(v), "FL_MODE": "app"})
         # Through the server's and client's own commands with --mode app, as compose runs them:
         # the memory monitor knows those programs (and FL_CLIENT_ID names each replica).
         self.start("server", ["-m", "services.server", "--mode", "app", "--listen-address", v.listen_address, "--min-clients", str(v.clients), "--join-grace", "0",

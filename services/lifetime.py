@@ -15,6 +15,7 @@ import signal
 import sys
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+PR_SET_CHILD_SUBREAPER = 36
 
 
 def die_with_parent(sig: int = signal.SIGTERM) -> None:
@@ -24,6 +25,13 @@ def die_with_parent(sig: int = signal.SIGTERM) -> None:
         return
     if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(sig)) != 0:
         raise OSError(ctypes.get_errno(), f"prctl(PR_SET_PDEATHSIG) failed: {os.strerror(ctypes.get_errno())}")
+
+
+def adopt_orphans() -> None:
+    """Become the parent of this process's orphaned descendants (Linux child subreaper): the
+    host pool reaps, and reports, the workers its warm children fork through a middle process."""
+    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1) != 0:
+        raise OSError(ctypes.get_errno(), f"prctl(PR_SET_CHILD_SUBREAPER) failed: {os.strerror(ctypes.get_errno())}")
 
 
 def is_alive(pid: int) -> bool:

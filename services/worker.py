@@ -99,6 +99,7 @@ class WorkerFailed(RuntimeError):
         self.error_type = error_type  # the exception's class name when the job raised (e.g. "TaskError")
         self.detail = detail  # its message's first line, without the class name
         self.admitted = admitted  # where it had been admitted (device, slots, share), if it was
+        self.started = False  # whether the job itself had begun (``run`` sets it): what it did may have taken effect
 
     @property
     def out_of_memory(self) -> bool:
@@ -272,16 +273,26 @@ def _exit_failure(exitcode: int | None, pid: int | None, admitted: dict[str, Any
     return WorkerFailed(f"exited with code {exitcode} without sending a result", pid, admitted=admitted, kind=Kind.TASK_ERROR if started else Kind.START_FAILED)
 
 
+@dataclass(frozen=True)
+class Warm:
+    """For the host pool: fork this job's worker from a child of the pool that ran ``function(key)``
+    once (e.g. app mode imports a run's App there), made at the first job that names it."""
+
+    function: str  # 'module:function'
+    key: str
+
+
 def run(
     job: str, kwargs: dict[str, Any], *, timeout: float, start_method: str = "spawn", admission: BeforeJob | None = None,
-    wait_timeout: float | None = None,
+    wait_timeout: float | None = None, warm: Warm | None = None,
 ) -> WorkerResult:
     """Run the job ('module:function') with ``kwargs`` in a new process; return its value or raise WorkerFailed.
 
     With ``admission`` (any ``BeforeJob``, e.g. services.admission's Admission) the worker first
     passes it; the wait is bounded by ``wait_timeout`` (default: ``timeout``, see services.budget)
     and ``timeout`` counts from when it has passed. A forkserver job goes to the host's worker
-    pool once ``use_pool`` pointed this process at one."""
+    pool once ``use_pool`` pointed this process at one (forked from its ``warm`` child, if named).
+    A ``WorkerFailed`` says whether the job had ``started``."""
     if start_method not in WORKER_STARTS:
         raise ValueError(f"start_method must be one of {WORKER_STARTS}, got {start_method!r}")
     if start_method == "inprocess":
@@ -292,7 +303,7 @@ def run(
     limit = wait_timeout if waiting and wait_timeout is not None else timeout
     deadline = asked + limit
     if start_method == "forkserver" and _pool:
-        worker: _Worker = _PoolWorker(_pool[0], job, deadline)
+        worker: _Worker = _PoolWorker(_pool[0], job, deadline, warm)
     else:
         worker = _OwnWorker(_context(start_method), job, start_method)
     started_at: float | None = None
@@ -332,6 +343,9 @@ def run(
                     raise WorkerFailed(cause, worker.pid, admitted=_ended(admitted, time.time()), kind=Kind(kind), traceback=trace, error_type=error_type, detail=detail)
             else:  # the process ended and nothing is left in the pipe
                 raise worker.ended_without_result(_ended(admitted, time.time()), started_at is not None)
+    except WorkerFailed as failure:
+        failure.started = started_at is not None
+        raise
     finally:
         worker.stop()
         if handover.ident is not None:
@@ -401,7 +415,7 @@ class _OwnWorker:
 class _PoolWorker:
     """A worker the host's pool forked for this job; the pool tells its exit code."""
 
-    def __init__(self, pool: PoolUse, job: str, deadline: float) -> None:
+    def __init__(self, pool: PoolUse, job: str, deadline: float, warm: Warm | None = None) -> None:
         self.pool = pool
         self.pid: int | None = None
         self.exit_code: int | None = None
@@ -415,7 +429,8 @@ class _PoolWorker:
         except (wire.PoolUnusable, OSError) as problem:
             raise WorkerFailed(f"could not reach the worker pool: {problem} (FL_WORKER_POOL_SOCKET)", None, kind=Kind.START_FAILED) from None
         try:
-            self.connection.send(wire.Request("job", role=pool.role, identity=pool.identity, job=job))
+            warm_with, warm_key = (warm.function, warm.key) if warm is not None else ("", "")
+            self.connection.send(wire.Request("job", role=pool.role, identity=pool.identity, job=job, warm_with=warm_with, warm_key=warm_key))
         except OSError:
             pass  # the pool is gone: the stream's end says so
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -65,13 +66,19 @@ def test_the_example_app_completes(example_run):
     assert summary["foreign_supernodes"] == 0 and summary["rounds_completed"] == 2 and summary["ended_at"]
     assert (run_path / "flwr-run.log").read_text().count("[ROUND") == 2
     assert "final central accuracy" in (run_path / "flwr-run.log").read_text()
-    assert sorted(p.name for p in (run_path / "logs").iterdir()) == ["client-0.log", "client-1.log", "client-2.log", "monitor.log", "server.log", "submit.log"]
+    assert sorted(p.name for p in (run_path / "logs").iterdir()) == ["client-0.log", "client-1.log", "client-2.log", "monitor.log", "server.log", "submit.log", "worker-pool.log"]
 
 
-def test_each_message_records_what_loading_the_app_cost_and_the_node_names_what_to_preload(example_run):
+def test_each_node_loads_the_app_once_and_names_what_to_preload_and_later_messages_start_with_it_loaded(example_run):
     run_path, _, records, _ = example_run
-    assert all(record["app_load_seconds"] > 0 and "sklearn" in record["app_imports_after_fork"] for record in records)
+    for node in {r["node"] for r in records}:
+        first, *later = [r for r in records if r["node"] == node]
+        # The first message loads the App (and says what the warm process could import once) ...
+        assert not first["app_was_warm"] and first["app_load_seconds"] > 0 and "sklearn" in first["app_imports_after_fork"]
+        # ... the next ones are forked from the pool's warm child that loaded it.
+        assert later and all(r["app_was_warm"] and r["app_imports_after_fork"] == [] for r in later)
     assert "FL_WORKER_PRELOAD=sklearn" in (run_path / "logs" / "client-0.log").read_text()
+    assert "warm child" in (run_path / "logs" / "worker-pool.log").read_text()
 
 
 def test_what_the_serverapp_saves_lands_in_the_run_folder(example_run):
@@ -83,18 +90,15 @@ def test_what_the_serverapp_saves_lands_in_the_run_folder(example_run):
     assert not (run_path.parent / ".appmode-current-run").exists()  # the next ServerApp is not sent here
 
 
-def test_every_message_ran_in_a_fresh_worker_forked_from_its_nodes_warm_process(example_run):
-    _, _, records, _ = example_run
+def test_every_message_ran_in_a_fresh_worker_of_the_hosts_one_pool(example_run):
+    run_path, _, records, _ = example_run
     trains = [r for r in records if r["message_type"] == "train"]
     assert len(trains) == CLIENTS * 2
     assert all(r["outcome"] == "ok" for r in records)
     assert len({r["pid"] for r in records}) == len(records)  # a new process for every message
-    for record in records:
-        assert record["parent_pid"] == record["forkserver_pid"]
-    warm = {}
-    for record in records:  # one warm process per node, the same for all its messages
-        assert warm.setdefault(record["node"], record["forkserver_pid"]) == record["forkserver_pid"]
-    assert len(set(warm.values())) == CLIENTS
+    pool_pid = int(re.search(r"ready at .* \(pid (\d+),", (run_path / "logs" / "worker-pool.log").read_text()).group(1))
+    assert {r["parent_pid"] for r in records} == {pool_pid}  # one warm process for the whole host: the pool (its workers' parent)
+    assert all(r["forkserver_pid"] is None for r in records)  # no node started a warm process of its own
 
 
 def test_never_more_workers_at_once_than_slots(example_run):
@@ -238,7 +242,7 @@ def test_a_killed_warm_process_is_said_and_replaced_for_the_next_message(tmp_pat
     app = app_with(tmp_path, "killer_app.py", KILLS_ITS_WARM_PROCESS)
     pyproject = app / "pyproject.toml"
     pyproject.write_text(pyproject.read_text().replace("quickstart_app.client_app:app", "quickstart_app.killer_app:app").replace("fraction-evaluate = 0.5", "fraction-evaluate = 0.0"))
-    done, run_path = run_app(app, tmp_path, 2, 2)  # FedAvg waits for 2 nodes
+    done, run_path = run_app(app, tmp_path, 2, 2, "--worker-pool", "replica")  # FedAvg waits for 2 nodes; each node's own warm process
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     records = messages(run_path)
     for node in ("client-0", "client-1"):

@@ -32,6 +32,22 @@ def test_the_token_is_redacted_and_moved_to_a_file():
     assert (endpoint.address, endpoint.insecure, endpoint.token) == ("127.0.0.1:9094", True, "s3cret-token")
 
 
+def test_a_worker_drops_superexecs_parent_pid_which_means_nothing_in_the_pools_pid_namespace():
+    argv = ["--runtime-api-address", "10.0.0.5:41234", "--token", "t", "--parent-pid", "17", "--insecure"]
+    assert launch_args.without_parent_pid(argv) == ["--runtime-api-address", "10.0.0.5:41234", "--token", "t", "--insecure"]
+    assert launch_args.without_parent_pid(["--parent-pid=17", "--insecure"]) == ["--insecure"]
+
+
+def test_a_node_whose_pool_runs_elsewhere_serves_its_runtime_api_on_its_own_address_else_on_loopback():
+    from services.appmode.node import runtime_address
+    from services.pool import wire
+
+    here = wire.Facts("id", 1, [], "/slots", socket.gethostname())
+    elsewhere = wire.Facts("id", 1, [], "/slots", "another-container")
+    assert runtime_address(None).startswith("127.0.0.1:") and runtime_address(here).startswith("127.0.0.1:")
+    assert runtime_address(elsewhere).rpartition(":")[0] == socket.gethostbyname(socket.gethostname())
+
+
 def test_assignment_round_trips_and_a_broken_file_reads_as_none(tmp_path):
     assert assignment.read(tmp_path) is None
     assignment.write(tmp_path, assignment.Assignment(2, {"a": 0, "b": 1}, ("c",)))

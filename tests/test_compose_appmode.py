@@ -4,7 +4,8 @@ docker-compose.yml with FL_MODE=app.
 `up --scale client=N` then `run --rm submit` with the example Flower App in the task folder, as
 the README says. The server container runs the SuperLink, each replica a SuperNode with its
 partition; the submit service streams the run and exits 0; every message ran in a worker forked
-from its replica's warm process, never more at once than slots; the memory sidecar attributes the
+by the host's one worker pool (after a node's first message, from the pool's warm child that
+loaded the App once), never more at once than slots; the memory sidecar attributes the
 replicas' processes and writes its report. BOUQUET_TEST_IMAGE_TAG=<tag> runs images built with
 `scripts/build_images_offline.sh --tag <tag>` (default: the cpu tags CI builds).
 """
@@ -40,7 +41,7 @@ def image_overlay(tmp_path: Path) -> str:
         return "docker-compose.yml"
     overlay = tmp_path / "images.yml"
     server = f"    image: bouquet/server:{tag}\n"
-    overlay.write_text("services:\n" + "".join(f"  {name}:\n{server}" for name in ("check", "server", "submit", "gpu-monitor")) + f"  client:\n    image: bouquet/client:{tag}\n")
+    overlay.write_text("services:\n" + "".join(f"  {name}:\n{server}" for name in ("check", "server", "submit", "gpu-monitor")) + "".join(f"  {name}:\n    image: bouquet/client:{tag}\n" for name in ("client", "worker-pool")))
     return f"docker-compose.yml:{overlay}"
 
 
@@ -69,10 +70,11 @@ def test_app_mode_scale_runs_the_flower_app_on_every_replica(tmp_path: Path, imp
         trains = [r for r in records if r["message_type"] == "train"]
         assert len(trains) == replicas * 2 and all(r["outcome"] == "ok" for r in records), context
         assert len({r["node"] for r in trains}) == replicas
+        assert len({r["parent_pid"] for r in records}) == 1 and all(r["forkserver_pid"] is None for r in records), "not all forked by the one pool"
         for node in {r["node"] for r in records}:
             mine = [r for r in records if r["node"] == node]
             assert len({r["pid"] for r in mine}) == len(mine), f"{node}: a worker pid served two messages"
-            assert all(r["parent_pid"] == r["forkserver_pid"] == mine[0]["forkserver_pid"] for r in mine), f"{node}: not forked from its warm process"
+            assert all(r["app_was_warm"] for r in mine[1:]), f"{node}: a later message loaded the App again"
         slots = {r["slots"] for r in records}
         assert len(slots) == 1 and summary["concurrent_workers_peak"]["cpu"] <= slots.pop(), summary
 
@@ -84,7 +86,9 @@ def test_app_mode_scale_runs_the_flower_app_on_every_replica(tmp_path: Path, imp
             table = list(csv.DictReader(rows))
         seen = {row["replica"] for row in table if row["role"] == "client"}
         assert len(seen) == replicas, f"monitor saw client replicas {seen}"
-        assert any(row["role"] == "worker" for row in table), "no per-message worker attributed"
+        workers = {row["replica"] for row in table if row["role"] == "worker"}
+        assert workers and workers <= seen, f"per-message workers attributed to {workers}, not to the replicas {seen}"
+        assert any(row["replica"] == "worker-pool" for row in table), "the pool is not a line of its own"
         memory = json.loads((run_dir / "memory_summary.json").read_text())
         assert memory["verdict"]["ok"] is True, memory["verdict"]["text"]
     finally:

@@ -25,8 +25,9 @@ LAYERS: list[tuple[str, ...]] = [
     ("services.server", "services.client", "services.monitor"),
     # App mode settles with the server's membership and names its nodes as the client does.
     ("services.appmode",),
-    # The programs: the server's and client's commands hand over to app mode's when FL_MODE=app.
-    ("services.server.__main__", "services.client.__main__", "services.launcher", "services.preflight"),
+    # The programs: the server's and client's commands hand over to app mode's when FL_MODE=app;
+    # the pool's preloads what app mode's message workers run.
+    ("services.server.__main__", "services.client.__main__", "services.pool.__main__", "services.launcher", "services.preflight"),
 ]
 ROLES = ("services.server", "services.client", "services.monitor")
 

@@ -103,6 +103,39 @@ def test_the_pool_preloads_torch_so_a_worker_starts_warm(pool):
     assert result.value is True
 
 
+def test_a_job_that_names_a_warm_key_forks_from_the_pools_warm_child_which_warmed_once(pool):
+    warm = worker.Warm("worker_jobs:warm_up", "app-1")
+    results = [worker.run("worker_jobs:what_was_warm", {}, timeout=60, start_method="forkserver", warm=warm) for _ in range(3)]
+    warmed_in = {r.value["warmed"].get("app-1") for r in results}
+    assert len(warmed_in) == 1 and None not in warmed_in  # every worker started with the one warm-up done
+    assert warmed_in.pop() not in (pool.facts.pid, *(r.pid for r in results))  # ... done once, in a child of its own
+    assert {r.value["parent"] for r in results} == {pool.facts.pid}  # the pool adopted, reaped and reported each worker
+    other = worker.run("worker_jobs:what_was_warm", {}, timeout=60, start_method="forkserver")
+    assert other.value["warmed"] == {}  # a job that names no key forks from the pool itself
+    log = pool.stop()
+    assert log.count("warm child") == 2 and "ready for app-1" in log  # started once, ready once
+
+
+def test_a_key_that_cannot_warm_forks_its_jobs_from_the_pool_and_says_why(pool):
+    warm = worker.Warm("worker_jobs:warm_up", "cannot-warm")
+    results = [worker.run("worker_jobs:what_was_warm", {}, timeout=60, start_method="forkserver", warm=warm) for _ in range(2)]
+    assert all(r.value["warmed"] == {} and r.value["parent"] == pool.facts.pid for r in results)
+    log = pool.stop()
+    assert "could not warm cannot-warm (ImportError: no module named 'missing_app')" in log and log.count("warm child") == 1
+
+
+def test_jobs_queued_for_a_warm_child_that_dies_fork_from_the_pool(pool):
+    result = worker.run("worker_jobs:what_was_warm", {}, timeout=60, start_method="forkserver", warm=worker.Warm("worker_jobs:warm_up", "warm-then-die"))
+    assert result.value["warmed"] == {} and result.value["parent"] == pool.facts.pid
+
+
+def test_at_most_two_warm_children_live_the_least_recently_used_goes(pool):
+    for key in ("app-1", "app-2", "app-3"):
+        worker.run("worker_jobs:what_was_warm", {}, timeout=60, start_method="forkserver", warm=worker.Warm("worker_jobs:warm_up", key))
+    wait_until(lambda: len(pool.workers()) == 2, what="the oldest warm child to go")
+    assert "for app-1 dropped" in pool.log.read_text()
+
+
 def test_a_running_worker_is_recorded_for_the_replica_that_asked(pool, slots):
     records = Path(wire.records_dir(pool.socket))
     other = asker(pool.socket, slots, "worker_jobs:sleep_forever", {})

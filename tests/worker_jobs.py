@@ -90,3 +90,19 @@ def imported(module: str) -> bool:
     import sys
 
     return module in sys.modules
+
+
+WARMED: dict[str, int] = {}  # in a pool's warm child: what it warmed, and its pid
+
+
+def warm_up(key: str) -> None:
+    """A warm child's one-time work (app mode imports a run's App here)."""
+    if key == "cannot-warm":
+        raise ImportError("no module named 'missing_app'")
+    if key == "warm-then-die":
+        os.kill(os.getpid(), signal.SIGKILL)
+    WARMED[key] = os.getpid()
+
+
+def what_was_warm() -> dict:
+    return {"warmed": dict(WARMED), "pid": os.getpid(), "parent": os.getppid()}

@@ -21,13 +21,14 @@ log = logging.getLogger("bouquet.admission")
 
 def run(
     job: str, kwargs: dict[str, Any], *, timeout: float, start_method: str, admission: Admission | None, wait_timeout: float | None = None,
+    warm: worker.Warm | None = None,
 ) -> tuple[worker.WorkerResult, bool]:
     """(the worker's result, whether it was retried after an out-of-memory); raises WorkerFailed.
     Each attempt waits for its slot up to ``wait_timeout`` and runs up to ``timeout`` (services.budget)."""
     if start_method == "inprocess":
         admission = None  # no fresh process, nothing to admit (the comparison mode)
     try:
-        return worker.run(job, kwargs, timeout=timeout, start_method=start_method, admission=admission, wait_timeout=wait_timeout), False
+        return worker.run(job, kwargs, timeout=timeout, start_method=start_method, admission=admission, wait_timeout=wait_timeout, warm=warm), False
     except worker.WorkerFailed as failure:
         if admission is None or not failure.out_of_memory:
             raise
@@ -39,7 +40,7 @@ def run(
     )
     try:
         alone = dataclasses.replace(admission, exclusive=True)
-        return worker.run(job, kwargs, timeout=timeout, start_method=start_method, admission=alone, wait_timeout=wait_timeout), True
+        return worker.run(job, kwargs, timeout=timeout, start_method=start_method, admission=alone, wait_timeout=wait_timeout, warm=warm), True
     except worker.WorkerFailed as second:
         if not second.out_of_memory:
             raise

@@ -12,22 +12,43 @@ only): the app still receives the message and context Flower gives it and its re
 exception goes back to Flower as before. Also recorded: how long loading the app took and the
 installed packages it imported that the warm process had not (each message pays for those;
 FL_WORKER_PRELOAD moves them into the warm process).
+
+With the host pool, a run's App is loaded once per host: the node names the App's FAB hash
+(``warm_app``) and the pool forks the message's worker from a child that loaded it. Such a
+worker skips Flower's install and load for that App; a message of another App first forgets
+the warm App's modules (Flower's loader would otherwise reuse a module of the same name).
+Flower's install itself is replaced by one that moves a complete folder into place in one
+rename: many replicas' workers install the same App at once, and Flower's own install lets a
+second one load a half-copied folder.
 """
 
 from __future__ import annotations
 
 import ast
+import errno
+import hashlib
 import os
+import shutil
 import sys
 import sysconfig
+import tempfile
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import flwr.supernode.runtime.run_clientapp as runtime
+from flwr.common.config import get_metadata_from_config, get_project_config, get_project_dir
+from flwr.common.constant import APP_DIR
 from flwr.supercore.task_identity import TaskIdentity
+from flwr.supercore.utils import get_flwr_home
 from flwr.supernode.cli import flwr_clientapp
 
+from services.appmode.launch_args import without_parent_pid
 from services.failures import is_out_of_memory
+
+_flower_install = runtime.install_from_fab
+_flower_loader = runtime.get_load_client_app_fn
+_warm: dict[str, tuple[Path, Any]] = {}  # FAB hash -> (its installed folder, its loaded ClientApp): in a warm child and its workers
 
 
 class _Watched:
@@ -51,21 +72,72 @@ class _Watched:
         return reply
 
 
+def warm_app(fab_hash: str) -> None:
+    """In the pool's warm child for a run (services.pool.warm): load the App with this FAB hash,
+    installed by an earlier message's worker, once for every worker forked from here."""
+    folders = sorted((get_flwr_home() / APP_DIR).glob(f"*.{fab_hash[:8]}"))
+    for folder in folders:
+        fab_id, version = get_metadata_from_config(get_project_config(folder))
+        if get_project_dir(fab_id, version, fab_hash) == folder:
+            app = _flower_loader(default_app_ref="", app_path=None, multi_app=True)(fab_id, version, fab_hash)
+            _warm[fab_hash] = (folder, app)
+            return
+    raise LookupError(f"no App with FAB hash {fab_hash[:12]} is installed in {get_flwr_home()}")
+
+
+def install_whole(fab: bytes, skip_prompt: bool = True) -> Path:
+    """Flower's install of a FAB, made whole before anyone can see it: into a private folder,
+    then renamed into FLWR_HOME (a second worker finds the complete folder or none)."""
+    digest = hashlib.sha256(fab).hexdigest()
+    if digest in _warm:
+        return _warm[digest][0]
+    apps = get_flwr_home() / APP_DIR
+    apps.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".installing-", dir=apps.parent))
+    try:
+        staged = _flower_install(fab, install_dir=staging, skip_prompt=True)
+        target = apps / staged.name
+        try:
+            os.rename(staged, target)
+        except OSError as error:
+            if error.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise  # (another worker put the same App there first: that one is whole)
+        return target
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _forget_warm_apps() -> None:
+    """Before loading another App here: drop the warm App's modules and folder from this process."""
+    folders = [str(folder) for folder, _ in _warm.values()]
+    for name, module in list(sys.modules.items()):
+        if (getattr(module, "__file__", None) or "").startswith(tuple(folder + os.sep for folder in folders)):
+            del sys.modules[name]
+    sys.path[:] = [entry for entry in sys.path if entry not in folders]
+    _warm.clear()
+
+
 def _watch_loaded_app(seen: dict[str, Any], replace: Callable[[], Any] | None = None) -> None:
-    original = runtime.get_load_client_app_fn
-
     def get_load_client_app_fn(**kwargs: Any) -> Callable[..., Any]:
-        load = original(**kwargs)
+        load = _flower_loader(**kwargs)
 
-        def load_watched(*args: Any) -> _Watched:
+        def load_watched(fab_id: str, fab_version: str, fab_hash: str) -> _Watched:
             started = time.perf_counter()
-            app = replace() if replace is not None else load(*args)
+            seen["fab_hash"], seen["app_was_warm"] = fab_hash, fab_hash in _warm
+            if replace is not None:
+                app = replace()
+            elif fab_hash in _warm:
+                app = _warm[fab_hash][1]
+            else:
+                _forget_warm_apps()
+                app = load(fab_id, fab_version, fab_hash)
             seen["app_load_seconds"] = round(time.perf_counter() - started, 4)
             return _Watched(app, seen)
 
         return load_watched
 
     runtime.get_load_client_app_fn = get_load_client_app_fn
+    runtime.install_from_fab = install_whole
 
 
 def run_flower(argv: list[str], replace: Callable[[], Any] | None = None) -> dict[str, Any]:
@@ -88,6 +160,8 @@ def run_flower(argv: list[str], replace: Callable[[], Any] | None = None) -> dic
         "app_error": seen.get("app_error"),
         "out_of_memory": seen.get("out_of_memory", False),
         "app_load_seconds": seen.get("app_load_seconds"),
+        "fab_hash": seen.get("fab_hash"),
+        "app_was_warm": seen.get("app_was_warm", False),
         **imported_after_fork(set(sys.modules), warm),
     }
 
@@ -126,15 +200,14 @@ def _imported_names(files: list[str]) -> set[str]:
     return names
 
 
-def run(argv: list[str], torch_threads: int, reached_flower: str) -> dict[str, Any]:
-    """The worker job (``services.worker.run``): ``reached_flower`` is created just before Flower
-    takes the token, so the node knows whether a failure left the message to Flower or to it."""
+def run(argv: list[str], torch_threads: int) -> dict[str, Any]:
+    """The worker job (``services.worker.run``; once it has started, Flower may have the message).
+    SuperExec's ``--parent-pid`` is dropped: the worker dies with its asker or warm process
+    instead, and in the host pool that pid is not SuperExec's (another pid namespace)."""
     if torch_threads:
         import torch
 
         torch.set_num_threads(torch_threads)
-    with open(reached_flower, "w"):
-        pass
-    outcome = run_flower(argv)
+    outcome = run_flower(without_parent_pid(argv))
     outcome["pid"], outcome["parent_pid"] = os.getpid(), os.getppid()
     return outcome

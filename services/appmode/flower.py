@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 OFFLINE = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+CLIENTAPP_PRELOAD = ["services.appmode.clientapp"]  # flwr's ClientApp runtime: what a warm process imports for a node's message workers
 
 
 def program(name: str) -> str:

@@ -74,3 +74,17 @@ def with_token_file(argv: list[str], token_file: str) -> list[str]:
             continue
         out.append(item)
     return [*out, "--token-file", token_file]
+
+
+def without_parent_pid(argv: list[str]) -> list[str]:
+    """The launch without SuperExec's ``--parent-pid`` (Flower's runtime exits when that pid is gone)."""
+    out: list[str] = []
+    skip = False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item == "--parent-pid":
+            skip = True
+        elif not item.startswith("--parent-pid="):
+            out.append(item)
+    return out

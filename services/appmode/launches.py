@@ -1,8 +1,9 @@
 """What a node does with one ClientApp launch: an admitted worker, or a visible failure.
 
 For every launch SuperExec makes (through Bouquet's ``flwr-clientapp``), the node runs
-``services.appmode.clientapp:run`` in a fresh worker forked from its warm forkserver, after the
-worker took a slot (``services.admission.retry``: the same admission, placement, memory cap and
+``services.appmode.clientapp:run`` in a fresh worker forked from a warm process (the host's
+worker pool, from its warm child for the run's App once the node has seen that App; or the
+node's own forkserver with FL_WORKER_POOL=replica), after the worker took a slot (``services.admission.retry``: the same admission, placement, memory cap and
 out-of-memory handling as task mode), keeping the task's token alive while the worker waits.
 If no worker could serve it (no slot in time, the fork failed, the warm process died) and Flower
 never got the message, ``services.appmode.refusal`` fails the message through Flower, so the
@@ -33,11 +34,12 @@ from services.appmode.keepalive import KeepAlive
 from services.appmode.records import MessageLog
 from services.appmode.refusal import CAUSE_VARIABLE
 from services.settings import NodeSettings
-from services.worker import WorkerFailed, forkserver_pid
+from services.worker import POOL_EXITED, Warm, WorkerFailed, forkserver_pid
 
 log = logging.getLogger("bouquet.node")
 
 JOB = "services.appmode.clientapp:run"
+WARM_APP = "services.appmode.clientapp:warm_app"  # what the pool's warm child for a run's App runs once
 NEED_KEY = "appmode-clientapp"  # the remembered GPU need of this node's ClientApp workers
 REFUSAL_TIMEOUT_S = 120.0
 
@@ -58,6 +60,7 @@ class Launches:
         self.scratch = Path(tempfile.mkdtemp(prefix="bouquet-node-"))  # 0700: token files live here
         self.counter = itertools.count(1)
         self.said_imported: set[str] = set()  # packages the node already suggested to preload
+        self.app_seen: str | None = None  # the FAB hash of the last App a message ran: the next ones likely run it too
         self.admission = Admission(
             slots_dir=slots_dir(settings), slots=settings.worker_slots, memory_mib=settings.worker_memory_mib, device=settings.device, need_key=NEED_KEY
         )
@@ -66,7 +69,6 @@ class Launches:
         """Run one launch to its end; the exit code Bouquet's flwr-clientapp exits with."""
         number = next(self.counter)
         asked_at = time.time()
-        reached_flower = self.scratch / f"launch-{number}.flower"
         log.info("launch %d: ClientApp %s", number, " ".join(launch_args.redact(argv)))
         base = {"node": self.place.identity, "partition": self.place.partition, "num_partitions": self.place.num_partitions, "launch": number, "asked_at": round(asked_at, 4)}
         warm = base["forkserver_pid"] = forkserver_pid()  # the warm process the worker should fork from
@@ -74,32 +76,34 @@ class Launches:
             with KeepAlive(launch_args.endpoint(argv)):
                 result, retried = retry.run(
                     JOB,
-                    {"argv": argv, "torch_threads": self.settings.torch_threads, "reached_flower": str(reached_flower)},
+                    {"argv": argv, "torch_threads": self.settings.torch_threads},
                     timeout=self.settings.worker_timeout,
                     start_method=self.settings.worker_start,
                     admission=self.admission,
+                    warm=Warm(WARM_APP, self.app_seen) if self.app_seen else None,
                 )
         except WorkerFailed as failure:
             if warm is not None and _gone(warm):
                 # The worker's exit is reported through its forkserver: with that gone, the node
                 # cannot tell how the worker ended (it may still be running and reply).
-                failure = WorkerFailed(f"the node's warm process (pid {warm}) died while this message ran, so its worker (pid {failure.pid}) "
-                                       "could not be followed; Flower has the message's real outcome", failure.pid, admitted=failure.admitted)
-                return self._failed(number, argv, base, failure, reached_flower.exists(), outcome="lost")
-            return self._failed(number, argv, base, failure, reached_flower.exists())
-        finally:
-            reached_flower.unlink(missing_ok=True)
+                lost = WorkerFailed(f"the node's warm process (pid {warm}) died while this message ran, so its worker (pid {failure.pid}) "
+                                    "could not be followed; Flower has the message's real outcome", failure.pid, admitted=failure.admitted)
+                return self._failed(number, argv, base, lost, failure.started, outcome="lost")
+            if failure.started and failure.cause.startswith(POOL_EXITED):
+                return self._failed(number, argv, base, failure, True, outcome="lost")
+            return self._failed(number, argv, base, failure, failure.started)
         value: dict[str, Any] = result.value
         if value["out_of_memory"] and not self.settings.worker_memory_mib:
             # Flower consumed the message, so it cannot run again (task mode's retry); later
             # messages are admitted fewer at once instead.
             need = NeedBook(self.admission.slots_dir).raise_after_oom(NEED_KEY, (result.admitted or {}).get("share_mib"))
             log.warning("launch %d: the ClientApp ran out of GPU memory; the remembered need is now ~%.0f MiB", number, need)
+        self.app_seen = value["fab_hash"] or self.app_seen
         outcome = "ok" if value["exit_code"] == 0 and not value["app_error"] else "app_error"
         cause = value["app_error"] or (None if value["exit_code"] == 0 else f"flwr-clientapp exited with code {value['exit_code']}")
         record = {**base, **(result.admitted or {}), "pid": result.pid, "parent_pid": value["parent_pid"], "forkserver_pid": forkserver_pid(), "flwr_run_id": value["flwr_run_id"], "task_id": value["task_id"],
                   "message_type": value["message_type"], "message_id": value["message_id"], "outcome": outcome, "cause": cause, "exit_code": value["exit_code"], "retried_after_oom": retried,
-                  "worker_start_seconds": round(result.start_seconds, 4), "app_load_seconds": value["app_load_seconds"],
+                  "worker_start_seconds": round(result.start_seconds, 4), "app_load_seconds": value["app_load_seconds"], "app_was_warm": value["app_was_warm"],
                   "imported_after_fork": value["imported_after_fork"], "app_imports_after_fork": value["app_imports_after_fork"], "ended_at": round(time.time(), 4)}
         self.records.append(record)
         self._suggest_preload(value)

@@ -15,8 +15,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
+import select
 import shutil
 import signal
+import socket
 import socketserver
 import subprocess
 import sys
@@ -32,12 +35,15 @@ from services.appmode.launches import Launches, NodePlace
 from services.lifetime import die_with_parent
 from services.net import free_port
 from services.client.identity import identity as node_identity
+from services.pool import wire
+from services.pool.use import PoolProblem, start_workers
 from services.settings import NodeSettings
 
 log = logging.getLogger("bouquet.node")
 
-PRELOAD = ["services.appmode.clientapp"]  # flwr's ClientApp runtime, for the forked workers
 WAIT_REPORT_S = 30.0
+STOP_PATIENCE_S = 10.0
+SUPEREXEC_POLL = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2"}  # seconds between SuperExec's asks for a task (Flower's default 1.0 s is most of a short message)
 
 
 def validate(values: NodeSettings) -> NodeSettings:
@@ -87,13 +93,39 @@ class _LaunchServer(socketserver.ThreadingUnixStreamServer):
         super().__init__(path, _LaunchHandler)
 
 
-def supernode_command(settings: NodeSettings, place: NodePlace, runtime_port: int) -> list[str]:
+def supernode_command(settings: NodeSettings, place: NodePlace, runtime: str, secret_file: Path) -> list[str]:
+    """The SuperNode in process isolation: it launches nothing itself; its runtime API (at
+    ``runtime``) hands tasks only to a SuperExec holding the node's secret."""
     security = ["--root-certificates", str(Path(settings.tls_dir) / "ca.crt")] if settings.tls_dir else ["--insecure"]
+    host, _, port = runtime.rpartition(":")
     return [
         flower.program("flower-supernode"), *security, "--superlink", settings.server_address,
-        "--host", "127.0.0.1", "--port", str(runtime_port),
+        "--isolation", "process", "--superexec-auth-secret-file", str(secret_file), "--host", host, "--port", port,
         "--node-config", f"partition-id={place.partition} num-partitions={place.num_partitions}",
     ]
+
+
+def superexec_command(runtime: str, secret_file: Path) -> list[str]:
+    """Flower's own SuperExec for this node: it takes the node's tasks (with the secret) and
+    starts ``flwr-clientapp`` for each by bare name, so Bouquet's launcher (first on its PATH)."""
+    return [flower.program("flower-superexec"), "--runtime-api-address", runtime, "--insecure", "--superexec-auth-secret-file", str(secret_file), "--parent-pid", str(os.getpid())]
+
+
+def runtime_address(pool: wire.Facts | None) -> str:
+    """Where this node's runtime API listens: loopback when its workers run on this host's network
+    (its own warm process, or a pool beside it); else this replica's own address, which the pool's
+    workers reach (and only holders of a task's token or the node's secret may use)."""
+    host = "127.0.0.1" if pool is None or pool.hostname == socket.gethostname() else socket.gethostbyname(socket.gethostname())
+    return f"{host}:{free_port(host)}"
+
+
+def write_secret(folder: Path) -> Path:
+    """The SuperExec secret: random, in this node's private folder, readable by this user only."""
+    path = folder / "superexec.secret"
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "wb") as out:
+        out.write(secrets.token_hex(32).encode())
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,33 +149,71 @@ def run(settings: NodeSettings, identity: str) -> int:
     # The forkserver and its workers keep the environment they start with (flwr reads some of it
     # at import): offline and this node's FLWR_HOME, as the SuperNode has.
     os.environ.update({**flower.OFFLINE, "FLWR_HOME": str(home)})
-    worker.prestart(settings.worker_start, extra_preload=[*PRELOAD, *(settings.worker_preload or [])])
-    log.info("warm process ready (forkserver pid %s)", worker.forkserver_pid())
+    try:
+        pool = start_workers(settings, "client", identity, extra_preload=flower.CLIENTAPP_PRELOAD)
+    except PoolProblem as problem:
+        log.error("%s", problem)
+        return problem.exit_code
+    if pool is None:
+        log.info("warm process ready (forkserver pid %s)", worker.forkserver_pid())
     log_file = records.MessageLog(records.node_file(settings.data_dir, identity))
     launches = Launches(settings, place, log_file, flower.environment(home))
     shim_dir = launches.scratch / "bin"
     flower.install_program(shim_dir, "flwr-clientapp", shim.__file__)
-    env = flower.environment(home, shim_dir=shim_dir)
+    env = flower.environment(home, shim_dir=shim_dir, extra=SUPEREXEC_POLL)
     socket_path = str(launches.scratch / "launch.sock")
     server = _LaunchServer(socket_path, launches)
     threading.Thread(target=server.serve_forever, name="bouquet-launches", daemon=True).start()
     env = {**env, "BOUQUET_NODE_SOCKET": socket_path, "BOUQUET_PYTHON": sys.executable}
-    supernode = subprocess.Popen(supernode_command(settings, place, free_port()), env=env, preexec_fn=die_with_parent)  # SIGTERM when this process dies, however it dies
-    log.info("flower-supernode (pid %d) started for %s", supernode.pid, settings.server_address)
+    runtime = runtime_address(pool)
+    secret = write_secret(launches.scratch)
+    supernode = subprocess.Popen(supernode_command(settings, place, runtime, secret), env=env, preexec_fn=die_with_parent)  # SIGTERM when this process dies, however it dies
+    superexec = subprocess.Popen(superexec_command(runtime, secret), env=env, preexec_fn=die_with_parent)
+    log.info("flower-supernode (pid %d, runtime API %s) and flower-superexec (pid %d) started for %s", supernode.pid, runtime, superexec.pid, settings.server_address)
 
     def relay(signum: int, _frame: object) -> None:
-        if supernode.poll() is None:
-            supernode.send_signal(signum)
+        for process in (supernode, superexec):
+            if process.poll() is None:
+                process.send_signal(signum)
 
     signal.signal(signal.SIGTERM, relay)
     signal.signal(signal.SIGINT, relay)
-    code = supernode.wait()
+    first = _first_to_end(supernode, superexec)
+    code = first.returncode
+    if first is superexec:
+        log.error("flower-superexec exited with code %d: this node can run no more messages; stopping its SuperNode", code)
+        supernode.terminate()
+    else:
+        superexec.terminate()
+    for process in (supernode, superexec):
+        try:
+            process.wait(timeout=STOP_PATIENCE_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
     server.shutdown()
     server.server_close()
     shutil.rmtree(launches.scratch, ignore_errors=True)
     shutil.rmtree(home, ignore_errors=True)
-    log.info("flower-supernode exited with code %d", code)
+    log.info("flower-supernode exited with code %d", supernode.returncode)
     return 0 if code in (0, -signal.SIGTERM, -signal.SIGINT) else code
+
+
+def _first_to_end(*processes: subprocess.Popen) -> subprocess.Popen:
+    """The first of these children to exit (the others still run)."""
+    handles = {os.pidfd_open(process.pid): process for process in processes}
+    try:
+        while True:
+            try:
+                ready, _, _ = select.select(list(handles), [], [])
+            except InterruptedError:
+                continue
+            for handle in ready:
+                handles[handle].wait()
+                return handles[handle]
+    finally:
+        for handle in handles:
+            os.close(handle)
 
 
 if __name__ == "__main__":

@@ -9,11 +9,13 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 import time
 
 from services import logs, worker
 from services import settings as settings_module
 from services.admission.config import slots_dir
+from services.appmode import flower
 from services.pool import wire
 from services.pool.server import Pool
 from services.pool.use import check_setting, socket_path
@@ -22,15 +24,18 @@ from services.settings import PoolSettings
 log = logging.getLogger("bouquet.pool")
 
 
+
 def main(argv: list[str] | None = None) -> int:
     settings = settings_module.parse(PoolSettings, argv, program="services.pool", description=__doc__, validate=check_setting)
     logs.setup()
-    if settings.mode == "app":
-        log.info("FL_MODE=app: every replica's node forks its ClientApp messages from a warm process of its own; the host pool is not needed and exits")
-        return 0
     path = socket_path(settings)
     started = time.monotonic()
-    preload = [*worker.FORKSERVER_PRELOAD, *(name for name in settings.worker_preload or [] if name not in worker.FORKSERVER_PRELOAD)]
+    if settings.mode == "app":
+        # The ClientApp workers install and run the Apps in a FLWR_HOME of the pool's own (0700),
+        # not in a volume the replicas can write to; flwr reads these at import.
+        os.environ.update({**flower.OFFLINE, "FLWR_HOME": tempfile.mkdtemp(prefix="bouquet-pool-flwr-home-")})
+    mode_preload = flower.CLIENTAPP_PRELOAD if settings.mode == "app" else []
+    preload = list(dict.fromkeys([*worker.FORKSERVER_PRELOAD, *mode_preload, *(settings.worker_preload or [])]))
     for name in preload:  # what multiprocessing's forkserver would import: torch, never CUDA
         importlib.import_module(name)
     pool = Pool(path, slots_dir(settings), preload, until_askers_leave=settings.worker_pool_lifetime == "askers")

@@ -27,21 +27,19 @@ def socket_path(settings) -> str:
 
 
 def uses_pool(settings) -> bool:
-    """Task mode's forkserver workers with FL_WORKER_POOL=host (the pool program itself has no
-    FL_WORKER_POOL: it is the pool). App mode's nodes fork from warm processes of their own."""
-    return (
-        getattr(settings, "worker_pool", "host") == "host" and getattr(settings, "worker_start", "forkserver") == "forkserver"
-        and getattr(settings, "mode", "task") != "app"
-    )
+    """Forkserver workers with FL_WORKER_POOL=host (the pool program itself has no
+    FL_WORKER_POOL: it is the pool)."""
+    return getattr(settings, "worker_pool", "host") == "host" and getattr(settings, "worker_start", "forkserver") == "forkserver"
 
 
-def start_workers(settings, role: str, identity: str = "", extra_preload: list[str] | None = None) -> None:
-    """Before round 1: point this process at the host pool (waiting for it, bounded), or start
-    its own forkserver (it imports torch now, not in round 1). Raises PoolProblem."""
+def start_workers(settings, role: str, identity: str = "", extra_preload: list[str] | None = None) -> wire.Facts | None:
+    """Before round 1: point this process at the host pool (waiting for it, bounded; its facts
+    come back), or start its own forkserver (it imports torch now, not in round 1; None comes
+    back). Raises PoolProblem."""
     preload = [*(extra_preload or []), *(settings.worker_preload or [])]
     if not uses_pool(settings):
         worker.prestart(settings.worker_start, extra_preload=preload)
-        return
+        return None
     path = socket_path(settings)
     use = worker.PoolUse(path, role, identity)
     try:
@@ -58,6 +56,7 @@ def start_workers(settings, role: str, identity: str = "", extra_preload: list[s
             "(compose: the worker-pool service; python -m services.pool) or set FL_WORKER_POOL=replica", 1,
         ) from None
     log.info("workers: forked by the host worker pool (pid %d on %s, pool %s)", facts.pid, facts.hostname, facts.pool_id[:8])
+    return facts
 
 
 def check_setting(settings):

@@ -53,6 +53,8 @@ class Request:
     hostname: str = field(default_factory=socket.gethostname)
     pid: int = field(default_factory=os.getpid)  # the asker's pid in its own namespace
     job: str = ""
+    warm_with: str = ""  # 'module:function' that a warm child of the pool runs once with warm_key ...
+    warm_key: str = ""  # ... to fork this job's worker from (services.worker.Warm); "" forks from the pool
 
 
 @dataclass(frozen=True)
