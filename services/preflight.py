@@ -40,7 +40,7 @@ PROGRAMS: dict[str, tuple[type, Callable[[Any], Any] | None]] = {
 APP_PROGRAMS: dict[str, tuple[type, Callable[[Any], Any] | None]] = {
     "server": (LinkSettings, validate_link),
     "client": (NodeSettings, validate_node),
-    "pool": (PoolSettings, None),
+    "pool": (PoolSettings, check_pool_setting),
     "monitor": (MonitorSettings, None),
     "submit": (SubmitSettings, validate_submission),
 }

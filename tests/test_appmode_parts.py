@@ -48,6 +48,47 @@ def test_a_node_whose_pool_runs_elsewhere_serves_its_runtime_api_on_its_own_addr
     assert runtime_address(elsewhere).rpartition(":")[0] == socket.gethostbyname(socket.gethostname())
 
 
+@pytest.mark.integration
+def test_a_nodes_runtime_api_gives_nothing_to_a_caller_without_its_secret_or_a_tasks_token(tmp_path):
+    """What a pool's worker reaches over the deployment's network: Bouquet's SuperNode command (no
+    SuperLink needed: its runtime API serves while it retries), probed as a stranger would."""
+    import urllib.error
+    import urllib.request
+
+    from services.appmode.launches import NodePlace
+    from services.appmode.node import supernode_command, write_secret
+    from services.net import free_port
+    from services.settings import NodeSettings
+
+    settings = NodeSettings(server_address="127.0.0.1:1", tls_dir=None)
+    runtime = f"127.0.0.1:{free_port()}"
+    command = supernode_command(settings, NodePlace("client-0", 0, 1), runtime, write_secret(tmp_path))
+    node = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **flower.OFFLINE, "FLWR_HOME": str(tmp_path / "home")})
+    try:
+        def status(route: str) -> int:
+            request = urllib.request.Request(f"http://{runtime}/v1/runtime/{route}", data=b"", headers={"content-type": "application/protobuf"})
+            try:
+                with urllib.request.urlopen(request, timeout=10) as answer:
+                    return answer.status
+            except urllib.error.HTTPError as error:
+                return error.code
+
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                first = status("acquire-task")
+                break
+            except OSError:
+                assert node.poll() is None and time.monotonic() < deadline, "the SuperNode's runtime API never listened"
+                time.sleep(0.2)
+        routes = ["pull-task-input", "push-task-output", "send-task-heartbeat", "pull-messages", "push-messages", "pull-object", "get-nodes", "create-task"]
+        assert {route: status(route) for route in ["acquire-task", *routes]} == {route: 401 for route in ["acquire-task", *routes]}
+        assert first == 401
+    finally:
+        node.kill()
+        node.wait()
+
+
 def test_assignment_round_trips_and_a_broken_file_reads_as_none(tmp_path):
     assert assignment.read(tmp_path) is None
     assignment.write(tmp_path, assignment.Assignment(2, {"a": 0, "b": 1}, ("c",)))

@@ -36,7 +36,7 @@ from services.lifetime import die_with_parent
 from services.net import free_port
 from services.client.identity import identity as node_identity
 from services.pool import wire
-from services.pool.use import PoolProblem, start_workers
+from services.pool.use import PoolProblem, check_setting as check_pool_setting, start_workers
 from services.settings import NodeSettings
 
 log = logging.getLogger("bouquet.node")
@@ -53,7 +53,7 @@ def validate(values: NodeSettings) -> NodeSettings:
         raise settings_module.SettingError(
             "--worker-start / FL_WORKER_START = 'inprocess': app mode runs every ClientApp message in a fresh worker (forkserver or spawn)"
         )
-    return values
+    return check_pool_setting(values)
 
 
 def wait_for_partition(data_dir: str, identity: str, patience: float) -> NodePlace:
