@@ -121,7 +121,7 @@ def one_run(compose: list[str], replicas: int, index: int, work: Path, app: Path
             "seconds": round(time.monotonic() - started, 1),
             "server_exit": exit_code,
             "status": summary["status"],
-            "num_partitions": summary["num_partitions"],
+            "num_partitions": summary.get("num_partitions", len(summary.get("partitions") or {})),  # app mode: its partitions map
             "settled": summary.get("settled"),
             "clients_ok": [r["clients_ok"] for r in rounds],
             "final_accuracy": summary.get("final_accuracy"),
@@ -156,14 +156,17 @@ def main() -> None:
     print("\n".join(lines), flush=True)
     with tempfile.TemporaryDirectory(prefix="bouquet-trials-") as work:
         for index in range(1, options.runs + 1):
-            r = one_run(compose, options.replicas, index, Path(work), options.app, options.rounds)
+            try:
+                r = one_run(compose, options.replicas, index, Path(work), options.app, options.rounds)
+            except Exception as error:  # one run's surprise must not lose its folder (--keep) or the next runs
+                r = {"error": f"{type(error).__name__}: {error}"}
             if options.keep and (Path(work) / f"run{index}" / "trial").is_dir():
                 shutil.copytree(Path(work) / f"run{index}" / "trial", options.keep / f"run{index}", dirs_exist_ok=True)
             if "error" in r:
                 line = f"| {index} | | | | error: {r['error']} | | | | | | | | |"
             else:
                 line = (f"| {index} | {r['seconds']} | {r['round1_s']} | {r['server_exit']} | {r['status']} | {r['num_partitions']} | {r['clients_ok']} | "
-                        f"{r['final_accuracy']:.3f} | {r['verdict']} | {r['peak_mib']} | {r['docker_stats_peak_mib']} | "
+                        f"{r['final_accuracy'] if r['final_accuracy'] is not None else float('nan'):.3f} | {r['verdict']} | {r['peak_mib']} | {r['docker_stats_peak_mib']} | "
                         f"{r['client_peak_median_mib']} / {r['client_peak_max_mib']} | {r['report']} |")
             lines.append(line)
             print(line, flush=True)
