@@ -28,7 +28,7 @@ import yaml
 
 from services import settings
 from services.server.results import RoundRecorder
-from tests.swarm_hosts import LocalSwarm, unavailable_reason
+from swarm_hosts import LocalSwarm, unavailable_reason
 
 REPO = Path(__file__).resolve().parent.parent
 STACK = REPO / "deploy" / "swarm" / "bouquet.yml"
