@@ -220,8 +220,9 @@ up() {
 }
 
 down() {
-    local n
+    local n started=$SECONDS
     for n in "${NODES[@]}"; do stop_daemon "$n" || true; done
+    say "daemons stopped in $((SECONDS - started)) s"
     for n in "${NODES[@]}"; do kill_leftovers "$n" || true; done
     for ns in "$HUB" $(for n in "${NODES[@]}"; do netns "$n"; done); do
         if ip netns list | grep -qw "$ns"; then ip netns del "$ns" || say "could not remove namespace $ns"; fi
@@ -233,6 +234,7 @@ down() {
         fi
         rm -rf "$STATE" || die "could not remove $STATE"
     fi
+    say "down in $((SECONDS - started)) s"
 }
 
 case "${1:-}" in

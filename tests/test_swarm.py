@@ -177,7 +177,7 @@ services:
 
 
 @pytest.mark.docker
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1200)
 def test_six_replicas_on_two_worker_hosts_survive_the_loss_of_one(tmp_path: Path) -> None:
     tag = os.environ.get("BOUQUET_SWARM_TEST_TAG", "cpu")  # a variant built with --tag, e.g. while developing
     images = [f"bouquet/server:{tag}", f"bouquet/client:{tag}"]
@@ -199,7 +199,9 @@ def test_six_replicas_on_two_worker_hosts_survive_the_loss_of_one(tmp_path: Path
         swarm.docker(1, "secret", "create", "bouquet-join-token", "-", input=os.urandom(24).hex())
         deploy_env = {
             **os.environ, "BOUQUET_REPLICAS": str(REPLICAS), "FL_ROUNDS": str(ROUNDS), "FL_RUN_ID": run.name,
-            "FL_TORCH_THREADS": "1", "FL_JOIN_TIMEOUT": "300", "BOUQUET_RESULTS_DIR": str(results),
+            # A slot for each of a worker host's 3 replicas: the gate holds every training of
+            # round 4 at once (with fewer, the last would wait for a slot the held ones keep).
+            "FL_TORCH_THREADS": "1", "FL_WORKER_SLOTS": str(REPLICAS // 2), "FL_JOIN_TIMEOUT": "300", "BOUQUET_RESULTS_DIR": str(results),
             "BOUQUET_SERVER_IMAGE": images[0], "BOUQUET_CLIENT_IMAGE": images[1],
         }
         deployed = time.monotonic()
@@ -258,8 +260,10 @@ def test_six_replicas_on_two_worker_hosts_survive_the_loss_of_one(tmp_path: Path
         # Round 5: rescheduled on host 2 under the same identities, so with the same partitions.
         assert by_host["5"] == {workers[2]: list(range(REPLICAS))}
         assert {client["id"]: client["partition"] for client in rounds[4]["clients"]} == holder == summary["partitions"]
-        moved = [task for task in swarm.tasks("bouquet_client") if task["Node"] == workers[2] and task["Name"] in {f"bouquet_client.{i.split('-')[1]}" for i in on_stopped}]
-        assert len(moved) == len(on_stopped), swarm.tasks("bouquet_client")
+        # Swarm's own record: each of those slots has a task on host 2 now (`service ps` history).
+        tasks = swarm.tasks("bouquet_client")
+        slots_on_2 = {task["Name"].lstrip("\\_ ") for task in tasks if task["Node"] == workers[2]}
+        assert {f"bouquet_client.{identity.split('-')[1]}" for identity in on_stopped} <= slots_on_2, tasks
         # Nothing in the run folder was lost when the host went.
         assert (run / "metrics.jsonl").read_text().splitlines()[:3] == kept_lines
         checkpoints = sorted(path.name for path in (run / "checkpoints").iterdir())
