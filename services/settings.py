@@ -568,6 +568,7 @@ class ClientSettings(EngineSettings, LocalSettings, JoinSettings):
     client_id: str | None = setting(optional(identifier), None, "stable identity the server maps to a partition (default: from --identity-source)")
     identity_source: str = setting(choice(*IDENTITY_SOURCES), "hostname", "where the identity comes from when --client-id is unset: hostname (a compose replica's container id, a Kubernetes pod's name), or container (the hostname plus a random id kept in the container's own files: stable across restarts of that container, new for a new one; for replicas that share a hostname, e.g. network_mode: host)")
     connect_timeout: float = setting(positive_float, 120.0, "seconds to keep retrying (with backoff) until the server accepts connections")
+    host_name: str | None = setting(optional(identifier), None, "(task mode) name of the machine (Docker host) this replica runs on, recorded with every round it trains (metrics.jsonl, summary.json's partitions_by_host); Swarm sets it to {{.Node.Hostname}}; unset: not recorded")
 
 
 @dataclass(frozen=True, kw_only=True)

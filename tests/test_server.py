@@ -130,3 +130,11 @@ def test_a_client_silent_past_its_job_budget_is_recorded_as_timed_out(tmp_path):
         assert failure["id"] == "r1" and failure["cause"].startswith(expected), failure
         assert failure.get("kind") == ("timed out" if expected.startswith("timed") else None)
         assert strategy.every_connection_lost == (not expected.startswith("timed"))  # a timed-out round is not run again
+    # Lost mid-round (a host going down): Flower's errors name no client; each lost one's cause
+    # says the connection went, with the round's errors once each.
+    recorder.round_started(2)
+    strategy._sampled = {"c1": ("r1", 0), "c2": ("r2", 1)}
+    strategy._fit_started = time.monotonic()
+    strategy.aggregate_fit(2, [], [ConnectionResetError(), ConnectionResetError()])
+    causes = {failure["cause"] for failure in recorder.round_ended()["failures"]}
+    assert causes == {"no result from client: its connection was lost before it answered (its process, container or host went away; ConnectionResetError x2)"}

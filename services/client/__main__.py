@@ -48,7 +48,7 @@ def serve(settings: ClientSettings, identity: str) -> int:
     rejoins under the same identity, so with the same partition."""
     from services.client import flower  # imported late: validation comes first
 
-    client = flower.WorkerClient(identity, Placement.from_settings(settings), settings.worker_start, admitting=settings, join_token=settings.join_token)
+    client = flower.WorkerClient(identity, Placement.from_settings(settings), settings.worker_start, admitting=settings, join_token=settings.join_token, host=settings.host_name)
     ca = tls.client_ca(settings.tls_dir) if settings.tls_dir else None
     prestarted = False
     while True:

@@ -37,12 +37,15 @@ log = logging.getLogger("bouquet.client")
 
 class WorkerClient(Client):
     def __init__(
-        self, identity: str, placement: Placement, start_method: str, admitting: LocalSettings | None = None, join_token: str | None = None
+        self, identity: str, placement: Placement, start_method: str, admitting: LocalSettings | None = None, join_token: str | None = None,
+        host: str | None = None,
     ) -> None:
         """``admitting``: the settings that admit workers to slots (worker_slots, worker_memory_mib,
         slots_dir, data_dir, device); None runs workers without admission. ``join_token``: the
-        secret this client proves when the server asks (services.joining)."""
+        secret this client proves when the server asks (services.joining). ``host``: the machine
+        this replica runs on (FL_HOST_NAME), sent with every training's metrics when set."""
         self.identity = identity
+        self.host = host
         self.placement = placement
         self.start_method = start_method
         self.admitting = admitting
@@ -74,6 +77,7 @@ class WorkerClient(Client):
             "worker_start_seconds": round(result.start_seconds, 4),
             "worker_seconds": round(result.total_seconds, 4),
             **admission_metrics(result, retried),
+            **({"host": self.host} if self.host else {}),
         }
         log.info(
             "round %s: partition %s trained on %d examples in worker pid %d (%.2f s, start %.2f s), loss %.4f",

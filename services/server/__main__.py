@@ -185,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
                 "updates_clipped": recorder.updates_clipped,
                 "joins_refused": recorder.joins_refused,
                 "rounds_missed_by_partition": recorder.rounds_missed_by_partition(),
+                "partitions_by_host": recorder.partitions_by_host(),
                 "initial_accuracy": recorder.initial.get("accuracy"),
                 "initial_loss": recorder.initial.get("loss"),
                 "final_accuracy": last.get("accuracy"),

@@ -219,6 +219,15 @@ class ChosenClients(ClientManager):
         return list(self.proxies)
 
 
+def _counted(errors: list[str]) -> str:
+    """Flower's errors of a round, each once with how often it came (``GrpcBridgeClosed: x3``):
+    they name no client, so every lost client's record carries the round's list."""
+    counts: dict[str, int] = {}
+    for error in errors:
+        counts[error] = counts.get(error, 0) + 1
+    return "; ".join(error if count == 1 else f"{error} x{count}" for error, count in counts.items())
+
+
 def sample_for_round(holders: list[Holder], wanted: int, seed: int, server_round: int) -> list[Holder]:
     """The holders that train this round, by partition. Seeded by (seed, round) rather than by
     one stream begun at start, so a resumed run samples each round as the uninterrupted run
@@ -295,7 +304,7 @@ class BouquetStrategy(Strategy):
         budget = self.budget()
         if time.monotonic() - self._fit_started >= budget.deadline_s:
             return {"kind": "timed out", "cause": f"timed out after {budget.deadline_s:g} s (its job's time budget: {budget.describe()})"}
-        return {"cause": f"no result from client ({errors})"}
+        return {"cause": f"no result from client: its connection was lost before it answered (its process, container or host went away; {errors})"}
 
     def configure_fit(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
@@ -368,7 +377,7 @@ class BouquetStrategy(Strategy):
         errors = []
         for failure in failures:
             if isinstance(failure, BaseException):
-                errors.append(f"{type(failure).__name__}: {failure}")
+                errors.append(f"{type(failure).__name__}: {failure}" if str(failure) else type(failure).__name__)
                 continue
             proxy, res = failure
             answered.add(proxy.cid)
@@ -376,7 +385,7 @@ class BouquetStrategy(Strategy):
             failed.append({**protocol.decode_failure(res.status.message), "id": identity, "partition": partition})
         for cid, (identity, partition) in self._sampled.items():
             if cid not in answered:  # lost connection or round timeout: Flower reports these without a client
-                failed.append({"id": identity, "partition": partition, **self._no_result("; ".join(errors) or "no reply")})
+                failed.append({"id": identity, "partition": partition, **self._no_result(_counted(errors) or "no reply")})
         timed_out = any(failure.get("kind") == "timed out" for failure in failed)  # answered by the deadline, not lost
         self.every_connection_lost = bool(self._sampled) and not answered and not timed_out
         for failure in failed:

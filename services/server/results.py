@@ -277,6 +277,20 @@ class RoundRecorder:
                     counts[reason] = counts.get(reason, 0) + 1
         return dict(sorted(out.items(), key=lambda item: int(item[0])))
 
+    def partitions_by_host(self) -> dict[str, dict[str, list[int]]]:
+        """Per round, the partitions each host trained (the clients' FL_HOST_NAME): where a
+        federation spread over several machines actually ran. Rounds whose clients name no
+        host are left out, so a run on one machine has an empty dict."""
+        out: dict[str, dict[str, list[int]]] = {}
+        for record in self.rounds:
+            hosts: dict[str, list[int]] = {}
+            for client in record["clients"]:
+                if client.get("host") is not None and client.get("partition") is not None:
+                    hosts.setdefault(str(client["host"]), []).append(int(client["partition"]))
+            if hosts:
+                out[str(record["round"])] = {host: sorted(partitions) for host, partitions in sorted(hosts.items())}
+        return out
+
     def rounds_trained_by_partition(self, num_partitions: int | None) -> dict[str, int]:
         """How many rounds each partition's training became part of the model in (0 for one
         that never did; a round whose aggregate was refused counts for nobody)."""
