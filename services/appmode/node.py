@@ -27,7 +27,7 @@ from pathlib import Path
 
 from services import logs, roster, tls, worker
 from services import settings as settings_module
-from services.appmode import assignment, flower, records, shim
+from services.appmode import assignment, flower, node_keys, records, shim
 from services.appmode.launches import Launches, NodePlace
 from services.lifetime import die_with_parent
 from services.net import free_port
@@ -87,12 +87,12 @@ class _LaunchServer(socketserver.ThreadingUnixStreamServer):
         super().__init__(path, _LaunchHandler)
 
 
-def supernode_command(settings: NodeSettings, place: NodePlace, runtime_port: int) -> list[str]:
+def supernode_command(settings: NodeSettings, place: NodePlace, runtime_port: int, auth: list[str]) -> list[str]:
     security = ["--root-certificates", str(Path(settings.tls_dir) / "ca.crt")] if settings.tls_dir else ["--insecure"]
     return [
         flower.program("flower-supernode"), *security, "--superlink", settings.server_address,
         "--host", "127.0.0.1", "--port", str(runtime_port),
-        "--node-config", f"partition-id={place.partition} num-partitions={place.num_partitions}",
+        "--node-config", f"partition-id={place.partition} num-partitions={place.num_partitions}", *auth,
     ]
 
 
@@ -128,7 +128,7 @@ def run(settings: NodeSettings, identity: str) -> int:
     server = _LaunchServer(socket_path, launches)
     threading.Thread(target=server.serve_forever, name="bouquet-launches", daemon=True).start()
     env = {**env, "BOUQUET_NODE_SOCKET": socket_path, "BOUQUET_PYTHON": sys.executable}
-    supernode = subprocess.Popen(supernode_command(settings, place, free_port()), env=env, preexec_fn=die_with_parent)  # SIGTERM when this process dies, however it dies
+    supernode = subprocess.Popen(supernode_command(settings, place, free_port(), node_keys.supernode_arguments(settings.tls_dir, settings.data_dir, identity, home, settings.connect_timeout)), env=env, preexec_fn=die_with_parent)  # SIGTERM when this process dies, however it dies
     log.info("flower-supernode (pid %d) started for %s", supernode.pid, settings.server_address)
 
     def relay(signum: int, _frame: object) -> None:
