@@ -77,7 +77,7 @@ def write_token(path: Path) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m services.joining PATH [GROUP]``: compose's one-shot join-secret service. Makes
-    the deployment's token once (a later `up` keeps it) and, given GROUP, gives the file to it
+    the deployment's token (the join token; app mode's submit token) once (a later `up` keeps it) and, given GROUP, gives the file to it
     (compose: bouquet, which the server and every replica run with); prints whether it made
     one, never the token."""
     args = sys.argv[1:] if argv is None else argv
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
 
         os.chown(path, -1, grp.getgrnam(group).gr_gid)
         os.chmod(path, 0o440)
-    print(f"services.joining: join token {'created' if created else 'kept'} in {path} (mode {path.stat().st_mode & 0o777:o})", file=sys.stderr)
+    print(f"services.joining: token {'created' if created else 'kept'} in {path} (mode {path.stat().st_mode & 0o777:o})", file=sys.stderr)
     return 0
 
 
