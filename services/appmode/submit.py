@@ -110,7 +110,7 @@ class Submission:
                     self.foreign = online - wanted
                     if self.foreign:
                         log.warning("%d SuperNode(s) online that are not among the %d Bouquet settled: the ServerApp will send them messages too "
-                                    "(open-source Flower 1.42's SuperLink takes any SuperNode that reaches its port; docs/security.md: \"Who may join\")", self.foreign, wanted)
+                                    "(without TLS, SuperNode authentication is off and any SuperNode that reaches the published port may join; docs/security.md: \"Who may join\")", self.foreign, wanted)
                     return None
             time.sleep(1.0)
         return "the federation was not settled" if wanted is None else f"fewer than the {wanted} settled SuperNodes came online"
