@@ -120,8 +120,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def serve(settings: LinkSettings, home: Path) -> int:
-    """The SuperLink first: compose's health check (and the nodes' connection retries) wait for
-    its port; the nodes start their SuperNodes only once they know their partition."""
+    """The SuperLink first, then the front once the SuperLink listens: compose's health check (and
+    the nodes' connection retries) wait for the front's port; the nodes start their SuperNodes
+    only once they know their partition (and, with TLS, once their key is registered). The
+    SuperLink stops when the front dies: nothing could reach it any more."""
     hidden = {} if settings.serverapp_gpus else {"CUDA_VISIBLE_DEVICES": ""}
     shim_dir = flower.install_program(home / "bin", "flwr-serverapp", serverapp_shim.__file__).parent
     in_run_folder = {
@@ -166,6 +168,7 @@ def serve(settings: LinkSettings, home: Path) -> int:
     publish(settings, registry, set())
     log.info("partitions: %s", ", ".join(f"{identity} -> {partition}" for identity, partition in sorted(registry.assignments.items(), key=lambda item: item[1])))
     stop = threading.Event()
+    threading.Thread(target=_stop_with_the_front, args=(nginx, superlink, stop), name="bouquet-front", daemon=True).start()
     threading.Thread(target=watch_newcomers, args=(settings, registry, stop), name="bouquet-newcomers", daemon=True).start()
     threading.Thread(target=front.Refusals(home / "front").watch, args=(stop,), name="bouquet-refusals", daemon=True).start()
     if settings.tls_dir:
@@ -177,11 +180,20 @@ def serve(settings: LinkSettings, home: Path) -> int:
         threading.Thread(target=registrar.watch, args=(stop,), name="bouquet-node-keys", daemon=True).start()
     code = superlink.wait()
     stop.set()
+    if code == -signal.SIGTERM and nginx.poll() is not None and nginx.returncode != 0:
+        code = 1  # stopped because the front died: a failure, not a requested stop
     if nginx.poll() is None:
         nginx.terminate()
         nginx.wait()
     log.info("flower-superlink exited with code %d", code)
     return 0 if code in (0, -signal.SIGTERM, -signal.SIGINT) else code
+
+
+def _stop_with_the_front(nginx: subprocess.Popen, superlink: subprocess.Popen, stop: threading.Event) -> None:
+    code = nginx.wait()
+    if not stop.is_set() and superlink.poll() is None:
+        log.error("the front (nginx) exited with code %d: no SuperNode and no submission can reach the SuperLink any more; stopping it", code)
+        superlink.terminate()
 
 
 def _local(address: str) -> str:
