@@ -89,3 +89,15 @@ def test_the_submit_token_is_the_credential_flwr_sends_as_a_bearer_token(tmp_pat
     assert dict(plugin.write_tokens_to_metadata([]))[ACCESS_TOKEN_KEY] == TOKEN
     flower.write_cli_config(home, address, None, None)
     assert not credentials.exists()  # no token: no credential left behind
+
+
+def test_the_log_of_refusals_is_emptied_once_read_past_its_cap(tmp_path, monkeypatch):
+    monkeypatch.setattr(front, "REFUSED_LOG_CAP", 100)
+    key = base64.b64encode(b"k").decode()
+    log = tmp_path / front.REFUSED_LOG
+    refusals = front.Refusals(tmp_path)
+    log.write_text("".join(f"10.0.0.{n} 412 /v1/fleet/activate-node {key}\n" for n in range(5)))
+    assert len(refusals.read()) == 5 and log.stat().st_size == 0 and refusals.offset == 0
+    with open(log, "a") as more:
+        more.write(f"10.0.0.9 412 /v1/fleet/activate-node {key}\n")
+    assert [address for address, *_ in refusals.read()] == ["10.0.0.9"]

@@ -42,6 +42,7 @@ FLEET_CALLS = (
 )
 REFUSED_STATUSES = (401, 412)  # the SuperLink's answer to a bad signature / an unregistered key
 REFUSED_LOG = "refused.log"
+REFUSED_LOG_CAP = 16 * 1024 * 1024  # bytes read before the log is emptied
 NOT_INSTALLED = "app mode's front needs nginx (Debian: apt-get install nginx-light; the server image has it)"
 
 
@@ -176,6 +177,9 @@ class Refusals:
             return []
         complete = chunk[: chunk.rfind(b"\n") + 1]
         self.offset += len(complete)
+        if self.offset > REFUSED_LOG_CAP and len(complete) == len(chunk):  # a stranger retrying for ever: the log stays small
+            os.truncate(self.path, 0)  # nginx appends (O_APPEND): its next line starts the file again
+            self.offset = 0
         fresh = []
         for line in complete.decode(errors="replace").splitlines():
             parts = line.split(" ")

@@ -153,6 +153,8 @@ def serve(settings: LinkSettings, home: Path) -> int:
         log.warning(node_keys.OFF)
     for stale in node_keys.folder(settings.data_dir).glob("*.registered"):  # registrations of an earlier SuperLink
         stale.unlink(missing_ok=True)
+    stop = threading.Event()
+    threading.Thread(target=_stop_with_the_front, args=(nginx, superlink, stop), name="bouquet-front", daemon=True).start()
     settled = threading.Event()
 
     def relay(signum: int, _frame: object) -> None:
@@ -167,8 +169,6 @@ def serve(settings: LinkSettings, home: Path) -> int:
     settled.set()
     publish(settings, registry, set())
     log.info("partitions: %s", ", ".join(f"{identity} -> {partition}" for identity, partition in sorted(registry.assignments.items(), key=lambda item: item[1])))
-    stop = threading.Event()
-    threading.Thread(target=_stop_with_the_front, args=(nginx, superlink, stop), name="bouquet-front", daemon=True).start()
     threading.Thread(target=watch_newcomers, args=(settings, registry, stop), name="bouquet-newcomers", daemon=True).start()
     threading.Thread(target=front.Refusals(home / "front").watch, args=(stop,), name="bouquet-refusals", daemon=True).start()
     if settings.tls_dir:
