@@ -151,6 +151,9 @@ def test_control_is_served_only_on_the_private_listener_and_only_with_the_submit
         assert caller.post("/v1/control/list-runs", content=b"").status_code == 403
         assert caller.post("/v1/fleet/register-node", content=b"").status_code == 404
         assert caller.get("/openapi.json").status_code == 404
+    token = federation.token_file.read_text().strip()
+    for log in federation.folder.glob("*.log"):
+        assert token not in log.read_text(errors="replace"), f"the submit token is in {log.name}"
 
 
 def test_without_tls_the_link_says_once_that_supernode_authentication_is_off(federation):
