@@ -2,8 +2,9 @@
 # Build Bouquet's server and client images with no container registry and no internet
 # inside the build (air-gapped hosts, and CI on machines that reach no registry):
 #
-#   1. base image bouquet/base:bookworm, made from Debian packages: debootstrap --variant=minbase
-#      with Debian's python3 + python3-venv, then `docker import` (no registry pull);
+#   1. base image bouquet/base:bookworm-nginx, made from Debian packages: debootstrap --variant=minbase
+#      with Debian's python3 + python3-venv and nginx-light (app mode's front, services/appmode/front.py),
+#      then `docker import` (no registry pull);
 #   2. a wheelhouse of requirements.lock (+ the project's build backend), downloaded on the host,
 #      and of your task's extra packages (task/requirements.txt, if there is one) with the
 #      dependencies they add to the lock;
@@ -62,8 +63,9 @@ task_requirements=$repo/task/requirements.txt
 cache=${BOUQUET_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/bouquet}
 wheelhouse=$cache/wheelhouse
 suite=bookworm
-base_image=bouquet/base:$suite
-base_tar=$cache/base-$suite.tar
+base_packages=python3,python3-venv,nginx-light
+base_image=bouquet/base:$suite-nginx  # named by what it adds: an older base without nginx is not taken for it
+base_tar=$cache/base-$suite-nginx.tar
 port=${BOUQUET_WHEEL_PORT:-3141}
 mirror=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 python=${PYTHON:-python3}
@@ -92,8 +94,8 @@ else
         command -v debootstrap >/dev/null || die "debootstrap is not installed (apt-get install debootstrap)"
         rootfs=$(mktemp -d "$cache/rootfs.XXXXXX")
         trap 'rm -rf "$rootfs"' EXIT
-        say "debootstrap --variant=minbase $suite (python3, python3-venv) from $mirror"
-        debootstrap --variant=minbase --include=python3,python3-venv "$suite" "$rootfs" "$mirror" \
+        say "debootstrap --variant=minbase $suite ($base_packages) from $mirror"
+        debootstrap --variant=minbase --include="$base_packages" "$suite" "$rootfs" "$mirror" \
             > "$cache/debootstrap.log" 2>&1 || { tail -n 20 "$cache/debootstrap.log" >&2; die "debootstrap failed (log: $cache/debootstrap.log)"; }
         rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/* "$rootfs"/tmp/* "$rootfs"/var/log/*.log
         tar --numeric-owner -C "$rootfs" -cf "$base_tar.partial" .

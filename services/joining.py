@@ -26,14 +26,20 @@ def token_of(join_token: str | None, join_token_file: str | None) -> str | None:
         raise SettingError("--join-token / FL_JOIN_TOKEN and --join-token-file / FL_JOIN_TOKEN_FILE are both set; give one")
     if join_token_file is None:
         return join_token
+    return token_in_file(join_token_file, "--join-token-file / FL_JOIN_TOKEN_FILE")
+
+
+def token_in_file(file: str, names: str) -> str:
+    """The first line of ``file`` (the join token's, app mode's submit token's), checked as a secret;
+    a file that cannot be read, or holds no usable token, is a bad setting ``names``."""
     try:
-        text = Path(join_token_file).read_text().splitlines()
+        text = Path(file).read_text().splitlines()
     except (OSError, UnicodeDecodeError) as problem:
-        raise SettingError(f"--join-token-file / FL_JOIN_TOKEN_FILE = {join_token_file!r}: cannot read it ({type(problem).__name__}: {problem.strerror if isinstance(problem, OSError) else problem})") from None
+        raise SettingError(f"{names} = {file!r}: cannot read it ({type(problem).__name__}: {problem.strerror if isinstance(problem, OSError) else problem})") from None
     try:
         return secret(text[0] if text else "")
     except ValueError as allowed:
-        raise SettingError(f"--join-token-file / FL_JOIN_TOKEN_FILE = {join_token_file!r}: its first line {allowed}") from None
+        raise SettingError(f"{names} = {file!r}: its first line {allowed}") from None
 
 
 def new_token() -> str:
@@ -71,7 +77,7 @@ def write_token(path: Path) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m services.joining PATH [GROUP]``: compose's one-shot join-secret service. Makes
-    the deployment's token once (a later `up` keeps it) and, given GROUP, gives the file to it
+    the deployment's token (the join token; app mode's submit token) once (a later `up` keeps it) and, given GROUP, gives the file to it
     (compose: bouquet, which the server and every replica run with); prints whether it made
     one, never the token."""
     args = sys.argv[1:] if argv is None else argv
@@ -85,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
 
         os.chown(path, -1, grp.getgrnam(group).gr_gid)
         os.chmod(path, 0o440)
-    print(f"services.joining: join token {'created' if created else 'kept'} in {path} (mode {path.stat().st_mode & 0o777:o})", file=sys.stderr)
+    print(f"services.joining: token {'created' if created else 'kept'} in {path} (mode {path.stat().st_mode & 0o777:o})", file=sys.stderr)
     return 0
 
 

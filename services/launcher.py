@@ -121,6 +121,16 @@ def throwaway_certificates() -> Path:
     return folder
 
 
+def submit_token_file() -> Path:
+    """App mode's submit token (new for the run) in a private temporary folder, for the server's
+    front and for submit: the Control listener serves only its holders; deleted at the end."""
+    folder = Path(tempfile.mkdtemp(prefix="bouquet-submit-"))  # mode 0700
+    path = folder / "submit-token"
+    path.write_text(joining.new_token() + "\n")
+    path.chmod(0o600)
+    return path
+
+
 def join_token_file(token: str | None) -> Path:
     """The run's join token (--join-token, else a new one) in a private temporary folder, passed
     to the server and the clients as FL_JOIN_TOKEN_FILE: never on a command line (`ps` shows
@@ -300,13 +310,19 @@ def final_line(result: dict[str, Any], seconds: float) -> str:
 
 
 # -- app mode ---------------------------------------------------------------------------------
-# One link (the SuperLink on 127.0.0.1:<free port>, the federation settled on N with no grace),
+# One link (the front on 127.0.0.1:<free port> for the SuperNodes, its Control listener on another
+# for submit with the run's submit token, the SuperLink behind them; the federation settled on N with no grace),
 # N node agents (client-0 .. client-<N-1>, each with its SuperNode and warm process), one
 # submission (`flwr run --stream`, shown as it comes) and with --monitor the memory monitor;
 # everything is stopped at the end and the logs land in <run folder>/logs/. The exit code is
 # the run's (services.appmode.submit).
 
 class AppFederation(Federation):
+    def __init__(self, values: LauncherSettings, submit_token: Path) -> None:
+        super().__init__(values)
+        self.submit_token = submit_token  # private file: the front's Control listener asks submit for it
+        self.control_address = f"127.0.0.1:{free_port()}"
+
     def run(self) -> int:
         v = self.values
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -314,10 +330,11 @@ class AppFederation(Federation):
         common = ["--data-dir", v.data_dir, *(["--tls-dir", v.tls_dir] if v.tls_dir else [])]
         if uses_pool(v):  # first: every node's ClientApp workers are forked by it
             self.start("worker-pool", ["-m", "services.pool"], {**pool_environment(v), "FL_MODE": "app"})
+        control = ["--submit-token-file", str(self.submit_token)]
         # Through the server's and client's own commands with --mode app, as compose runs them:
         # the memory monitor knows those programs (and FL_CLIENT_ID names each replica).
         self.start("server", ["-m", "services.server", "--mode", "app", "--listen-address", v.listen_address, "--min-clients", str(v.clients), "--join-grace", "0",
-                              "--join-timeout", str(v.join_timeout), "--results-dir", str(v.results_dir), *common,
+                              "--join-timeout", str(v.join_timeout), "--results-dir", str(v.results_dir), *common, *control, "--control-address", self.control_address,
                               *(["--max-update-norm", repr(v.max_update_norm)] if v.max_update_norm is not None else [])])
         address = v.listen_address.replace("0.0.0.0", "127.0.0.1")
         node_names = [s.name for s in settings_module.declared(LocalSettings)] + ["connect_timeout", "worker_timeout"]
@@ -326,7 +343,7 @@ class AppFederation(Federation):
             self.start(f"client-{index}", ["-m", "services.client", "--mode", "app", "--server-address", address, *node_flags], {"FL_CLIENT_ID": f"client-{index}"})
         if v.monitor:
             self.start("monitor", ["-m", "services.monitor", "--results-dir", str(v.results_dir), "--run-id", self.run_id, "--monitor-scope", "launcher"])
-        submit = ["-m", "services.appmode.submit", "--app", str(v.app), "--server-address", address, "--results-dir", v.results_dir, "--run-id", self.run_id, *common]
+        submit = ["-m", "services.appmode.submit", "--app", str(v.app), "--server-address", self.control_address, "--results-dir", v.results_dir, "--run-id", self.run_id, *common, *control]
         if v.app_run_config:
             submit += ["--app-run-config", v.app_run_config]
         self.start("submit", submit)
@@ -377,9 +394,9 @@ class AppFederation(Federation):
             console.print(complete.decode(errors="replace"), end="", markup=False, highlight=False)
         return shown + len(complete)
 
-def run_app(values: LauncherSettings) -> int:
+def run_app(values: LauncherSettings, submit_token: Path) -> int:
     """App mode (--app or FL_MODE=app): SuperLink, N SuperNodes, one streamed submission; exit code = the run's."""
-    federation = AppFederation(values)
+    federation = AppFederation(values, submit_token)
     try:
         code = federation.run()
     except KeyboardInterrupt:
@@ -395,11 +412,13 @@ def main(argv: list[str] | None = None) -> int:
     if certificates is not None:
         values = dataclasses.replace(values, tls_dir=str(certificates))
     if values.app is not None or values.mode == "app":
+        submit_token = submit_token_file()
         try:
-            return run_app(values)
+            return run_app(values, submit_token)
         finally:
             if certificates is not None:
                 shutil.rmtree(certificates, ignore_errors=True)
+            shutil.rmtree(submit_token.parent, ignore_errors=True)
     token = join_token_file(values.join_token)
     values = dataclasses.replace(values, join_token=None, join_token_file=None)
     federation = Federation(values)

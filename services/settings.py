@@ -612,6 +612,8 @@ class LinkSettings(EngineSettings):
     tls_dir: str | None = reuse(LocalSettings, "tls_dir")
     results_dir: str = reuse(ServerSettings, "results_dir")
     max_update_norm: float | None = reuse(ServerSettings, "max_update_norm")
+    control_address: str = setting(address, "0.0.0.0:9095", "(app mode) address of the front's private Control listener (submit, flwr run, flwr ls), served only to requests that carry the submit token; never publish it beyond the hosts that submit (compose: inside the compose network; docker-compose.publish.yml: 127.0.0.1)")
+    submit_token_file: str | None = setting(optional(path), None, "(app mode) file holding the submit token (first line): the secret that Control asks of submit and of your own flwr (compose: written once per deployment into the submit-secret volume, which only the server and submit mount); unset on the server: no Control listener at all")
     serverapp_gpus: bool = setting(boolean, False, "(app mode) let the ServerApp process see the GPUs (off: CUDA_VISIBLE_DEVICES is empty for it, so a ServerApp that evaluates centrally does it on the CPU and holds no GPU memory for the whole run)")
 
 
@@ -630,6 +632,7 @@ class SubmitSettings(EngineSettings):
     app: str = setting(path, "app", "(app mode) folder of the Flower App to run (its pyproject.toml has [tool.flwr.app]; compose: the task folder)")
     app_run_config: str | None = setting(optional(str), None, "(app mode) the run config overrides passed to flwr run --run-config, as \"key=value key2=value2\" (TOML values)")
     server_address: str = reuse(ClientSettings, "server_address")
+    submit_token_file: str | None = reuse(LinkSettings, "submit_token_file")
     tls_dir: str | None = reuse(LocalSettings, "tls_dir")
     data_dir: str = reuse(LocalSettings, "data_dir")
     results_dir: str = reuse(ServerSettings, "results_dir")

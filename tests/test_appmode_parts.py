@@ -62,7 +62,7 @@ def test_a_nodes_runtime_api_gives_nothing_to_a_caller_without_its_secret_or_a_t
 
     settings = NodeSettings(server_address="127.0.0.1:1", tls_dir=None)
     runtime = f"127.0.0.1:{free_port()}"
-    command = supernode_command(settings, NodePlace("client-0", 0, 1), runtime, write_secret(tmp_path))
+    command = supernode_command(settings, NodePlace("client-0", 0, 1), runtime, write_secret(tmp_path), [])
     node = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **flower.OFFLINE, "FLWR_HOME": str(tmp_path / "home")})
     try:
         def status(route: str) -> int:

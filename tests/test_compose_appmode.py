@@ -41,7 +41,9 @@ def image_overlay(tmp_path: Path) -> str:
         return "docker-compose.yml"
     overlay = tmp_path / "images.yml"
     server = f"    image: bouquet/server:{tag}\n"
-    overlay.write_text("services:\n" + "".join(f"  {name}:\n{server}" for name in ("check", "server", "submit", "gpu-monitor")) + "".join(f"  {name}:\n    image: bouquet/client:{tag}\n" for name in ("client", "worker-pool")))
+    client = f"    image: bouquet/client:{tag}\n"
+    overlay.write_text("services:\n" + "".join(f"  {name}:\n{server}" for name in ("join-secret", "check", "server", "submit", "gpu-monitor"))
+                       + "".join(f"  {name}:\n{client}" for name in ("client", "worker-pool")))
     return f"docker-compose.yml:{overlay}"
 
 
@@ -91,5 +93,54 @@ def test_app_mode_scale_runs_the_flower_app_on_every_replica(tmp_path: Path, imp
         assert any(row["replica"] == "worker-pool" for row in table), "the pool is not a line of its own"
         memory = json.loads((run_dir / "memory_summary.json").read_text())
         assert memory["verdict"]["ok"] is True, memory["verdict"]["text"]
+    finally:
+        stack.down()
+
+
+STRANGER_CALLS = [("POST", "/v1/control/register-node"), ("POST", "/v1/control/start-run"), ("POST", "/v1/control/list-runs"),
+                  ("POST", "/v1/runtime/acquire-task"), ("GET", "/openapi.json"), ("GET", "/docs")]
+
+
+@pytest.mark.docker
+@pytest.mark.timeout(1500)
+def test_app_mode_over_tls_shows_strangers_only_the_fleet_calls_and_submits_through_the_private_control_port(tmp_path: Path) -> None:
+    """As docs/appmode.md runs it with docker-compose.tls.yml and docker-compose.publish.yml: the
+    published :8080 answers a stranger's Control, Runtime and API-page calls 404, the published
+    Control port 403 without the submit token; `run --rm submit` completes on both replicas,
+    whose SuperNode keys the server registered."""
+    import httpx
+
+    from services.certs import make_certificates
+    from services.net import free_port
+
+    compose = _docker_ready("v2")
+    results, certs = tmp_path / "results", tmp_path / "certs"
+    results.mkdir()
+    results.chmod(0o777)
+    make_certificates(certs, ["server", "localhost"], ["127.0.0.1"])
+    if os.geteuid() == 0:  # as a user would have them: certificates owned by one (non-root) user
+        for path in (certs, *certs.iterdir()):
+            os.chown(path, 1000, 1000)
+    published, control = free_port(), free_port()
+    stack = Stack(compose, results, "appfront", FL_MODE="app", BOUQUET_TASK_DIR=str(app_folder(tmp_path)), FL_RUN_ID="front",
+                  FL_APP_RUN_CONFIG="num-server-rounds=1", FL_TORCH_THREADS="1", BOUQUET_TLS_DIR=str(certs),
+                  BOUQUET_SERVER_PORT=str(published), BOUQUET_CONTROL_PORT=str(control))
+    stack.env["COMPOSE_FILE"] = f"{image_overlay(tmp_path)}:docker-compose.tls.yml:docker-compose.publish.yml"
+    logs = stack.logs
+    try:
+        stack.run("up", "--detach", "--no-build", "--scale", "client=2")
+        submitted = stack.run("run", "--rm", "submit", timeout=1200, check=False)
+        context = f"\n{submitted.stdout[-3000:]}{submitted.stderr[-2000:]}\n{logs()}"
+        assert submitted.returncode == 0, context
+        summary = json.loads((results / "front" / "summary.json").read_text())
+        assert summary["status"] == "completed" and sorted(summary["partitions"].values()) == [0, 1], context
+        with httpx.Client(base_url=f"https://127.0.0.1:{published}", verify=str(certs / "ca.crt"), timeout=30) as stranger:
+            answers = {path: stranger.request(method, path, content=b"").status_code for method, path in STRANGER_CALLS}
+        assert answers == {path: 404 for _, path in STRANGER_CALLS}
+        with httpx.Client(base_url=f"https://127.0.0.1:{control}", verify=str(certs / "ca.crt"), timeout=30) as caller:
+            assert caller.post("/v1/control/list-runs", content=b"").status_code == 403
+        server_log = stack.run("logs", "--no-color", "server", check=False).stdout
+        assert server_log.count("SuperNode key") >= 2 and "registered" in server_log, server_log[-3000:]
+        assert "Bearer" not in server_log and "SuperNode authentication is off" not in server_log
     finally:
         stack.down()

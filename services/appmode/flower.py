@@ -10,6 +10,7 @@ environment. SuperExec starts ``flwr-clientapp`` (on a SuperNode, for every mess
 
 from __future__ import annotations
 
+import base64
 import os
 import sys
 from pathlib import Path
@@ -41,10 +42,20 @@ def install_program(folder: Path, name: str, source: str) -> Path:
     return target
 
 
-def write_cli_config(flwr_home: Path, address: str, root_certificates: str | None) -> str:
-    """``$FLWR_HOME/config.toml`` naming the SuperLink as connection "bouquet"; returns that name."""
-    flwr_home.mkdir(parents=True, exist_ok=True)
+def write_cli_config(flwr_home: Path, address: str, root_certificates: str | None, submit_token: str | None = None) -> str:
+    """``$FLWR_HOME/config.toml`` naming the SuperLink as connection "bouquet"; returns that name.
+    With ``submit_token``, ``flwr`` sends it on every Control call as ``Authorization: Bearer``,
+    which the front's Control listener asks for: stored as the access token in flwr's own
+    credential file, under the account-auth type whose CLI plugin sends it (OIDC's; nothing else
+    of OIDC is used, and the front never answers 401, so flwr never tries to refresh it)."""
+    flwr_home.mkdir(mode=0o700, parents=True, exist_ok=True)
     security = f'root-certificates = "{root_certificates}"' if root_certificates else "insecure = true"
     (flwr_home / "config.toml").write_text(f'[superlink]\ndefault = "bouquet"\n\n[superlink.bouquet]\naddress = "{address}"\n{security}\n')
+    credentials = flwr_home / "credentials.yaml"
+    if submit_token is None:
+        credentials.unlink(missing_ok=True)
+        return "bouquet"
+    stored = {"authn-type": "oidc", "oidc-access-token": submit_token, "oidc-refresh-token": "unused"}
+    credentials.touch(mode=0o600)
+    credentials.write_text("".join(f"flower.account-auth.{address}.{key}: {base64.b64encode(value.encode()).decode()}\n" for key, value in stored.items()))
     return "bouquet"
-

@@ -8,8 +8,11 @@ get partitions 0..n-1 (``services.server.registry``), written atomically to the 
 turned away (idle), or takes a partition whose holder left. If the link restarts while replicas
 it settled still run, their partitions are kept; otherwise it settles anew.
 
-Then ``flower-superlink`` runs as this process's child on FL_LISTEN_ADDRESS (TLS with Bouquet's
-certificates when FL_TLS_DIR is set), without installing app dependencies at run time. The
+Then ``flower-superlink`` runs as this process's child on 127.0.0.1 only (TLS with Bouquet's
+certificates when FL_TLS_DIR is set, and then ``--enable-supernode-auth``: ``node_keys``), without
+installing app dependencies at run time, behind the ``front`` (nginx): FL_LISTEN_ADDRESS serves
+only the SuperNodes' Fleet calls, FL_CONTROL_ADDRESS only Control, for whoever holds the submit
+token (FL_SUBMIT_TOKEN_FILE; unset: no Control listener). The
 ServerApp runs in the ``flwr-serverapp`` process the SuperLink starts for each run, in that run's
 folder (``serverapp_shim``: what it saves lands in ``<run folder>/serverapp/``), with every
 ClientApp reply checked (``serverapp``; FL_MAX_UPDATE_NORM clips as in task mode); by default it
@@ -28,10 +31,11 @@ import tempfile
 import threading
 from pathlib import Path
 
-from services import logs, roster, tls
+from services import joining, logs, roster, tls
 from services import settings as settings_module
-from services.appmode import assignment, flower, serverapp_shim
+from services.appmode import assignment, flower, front, node_keys, serverapp_shim
 from services.lifetime import die_with_parent
+from services.net import free_port, wait_until_listening
 from services.server.membership import Membership
 from services.server.registry import PartitionRegistry
 from services.settings import LinkSettings
@@ -39,11 +43,18 @@ from services.settings import LinkSettings
 log = logging.getLogger("bouquet.link")
 
 WATCH_S = 1.0  # how often replicas that started after settling are looked for
+SUBMIT_TOKEN_NAMES = "--submit-token-file / FL_SUBMIT_TOKEN_FILE"
 
 
 def validate(values: LinkSettings) -> LinkSettings:
     if values.tls_dir is not None:
         tls.server_files(values.tls_dir)
+    if values.submit_token_file is not None:
+        joining.token_in_file(values.submit_token_file, SUBMIT_TOKEN_NAMES)
+    if values.control_address == values.listen_address:
+        raise settings_module.SettingError(f"--control-address / FL_CONTROL_ADDRESS = {values.control_address!r}: the same as FL_LISTEN_ADDRESS; Control needs a port of its own, never published")
+    if front.nginx_program() is None:
+        raise settings_module.SettingError(f"FL_MODE = 'app': {front.NOT_INSTALLED}")
     return values
 
 
@@ -85,14 +96,15 @@ def watch_newcomers(settings: LinkSettings, registry: PartitionRegistry, stop: t
             publish(settings, registry, turned_away)
 
 
-def superlink_command(settings: LinkSettings) -> list[str]:
-    host, _, port = settings.listen_address.rpartition(":")
+def superlink_command(settings: LinkSettings, port: int) -> list[str]:
+    """On 127.0.0.1 only: the front, the link and the ServerApp reach it there, nobody else."""
     if settings.tls_dir:
         folder = Path(settings.tls_dir)
-        security = ["--ssl-ca-certfile", str(folder / "ca.crt"), "--ssl-certfile", str(folder / "server.crt"), "--ssl-keyfile", str(folder / "server.key")]
+        security = ["--ssl-ca-certfile", str(folder / "ca.crt"), "--ssl-certfile", str(folder / "server.crt"), "--ssl-keyfile", str(folder / "server.key"),
+                    "--enable-supernode-auth"]
     else:
-        security = ["--insecure"]
-    return [flower.program("flower-superlink"), *security, "--disable-runtime-dependency-installation", "--host", host.strip("[]"), "--port", port]
+        security = ["--insecure"]  # Flower refuses SuperNode auth without TLS
+    return [flower.program("flower-superlink"), *security, "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(port)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,8 +120,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def serve(settings: LinkSettings, home: Path) -> int:
-    """The SuperLink first: compose's health check (and the nodes' connection retries) wait for
-    its port; the nodes start their SuperNodes only once they know their partition."""
+    """The SuperLink first, then the front once the SuperLink listens: compose's health check (and
+    the nodes' connection retries) wait for the front's port; the nodes start their SuperNodes
+    only once they know their partition (and, with TLS, once their key is registered). The
+    SuperLink stops when the front dies: nothing could reach it any more."""
     hidden = {} if settings.serverapp_gpus else {"CUDA_VISIBLE_DEVICES": ""}
     shim_dir = flower.install_program(home / "bin", "flwr-serverapp", serverapp_shim.__file__).parent
     in_run_folder = {
@@ -119,12 +133,28 @@ def serve(settings: LinkSettings, home: Path) -> int:
         serverapp_shim.MAX_NORM_VARIABLE: "" if settings.max_update_norm is None else repr(settings.max_update_norm),
     }
     env = flower.environment(home, shim_dir=shim_dir, extra={**hidden, **in_run_folder})
-    superlink = subprocess.Popen(superlink_command(settings), env=env, preexec_fn=die_with_parent)  # SIGTERM when this process dies, however it dies
-    log.info("flower-superlink (pid %d) on %s%s", superlink.pid, settings.listen_address, "" if settings.serverapp_gpus else "; the ServerApp sees no GPU (FL_SERVERAPP_GPUS)")
-    log.warning("app mode: whoever reaches %s may join as a SuperNode and use the Control API (submit or stop runs): open-source Flower 1.42 "
-                "has no account authentication for it (FLWR_OIDC_ENABLED is Flower's enterprise plugin), so SuperNode authentication could be "
-                "bypassed too; the join token is task mode's. Keep the port inside the compose network or a private one (docs/security.md: \"Who may join\")",
-                settings.listen_address)
+    port = free_port()
+    superlink = subprocess.Popen(superlink_command(settings, port), env=env, preexec_fn=die_with_parent)  # SIGTERM when this process dies, however it dies
+    log.info("flower-superlink (pid %d) on 127.0.0.1:%d%s", superlink.pid, port, "" if settings.serverapp_gpus else "; the ServerApp sees no GPU (FL_SERVERAPP_GPUS)")
+    token = joining.token_in_file(settings.submit_token_file, SUBMIT_TOKEN_NAMES) if settings.submit_token_file else None
+    plan = front.Plan(settings.listen_address, port, settings.tls_dir, settings.control_address if token else None, token)
+    try:
+        wait_until_listening(f"127.0.0.1:{port}", superlink, 300, "flower-superlink")  # a loaded host: tens of seconds
+        nginx = front.start(plan, home / "front")
+        wait_until_listening(_local(settings.listen_address), nginx, 30, "the front (nginx)")
+    except RuntimeError as problem:
+        log.error("%s", problem)
+        superlink.terminate()
+        superlink.wait()
+        return 1
+    log.info("front (nginx, pid %d): SuperNodes' Fleet calls only on %s%s", nginx.pid, settings.listen_address,
+             f"; Control on {settings.control_address} for the submit token's holders" if token else "; no Control listener (FL_SUBMIT_TOKEN_FILE unset): runs start only from inside the server")
+    if not settings.tls_dir:
+        log.warning(node_keys.OFF)
+    for stale in node_keys.folder(settings.data_dir).glob("*.registered"):  # registrations of an earlier SuperLink
+        stale.unlink(missing_ok=True)
+    stop = threading.Event()
+    threading.Thread(target=_stop_with_the_front, args=(nginx, superlink, stop), name="bouquet-front", daemon=True).start()
     settled = threading.Event()
 
     def relay(signum: int, _frame: object) -> None:
@@ -139,12 +169,37 @@ def serve(settings: LinkSettings, home: Path) -> int:
     settled.set()
     publish(settings, registry, set())
     log.info("partitions: %s", ", ".join(f"{identity} -> {partition}" for identity, partition in sorted(registry.assignments.items(), key=lambda item: item[1])))
-    stop = threading.Event()
     threading.Thread(target=watch_newcomers, args=(settings, registry, stop), name="bouquet-newcomers", daemon=True).start()
+    threading.Thread(target=front.Refusals(home / "front").watch, args=(stop,), name="bouquet-refusals", daemon=True).start()
+    if settings.tls_dir:
+        def settled_identities() -> set[str]:
+            current = assignment.read(settings.data_dir)
+            return set() if current is None else set(current.partitions)
+
+        registrar = node_keys.Registrar(settings.data_dir, node_keys.control_client(port, str(Path(settings.tls_dir) / "ca.crt")), settled_identities)
+        threading.Thread(target=registrar.watch, args=(stop,), name="bouquet-node-keys", daemon=True).start()
     code = superlink.wait()
     stop.set()
+    if code == -signal.SIGTERM and nginx.poll() is not None and nginx.returncode != 0:
+        code = 1  # stopped because the front died: a failure, not a requested stop
+    if nginx.poll() is None:
+        nginx.terminate()
+        nginx.wait()
     log.info("flower-superlink exited with code %d", code)
     return 0 if code in (0, -signal.SIGTERM, -signal.SIGINT) else code
+
+
+def _stop_with_the_front(nginx: subprocess.Popen, superlink: subprocess.Popen, stop: threading.Event) -> None:
+    code = nginx.wait()
+    if not stop.is_set() and superlink.poll() is None:
+        log.error("the front (nginx) exited with code %d: no SuperNode and no submission can reach the SuperLink any more; stopping it", code)
+        superlink.terminate()
+
+
+def _local(address: str) -> str:
+    """Where this container reaches its own listener at ``address`` (0.0.0.0 / :: mean loopback)."""
+    host, _, port = address.rpartition(":")
+    return f"127.0.0.1:{port}" if host.strip("[]") in ("0.0.0.0", "::", "") else address
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from services import logs, roster, tls, worker
 from services import settings as settings_module
-from services.appmode import assignment, flower, records, shim
+from services.appmode import assignment, flower, node_keys, records, shim
 from services.appmode.launches import Launches, NodePlace
 from services.lifetime import die_with_parent
 from services.net import free_port
@@ -93,7 +93,7 @@ class _LaunchServer(socketserver.ThreadingUnixStreamServer):
         super().__init__(path, _LaunchHandler)
 
 
-def supernode_command(settings: NodeSettings, place: NodePlace, runtime: str, secret_file: Path) -> list[str]:
+def supernode_command(settings: NodeSettings, place: NodePlace, runtime: str, secret_file: Path, auth: list[str]) -> list[str]:
     """The SuperNode in process isolation: it launches nothing itself; its runtime API (at
     ``runtime``) hands tasks only to a SuperExec holding the node's secret."""
     security = ["--root-certificates", str(Path(settings.tls_dir) / "ca.crt")] if settings.tls_dir else ["--insecure"]
@@ -101,7 +101,7 @@ def supernode_command(settings: NodeSettings, place: NodePlace, runtime: str, se
     return [
         flower.program("flower-supernode"), *security, "--superlink", settings.server_address,
         "--isolation", "process", "--superexec-auth-secret-file", str(secret_file), "--host", host, "--port", port,
-        "--node-config", f"partition-id={place.partition} num-partitions={place.num_partitions}",
+        "--node-config", f"partition-id={place.partition} num-partitions={place.num_partitions}", *auth,
     ]
 
 
@@ -167,7 +167,7 @@ def run(settings: NodeSettings, identity: str) -> int:
     env = {**env, "BOUQUET_NODE_SOCKET": socket_path, "BOUQUET_PYTHON": sys.executable}
     runtime = runtime_address(pool)
     secret = write_secret(launches.scratch)
-    supernode = subprocess.Popen(supernode_command(settings, place, runtime, secret), env=env, preexec_fn=die_with_parent)  # SIGTERM when this process dies, however it dies
+    supernode = subprocess.Popen(supernode_command(settings, place, runtime, secret, node_keys.supernode_arguments(settings.tls_dir, settings.data_dir, identity, home, settings.connect_timeout)), env=env, preexec_fn=die_with_parent)  # SIGTERM when this process dies, however it dies
     superexec = subprocess.Popen(superexec_command(runtime, secret), env=env, preexec_fn=die_with_parent)
     log.info("flower-supernode (pid %d, runtime API %s) and flower-superexec (pid %d) started for %s", supernode.pid, runtime, superexec.pid, settings.server_address)
 

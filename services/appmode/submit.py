@@ -23,14 +23,16 @@ import json
 import logging
 import re
 import signal
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from services import logs, tls
+from services import joining, logs, tls
 from services import settings as settings_module
 from services.tracking.run import APP_MODE, RunTracking
 from services.appmode import assignment, evaluations, flower, records, serverapp_shim
@@ -57,6 +59,9 @@ def validate(values: SubmitSettings) -> SubmitSettings:
         raise settings_module.SettingError(f"--app / FL_APP = {values.app!r}: not a Flower App folder (needs a pyproject.toml with [tool.flwr.app])")
     if values.tls_dir is not None:
         tls.client_ca(values.tls_dir)
+    token_file = getattr(values, "submit_token_file", None)  # run_local checks its settings here too, and makes its own token
+    if token_file is not None:
+        joining.token_in_file(token_file, "--submit-token-file / FL_SUBMIT_TOKEN_FILE")
     if values.run_id and (Path(values.results_dir) / values.run_id / "summary.json").exists():
         raise settings_module.SettingError(
             f"--run-id / FL_RUN_ID = {values.run_id!r}: {Path(values.results_dir) / values.run_id} holds a finished run (summary.json), "
@@ -71,9 +76,11 @@ class Submission:
         self.run_id = settings.run_id or new_run_id()
         self.folder = Path(settings.results_dir).resolve() / self.run_id
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.home = self.folder / ".flwr-home"
+        # flwr's config and the submit token as its credential: private (0700), never in the run folder
+        self.home = Path(tempfile.mkdtemp(prefix="bouquet-flwr-cli-"))
         ca = str((Path(settings.tls_dir) / "ca.crt").resolve()) if settings.tls_dir else None
-        flower.write_cli_config(self.home, settings.server_address, ca)
+        token = joining.token_in_file(settings.submit_token_file, "--submit-token-file / FL_SUBMIT_TOKEN_FILE") if settings.submit_token_file else None
+        flower.write_cli_config(self.home, settings.server_address, ca, token)
         self.env = flower.environment(self.home)
         self.foreign: int | None = None  # SuperNodes online at submission that Bouquet did not settle
         self.round_starts: list[tuple[int, float]] = []  # Flower's "[ROUND k/N]" lines, as they came
@@ -103,7 +110,7 @@ class Submission:
                     self.foreign = online - wanted
                     if self.foreign:
                         log.warning("%d SuperNode(s) online that are not among the %d Bouquet settled: the ServerApp will send them messages too "
-                                    "(open-source Flower 1.42's SuperLink takes any SuperNode that reaches its port; docs/security.md: \"Who may join\")", self.foreign, wanted)
+                                    "(without TLS, SuperNode authentication is off and any SuperNode that reaches the published port may join; docs/security.md: \"Who may join\")", self.foreign, wanted)
                     return None
             time.sleep(1.0)
         return "the federation was not settled" if wanted is None else f"fewer than the {wanted} settled SuperNodes came online"
@@ -288,7 +295,10 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     submission = Submission(settings)
-    code = submission.run()
+    try:
+        code = submission.run()
+    finally:
+        shutil.rmtree(submission.home, ignore_errors=True)
     print(submission.folder)
     alone.release()
     return code
