@@ -1,13 +1,15 @@
-"""``python -m services.appmode.node``: one client replica in app mode (a SuperNode and its warm process).
+"""``python -m services.appmode.node``: one client replica in app mode (a SuperNode, its SuperExec and its workers).
 
 Every replica runs the same command. The agent announces itself on the shared data folder
 (``services.roster``, as task mode's client does) the moment it starts, waits for the link to
-settle the federation and name its partition (``assignment``), starts its warm forkserver
-(torch and flwr's ClientApp runtime imported, CUDA never touched), serves launch requests on a
-Unix socket, and then runs ``flower-supernode`` as its child with the node config
-``partition-id=i num-partitions=n`` and a PATH whose first entry holds Bouquet's
-``flwr-clientapp``. The SuperNode dies with the agent (parent-death signal); the agent exits
-with the SuperNode's code and passes SIGTERM / SIGINT on. Never imports torch.
+settle the federation and name its partition (``assignment``), greets the host's worker pool
+(or starts a warm forkserver of its own with FL_WORKER_POOL=replica: torch and flwr's ClientApp
+runtime imported, CUDA never touched), serves launch requests on a Unix socket, and then runs
+``flower-supernode --isolation process`` with the node config ``partition-id=i num-partitions=n``
+and Flower's own ``flower-superexec`` as its children, sharing a secret of their own, with a
+PATH whose first entry holds Bouquet's ``flwr-clientapp``. Both die with the agent
+(parent-death signal); the agent exits with the SuperNode's code (failure if SuperExec ends
+first) and passes SIGTERM / SIGINT on. Never imports torch.
 """
 
 from __future__ import annotations
@@ -171,7 +173,10 @@ def run(settings: NodeSettings, identity: str) -> int:
     superexec = subprocess.Popen(superexec_command(runtime, secret), env=env, preexec_fn=die_with_parent)
     log.info("flower-supernode (pid %d, runtime API %s) and flower-superexec (pid %d) started for %s", supernode.pid, runtime, superexec.pid, settings.server_address)
 
+    stopping = []
+
     def relay(signum: int, _frame: object) -> None:
+        stopping.append(signum)
         for process in (supernode, superexec):
             if process.poll() is None:
                 process.send_signal(signum)
@@ -180,8 +185,11 @@ def run(settings: NodeSettings, identity: str) -> int:
     signal.signal(signal.SIGINT, relay)
     first = _first_to_end(supernode, superexec)
     code = first.returncode
-    if first is superexec:
+    if first is superexec and not stopping:
         log.error("flower-superexec exited with code %d: this node can run no more messages; stopping its SuperNode", code)
+        code = 1  # a node without its SuperExec has failed, however SuperExec ended (compose restarts the replica)
+        supernode.terminate()
+    elif first is superexec:
         supernode.terminate()
     else:
         superexec.terminate()
