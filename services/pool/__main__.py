@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -24,16 +25,25 @@ from services.settings import PoolSettings
 log = logging.getLogger("bouquet.pool")
 
 
-
 def main(argv: list[str] | None = None) -> int:
     settings = settings_module.parse(PoolSettings, argv, program="services.pool", description=__doc__, validate=check_setting)
     logs.setup()
+    # App mode: the ClientApp workers install and run the Apps in a FLWR_HOME of the pool's own
+    # (0700), not in a volume the replicas can write to; flwr reads these at import. Removed at exit.
+    home = tempfile.mkdtemp(prefix="bouquet-pool-flwr-home-") if settings.mode == "app" else None
+    if home is not None:
+        os.environ.update({**flower.OFFLINE, "FLWR_HOME": home})
+    try:
+        return serve(settings)
+    finally:
+        if home is not None:
+            shutil.rmtree(home, ignore_errors=True)
+
+
+def serve(settings: PoolSettings) -> int:
+    """Import the preloads, claim the socket, fork workers until the pool's end."""
     path = socket_path(settings)
     started = time.monotonic()
-    if settings.mode == "app":
-        # The ClientApp workers install and run the Apps in a FLWR_HOME of the pool's own (0700),
-        # not in a volume the replicas can write to; flwr reads these at import.
-        os.environ.update({**flower.OFFLINE, "FLWR_HOME": tempfile.mkdtemp(prefix="bouquet-pool-flwr-home-")})
     mode_preload = flower.CLIENTAPP_PRELOAD if settings.mode == "app" else []
     preload = list(dict.fromkeys([*worker.FORKSERVER_PRELOAD, *mode_preload, *(settings.worker_preload or [])]))
     for name in preload:  # what multiprocessing's forkserver would import: torch, never CUDA
