@@ -25,7 +25,8 @@ from typing import IO, Any, Iterator
 METRICS = "metrics.jsonl"  # in a run folder: one JSON line per finished round, appended by the server
 SERVERAPP_FOLDER = "serverapp"  # in an app-mode run folder: the ServerApp's working folder, what it saved
 MESSAGES = "messages.jsonl"  # in an app-mode run folder: one JSON line per ClientApp message
-REPLY_CHECKS = "reply-checks.jsonl"  # in an app-mode run folder: the ServerApp process's refused (and clipped) ClientApp replies
+REPLY_CHECKS = "reply-checks.jsonl"  # in an app-mode run folder: the ServerApp process's refused (and clipped) ClientApp replies, and those it stopped waiting for
+ROUND_STARTS = "round-starts.jsonl"  # in an app-mode run folder: when the ServerApp started each round, and which replicas ran then
 FLWR_RUN_LOG = "flwr-run.log"  # in an app-mode run folder: what `flwr run --stream` printed
 
 

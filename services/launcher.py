@@ -293,12 +293,22 @@ def missed_rounds_lines(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def say_the_end(run_path: Path, seconds: float) -> None:
+    """The partitions that missed rounds, the final line (both from summary.json), the run folder."""
+    summary = run_path / "summary.json"
+    if summary.exists():
+        result = json.loads(summary.read_text())
+        for line in (*missed_rounds_lines(result), final_line(result, seconds)):
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
+    print(run_path if run_path.exists() else "(no run folder was created)")
+
+
 def final_line(result: dict[str, Any], seconds: float) -> str:
     """The launcher's last line before the run folder: short enough for an 80-column terminal,
     accuracy rounded, and the partitions that missed rounds counted (a completed run may have some)."""
     accuracy = result.get("final_accuracy")
     parts = [
-        f"{result['status']}: {result['rounds_completed']}/{result['rounds_requested']} rounds",
+        f"{result['status']}: {result['rounds_completed']}/{result.get('rounds_requested') or '?'} rounds",  # app mode: None when the ServerApp logs no rounds
         f"accuracy {accuracy:.4f}" if isinstance(accuracy, (int, float)) else "no accuracy",
         f"{seconds:.1f} s",
     ]
@@ -335,6 +345,7 @@ class AppFederation(Federation):
         # the memory monitor knows those programs (and FL_CLIENT_ID names each replica).
         self.start("server", ["-m", "services.server", "--mode", "app", "--listen-address", v.listen_address, "--min-clients", str(v.clients), "--join-grace", "0",
                               "--join-timeout", str(v.join_timeout), "--results-dir", str(v.results_dir), *common, *control, "--control-address", self.control_address,
+                              "--worker-timeout", repr(v.worker_timeout),  # the ServerApp waits for a reply no longer than the job's time budget
                               *(["--max-update-norm", repr(v.max_update_norm)] if v.max_update_norm is not None else [])])
         address = v.listen_address.replace("0.0.0.0", "127.0.0.1")
         node_names = [s.name for s in settings_module.declared(LocalSettings)] + ["connect_timeout", "worker_timeout"]
@@ -364,15 +375,22 @@ class AppFederation(Federation):
         return 130
 
     def _follow_submission(self) -> int:
+        """Show the submission's output until it ends. A replica that exits is said once and the
+        run goes on without it (the ServerApp stops waiting for its replies; its partition's
+        missed rounds are recorded), as under compose; the server or the pool exiting ends it."""
         submit, log_path = self.processes["submit"]
-        shown = 0
+        shown, gone = 0, set()
         while True:
             shown = self._show(log_path, shown)
             if submit.poll() is not None:
                 break
-            for name, (process, _) in self.processes.items():
-                if name != "submit" and name != "monitor" and process.poll() is not None:
+            for name, (process, replica_log) in self.processes.items():
+                if name in ("submit", "monitor") or name in gone or process.poll() is None:
+                    continue
+                if not name.startswith("client-"):
                     return self._fail(name, f"{name} exited with code {process.returncode} before the run ended")
+                gone.add(name)
+                console.print(f"[red]{name} exited with code {process.returncode} before the run ended; the run goes on without it (its log: {replica_log})[/red]")
             time.sleep(0.5)
         self._show(log_path, shown)
         self._stop(grace=30)
@@ -397,12 +415,13 @@ class AppFederation(Federation):
 def run_app(values: LauncherSettings, submit_token: Path) -> int:
     """App mode (--app or FL_MODE=app): SuperLink, N SuperNodes, one streamed submission; exit code = the run's."""
     federation = AppFederation(values, submit_token)
+    started = time.monotonic()
     try:
         code = federation.run()
     except KeyboardInterrupt:
         code = federation.interrupt()
     federation._collect_logs()
-    print(federation.run_path if federation.run_path.exists() else "(no run folder was created)")
+    say_the_end(federation.run_path, time.monotonic() - started)
     return code
 
 
@@ -433,12 +452,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(certificates, ignore_errors=True)
         shutil.rmtree(token.parent, ignore_errors=True)
     federation._collect_logs()
-    summary = federation.run_path / "summary.json"
-    if summary.exists():
-        result = json.loads(summary.read_text())
-        for line in (*missed_rounds_lines(result), final_line(result, time.monotonic() - started)):
-            console.print(line, markup=False, highlight=False, soft_wrap=True)
-    print(federation.run_path if federation.run_path.exists() else "(no run folder was created)")
+    say_the_end(federation.run_path, time.monotonic() - started)
     return code
 
 

@@ -1,5 +1,6 @@
 """Which partitions missed a round, and why: one definition for summary.json's
-rounds_missed_by_partition (the server) and report.html's table of misses (the monitor).
+rounds_missed_by_partition (task mode's server, app mode's submit) and report.html's table of
+misses (the monitor).
 
 Pure and Flower-free, below both roles, so neither imports the other. A partition missed a round
 when its holder was not connected as the round was sampled (``missing``), its job failed
@@ -10,7 +11,7 @@ when its holder was not connected as the round was sampled (``missing``), its jo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 # reason -> how a person reads it
 REASONS = {"not_connected": "not connected", "failed": "failed", "rejected": "update rejected", "aggregate_refused": "aggregate refused"}
@@ -43,3 +44,21 @@ def trained(record: Mapping[str, Any]) -> list[int]:
     if not record.get("trained"):
         return []
     return [client["partition"] for client in record.get("clients") or [] if client.get("partition") is not None]
+
+
+def by_partition(records: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, int]]:
+    """summary.json's rounds_missed_by_partition from the rounds' records: per partition, the
+    rounds it missed and how many for each reason. A partition missed a round at most once,
+    whatever the reasons; one never sampled missed nothing. Partitions that missed nothing are
+    left out, so an empty dict says every partition trained when asked."""
+    out: dict[str, dict[str, int]] = {}
+    for record in records:
+        missed: dict[str, set[str]] = {}
+        for miss in misses(record):
+            missed.setdefault(str(miss.partition), set()).add(miss.reason)
+        for partition, why in missed.items():
+            counts = out.setdefault(partition, {"missed": 0})
+            counts["missed"] += 1
+            for reason in (reason for reason in REASONS if reason in why):
+                counts[reason] = counts.get(reason, 0) + 1
+    return dict(sorted(out.items(), key=lambda item: int(item[0])))

@@ -614,6 +614,8 @@ class LinkSettings(EngineSettings):
     max_update_norm: float | None = reuse(ServerSettings, "max_update_norm")
     control_address: str = setting(address, "0.0.0.0:9095", "(app mode) address of the front's private Control listener (submit, flwr run, flwr ls), served only to requests that carry the submit token; never publish it beyond the hosts that submit (compose: inside the compose network; docker-compose.publish.yml: 127.0.0.1)")
     submit_token_file: str | None = setting(optional(path), None, "(app mode) file holding the submit token (first line): the secret that Control asks of submit and of your own flwr (compose: written once per deployment into the submit-secret volume, which only the server and submit mount); unset on the server: no Control listener at all")
+    worker_timeout: float = reuse(TrainingSettings, "worker_timeout")  # the job's time budget: how long the ServerApp waits for a reply
+    server_metrics_port: int | None = reuse(ServerSettings, "server_metrics_port")
     serverapp_gpus: bool = setting(boolean, False, "(app mode) let the ServerApp process see the GPUs (off: CUDA_VISIBLE_DEVICES is empty for it, so a ServerApp that evaluates centrally does it on the CPU and holds no GPU memory for the whole run)")
 
 

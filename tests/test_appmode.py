@@ -20,6 +20,7 @@ import signal
 import subprocess
 from pathlib import Path
 
+import psutil
 import pytest
 
 from conftest import PYTHON, REPO
@@ -365,3 +366,50 @@ def test_a_node_whose_replies_are_poison_is_refused_and_the_run_completes_with_a
     finite = subprocess.run([PYTHON, "-c", "import sys, torch; m = torch.load(sys.argv[1]); print(len(m), all(bool(torch.isfinite(t).all()) for t in m.values()))",
                              str(run_path / "serverapp" / "final_model.pt")], capture_output=True, text=True, check=True).stdout.split()
     assert finite == ["8", "True"]
+
+
+def test_a_replica_killed_mid_run_is_recorded_failed_then_absent_and_the_run_goes_on(tmp_path):
+    """A replica SIGKILLed as round 3 starts (agent, SuperNode, SuperExec: its whole process group,
+    as `docker kill` does): the ServerApp stops waiting for it at once, the round ends, and every
+    round from then on records its partition as failed (with the cause) or missing, in
+    metrics.jsonl and summary.json; the two other replicas finish the run."""
+    results, rounds, killed = tmp_path / "results", 5, "client-2"
+    launcher = subprocess.Popen(
+        [PYTHON, "scripts/run_local.py", "--app", str(EXAMPLE), "--clients", "3", "--app-run-config", f"num-server-rounds={rounds}",
+         "--worker-timeout", "20", "--results-dir", str(results), "--data-dir", str(tmp_path / "data"), "--run-id", "killed"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    seen = []
+    try:
+        for line in launcher.stdout:  # the event: Flower has started round 3
+            seen.append(line)
+            if f"[ROUND 3/{rounds}]" in line:
+                break
+        agent = next(p for p in psutil.Process(launcher.pid).children(recursive=True) if p.environ().get("FL_CLIENT_ID") == killed and "services.client" in p.cmdline())
+        os.killpg(agent.pid, signal.SIGKILL)  # its own session (the launcher's start_new_session): the replica's whole tree
+        rest, _ = launcher.communicate(timeout=420)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    output = "".join(seen)[-3000:] + (rest or "")[-3000:]
+    assert launcher.returncode == 0, output
+    run = results / "killed"
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    summary = json.loads((run / "summary.json").read_text())
+    partition = 2  # partitions are given in name order: client-2 holds 2
+    assert [line["round"] for line in lines] == list(range(1, rounds + 1)), output
+
+    def miss(line: dict) -> str | None:
+        for failure in line["failures"]:
+            if failure["partition"] == partition:
+                return f"failed: {failure['cause']}"
+        return next((f"missing: {gap['reason']}" for gap in line["missing"] if gap["partition"] == partition), None)
+
+    assert [miss(line) for line in lines[:2]] == [None, None]
+    later = [miss(line) for line in lines[2:]]
+    assert all(later), later  # every round from the kill on says what happened to partition 2
+    assert any(f"replica {killed} stopped" in why for why in later if why.startswith("failed")) or all(why.startswith("missing") for why in later), later
+    assert all(line["clients_ok"] == 2 for line in lines[2:]), [line["clients_ok"] for line in lines]
+    assert summary["status"] == "completed" and summary["rounds_completed"] == rounds
+    assert summary["rounds_missed_by_partition"][str(partition)]["missed"] == rounds - 2, summary["rounds_missed_by_partition"]
+    assert f"partition {partition} missed {rounds - 2} of {rounds} rounds" in rest, rest[-1500:]  # the launcher's last lines say so

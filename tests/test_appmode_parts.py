@@ -265,7 +265,7 @@ def test_a_node_refuses_inprocess_workers():
 
 
 def test_rounds_are_written_for_the_memory_sidecar_from_flowers_round_lines_and_the_messages(tmp_path):
-    from services.appmode.rounds import rounds_completed, write_rounds
+    from services.appmode.rounds import RoundStart, round_lines, rounds_completed, write_rounds
     from services.monitor.rounds import RoundLog
 
     message = {"node": "n", "partition": 0, "num_partitions": 2, "pid": 5, "device": "cpu", "slots": 2, "outcome": "ok"}
@@ -273,7 +273,8 @@ def test_rounds_are_written_for_the_memory_sidecar_from_flowers_round_lines_and_
                 {**message, "message_type": "evaluate", "asked_at": 10.5, "ended_at": 12.5, "worker_started_at": 10.6, "worker_ended_at": 11.6},
                 {**message, "message_type": "train", "asked_at": 21.0, "ended_at": 25.0, "worker_started_at": 21.5, "worker_ended_at": 24.0, "outcome": "app_error"},
                 {**message, "message_type": "evaluate", "node": "m", "partition": 1, "asked_at": 21.0, "ended_at": 25.0, "worker_started_at": 21.5, "worker_ended_at": 24.0}]
-    written = write_rounds(tmp_path, [(1, 9.0), (2, 20.0)], messages, 30.0)
+    written = round_lines([RoundStart(1, 9.0), RoundStart(2, 20.0)], messages, 30.0)
+    write_rounds(tmp_path, written)
     assert rounds_completed(written) == 1  # round 2's only train message failed: nobody trained in it
     rounds = RoundLog(tmp_path / "metrics.jsonl").refresh()
     assert [(r.number, r.started, r.ended) for r in rounds] == [(1, 9.0, 20.0), (2, 20.0, 30.0)]
@@ -287,7 +288,7 @@ def test_rounds_are_written_for_the_memory_sidecar_from_flowers_round_lines_and_
 def test_the_serverapps_central_evaluations_are_read_from_flowers_log(tmp_path):
     """As Flower 1.42's FedAvg logs them (colour codes and tree drawing included)."""
     from services.appmode import evaluations
-    from services.appmode.rounds import rounds_completed, write_rounds
+    from services.appmode.rounds import RoundStart, round_lines, write_rounds
     from services.monitor.rounds import RoundLog
 
     log = (
@@ -305,7 +306,7 @@ def test_the_serverapps_central_evaluations_are_read_from_flowers_log(tmp_path):
     assert central.by_round == {1: {"accuracy": 0.25, "loss": 2.1}, 2: {"accuracy": 0.5, "loss": 1.7}}  # the train aggregate is not one
     assert evaluations.read("no evaluation at all").by_round == {}
     message = {"node": "n", "partition": 0, "pid": 5, "device": "cpu", "slots": 2, "outcome": "ok", "ended_at": 12.0}
-    write_rounds(tmp_path, [(1, 9.0), (2, 20.0)], [{**message, "asked_at": 10.0}, {**message, "asked_at": 21.0}], 30.0, central)
+    write_rounds(tmp_path, round_lines([RoundStart(1, 9.0), RoundStart(2, 20.0)], [{**message, "asked_at": 10.0}, {**message, "asked_at": 21.0}], 30.0, central))
     assert [r.record.get("accuracy") for r in RoundLog(tmp_path / "metrics.jsonl").refresh()] == [0.25, 0.5]
 
 
@@ -313,7 +314,7 @@ def test_the_serverapps_reply_checks_are_merged_into_the_messages_of_the_run(tmp
     """A refused reply makes its node's message "refused" with the reason; a measured one gets its
     distance; a reply from a SuperNode Bouquet did not start gets a line of its own; rounds count
     a node whose reply was refused as rejected, as task mode does."""
-    from services.appmode.rounds import write_rounds
+    from services.appmode.rounds import RoundStart, round_lines
 
     base = {"partition": 0, "num_partitions": 2, "flwr_run_id": 7, "outcome": "ok", "cause": None, "ended_at": 12.0}
     messages = [{**base, "node": "a", "message_id": "m1", "message_type": "train", "asked_at": 10.0},
@@ -326,6 +327,6 @@ def test_the_serverapps_reply_checks_are_merged_into_the_messages_of_the_run(tmp
     assert merged[0]["reason"] == checks[0]["refused"] and "shape (4,)" in merged[0]["cause"]
     assert merged[1]["update_norm"] == 1.0 and merged[1]["clipped_from_norm"] == 3.5
     assert messages[0]["outcome"] == "ok"  # the node's own records are left as they were
-    line, = write_rounds(tmp_path, [(1, 9.0)], merged, 20.0)
+    line, = round_lines([RoundStart(1, 9.0)], merged, 20.0)
     assert (line["clients_ok"], line["clients_failed"], line["clients_rejected"], line["messages_rejected"]) == (1, 0, 2, 2)
     assert line["rejected"][0] == {"id": "a", "partition": 0, "message_type": "train", "reason": checks[0]["refused"]}

@@ -13,7 +13,10 @@ from flwr.supercore.task_identity import TaskIdentity
 from flwr.superlink.grid import HttpGrid
 
 from services.appmode import serverapp
+from services.appmode.absences import Absences, Replicas
+from services.appmode.records import MessageLog, node_file
 from services.appmode.replies import REFUSED, ReplyChecks
+from services.budget import JobBudget
 
 
 @pytest.fixture(autouse=True)
@@ -156,8 +159,9 @@ def test_a_reply_farther_than_fl_max_update_norm_is_clipped_to_it_and_noted():
     assert out.content["metrics"]["train_loss"] == 0.25 and out.metadata.reply_to_message_id == note["message_id"]
 
 
-def test_the_serverapp_process_puts_the_checks_between_httpgrid_and_the_serverapp(monkeypatch):
-    """flwr's own HttpGrid.send_and_receive, its push and pull standing in for the SuperLink."""
+def through_a_fake_superlink(monkeypatch, answer) -> None:
+    """HttpGrid's push and pull stand in for the SuperLink: ``answer`` gives a sent message's
+    reply, or None (none yet). flwr's own send_and_receive is restored after the test."""
     outbox: list[Message] = []
 
     def push(self, messages):
@@ -167,13 +171,33 @@ def test_the_serverapp_process_puts_the_checks_between_httpgrid_and_the_serverap
         return [message.metadata.message_id for message in messages]
 
     def pull(self, message_ids):
-        return [reply(message, model(w=np.full((2, 3), np.nan, np.float32)) if message.metadata.dst_node_id == 2 else model()) for message in outbox]
+        return [answered for message in outbox if message.metadata.message_id in message_ids and (answered := answer(message)) is not None]
 
     monkeypatch.setattr(HttpGrid, "push_messages", push)
     monkeypatch.setattr(HttpGrid, "pull_messages", pull)
+    monkeypatch.setattr(HttpGrid, "send_and_receive", HttpGrid.send_and_receive)
+
+
+def test_the_serverapp_process_puts_the_checks_between_httpgrid_and_the_serverapp(monkeypatch, tmp_path):
+    """flwr's HttpGrid, its send_and_receive Bouquet's, every reply checked."""
+    through_a_fake_superlink(monkeypatch, lambda message: reply(message, model(w=np.full((2, 3), np.nan, np.float32)) if message.metadata.dst_node_id == 2 else model()))
     notes: list[dict] = []
-    serverapp.install(ReplyChecks(None, notes.append))
+    serverapp.install(ReplyChecks(None, notes.append), Absences(JobBudget.for_round(10.0, 2), Replicas(tmp_path, live=set)), notes.append)
     content = RecordDict({"arrays": record(model()), "config": ConfigRecord({"lr": 0.1})})
     replies = list(HttpGrid(token="t").send_and_receive([Message(content, node, MessageType.TRAIN) for node in (1, 2)], timeout=10))
     assert [(r.metadata.src_node_id, r.has_error()) for r in replies] == [(1, False), (2, True)]
     assert [note["flwr_node_id"] for note in notes] == [2] and "not finite" in notes[0]["refused"]
+
+
+def test_the_serverapp_stops_waiting_for_a_stopped_replica_and_the_round_goes_on(monkeypatch, tmp_path):
+    """Node 3's replica (known from its records) stopped: its message gets an error reply at once,
+    which Flower's FedAvg counts among the round's failures, and the give-up is noted with the cause."""
+    through_a_fake_superlink(monkeypatch, lambda message: reply(message, model()) if message.metadata.dst_node_id == 1 else None)
+    MessageLog(node_file(tmp_path, "client-b")).append({"node": "client-b", "flwr_node_id": 3, "outcome": "ok"})
+    notes: list[dict] = []
+    serverapp.install(ReplyChecks(None, notes.append), Absences(JobBudget.for_round(10.0, 2), Replicas(tmp_path, live=lambda: {"client-a"})), notes.append)
+    content = RecordDict({"arrays": record(model()), "config": ConfigRecord({"lr": 0.1})})
+    replies = list(HttpGrid(token="t").send_and_receive([Message(content, node, MessageType.TRAIN) for node in (1, 3)], timeout=60))
+    assert [(r.metadata.src_node_id, r.has_error()) for r in replies] == [(1, False), (3, True)]
+    assert replies[1].error.reason.startswith(serverapp.GIVEN_UP) and "replica client-b stopped" in replies[1].error.reason
+    assert [(note["flwr_node_id"], "client-b stopped" in note["no_reply"]) for note in notes] == [(3, True)]

@@ -61,6 +61,7 @@ class _Watched:
     def __call__(self, message: Any, context: Any) -> Any:
         self.seen["message_type"] = message.metadata.message_type
         self.seen["message_id"] = message.metadata.message_id  # the ServerApp's reply checks name it (services.appmode.replies)
+        self.seen["flwr_node_id"] = message.metadata.dst_node_id  # which replica Flower's node is (services.appmode.absences)
         try:
             reply = self.app(message=message, context=context)
         except BaseException as error:
@@ -157,6 +158,7 @@ def run_flower(argv: list[str], replace: Callable[[], Any] | None = None) -> dic
         "task_id": TaskIdentity.task_id,
         "message_type": seen.get("message_type"),
         "message_id": seen.get("message_id"),
+        "flwr_node_id": seen.get("flwr_node_id"),
         "app_error": seen.get("app_error"),
         "out_of_memory": seen.get("out_of_memory", False),
         "app_load_seconds": seen.get("app_load_seconds"),

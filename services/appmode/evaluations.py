@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-ROUND = re.compile(r"\[ROUND (\d+)/\d+\]")
+ROUND = re.compile(r"\[ROUND (\d+)/(\d+)\]")  # Flower's strategies log it as each round starts: round, rounds
 INITIAL = re.compile(r"Initial global evaluation results: (\{.*\})")
 RECORD = re.compile(r"MetricRecord: (\{.*\})")
 KEPT = ("accuracy", "loss")

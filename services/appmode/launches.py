@@ -33,6 +33,7 @@ from services.appmode import launch_args
 from services.appmode.keepalive import KeepAlive
 from services.appmode.records import MessageLog
 from services.appmode.refusal import CAUSE_VARIABLE
+from services.budget import JobBudget
 from services.settings import NodeSettings
 from services.worker import POOL_EXITED, Warm, WorkerFailed, forkserver_pid
 
@@ -61,6 +62,8 @@ class Launches:
         self.counter = itertools.count(1)
         self.said_imported: set[str] = set()  # packages the node already suggested to preload
         self.app_seen: str | None = None  # the FAB hash of the last App a message ran: the next ones likely run it too
+        # the ServerApp waits as long for a reply (services.appmode.absences): one budget, both sides
+        self.budget = JobBudget.for_round(settings.worker_timeout, place.num_partitions)
         self.admission = Admission(
             slots_dir=slots_dir(settings), slots=settings.worker_slots, memory_mib=settings.worker_memory_mib, device=settings.device, need_key=NEED_KEY
         )
@@ -77,7 +80,8 @@ class Launches:
                 result, retried = retry.run(
                     JOB,
                     {"argv": argv, "torch_threads": self.settings.torch_threads},
-                    timeout=self.settings.worker_timeout,
+                    timeout=self.budget.job_s,
+                    wait_timeout=self.budget.slot_wait_s,
                     start_method=self.settings.worker_start,
                     admission=self.admission,
                     warm=Warm(WARM_APP, self.app_seen) if self.app_seen else None,
@@ -102,7 +106,7 @@ class Launches:
         outcome = "ok" if value["exit_code"] == 0 and not value["app_error"] else "app_error"
         cause = value["app_error"] or (None if value["exit_code"] == 0 else f"flwr-clientapp exited with code {value['exit_code']}")
         record = {**base, **(result.admitted or {}), "pid": result.pid, "parent_pid": value["parent_pid"], "forkserver_pid": forkserver_pid(), "flwr_run_id": value["flwr_run_id"], "task_id": value["task_id"],
-                  "message_type": value["message_type"], "message_id": value["message_id"], "outcome": outcome, "cause": cause, "exit_code": value["exit_code"], "retried_after_oom": retried,
+                  "message_type": value["message_type"], "message_id": value["message_id"], "flwr_node_id": value["flwr_node_id"], "outcome": outcome, "cause": cause, "exit_code": value["exit_code"], "retried_after_oom": retried,
                   "worker_start_seconds": round(result.start_seconds, 4), "app_load_seconds": value["app_load_seconds"], "app_was_warm": value["app_was_warm"],
                   "imported_after_fork": value["imported_after_fork"], "app_imports_after_fork": value["app_imports_after_fork"], "ended_at": round(time.time(), 4)}
         self.records.append(record)
@@ -133,7 +137,7 @@ class Launches:
             log.error("launch %d: %s; failing the message through Flower", number, cause)
             with KeepAlive(launch_args.endpoint(argv)):  # until the refusal's own runtime beats
                 refused = self._refuse(argv, cause)
-            record.update({k: refused.get(k) for k in ("flwr_run_id", "task_id", "message_type", "message_id")})
+            record.update({k: refused.get(k) for k in ("flwr_run_id", "task_id", "message_type", "message_id", "flwr_node_id")})
             record["refused"] = refused.get("message_type") is not None
             if not record["refused"]:
                 log.error("launch %d: could not fail the message through Flower either: %s", number, refused.get("problem", refused))

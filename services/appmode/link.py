@@ -15,8 +15,10 @@ only the SuperNodes' Fleet calls, FL_CONTROL_ADDRESS only Control, for whoever h
 token (FL_SUBMIT_TOKEN_FILE; unset: no Control listener). The
 ServerApp runs in the ``flwr-serverapp`` process the SuperLink starts for each run, in that run's
 folder (``serverapp_shim``: what it saves lands in ``<run folder>/serverapp/``), with every
-ClientApp reply checked (``serverapp``; FL_MAX_UPDATE_NORM clips as in task mode); by default it
-sees no GPU (FL_SERVERAPP_GPUS). Never imports torch.
+ClientApp reply checked (``serverapp``; FL_MAX_UPDATE_NORM clips as in task mode) and no reply
+waited for beyond the job's time budget (``absences``); by default it sees no GPU
+(FL_SERVERAPP_GPUS). With FL_SERVER_METRICS_PORT the link serves the round gauges (``gauges``).
+Never imports torch.
 """
 
 from __future__ import annotations
@@ -34,11 +36,13 @@ from pathlib import Path
 from services import joining, logs, roster, tls
 from services import settings as settings_module
 from services.appmode import assignment, flower, front, node_keys, serverapp_shim
+from services.appmode.gauges import RunFollower
 from services.lifetime import die_with_parent
 from services.net import free_port, wait_until_listening
 from services.server.membership import Membership
 from services.server.registry import PartitionRegistry
 from services.settings import LinkSettings
+from services.tracking.prometheus import RoundGauges
 
 log = logging.getLogger("bouquet.link")
 
@@ -124,6 +128,11 @@ def serve(settings: LinkSettings, home: Path) -> int:
     the nodes' connection retries) wait for the front's port; the nodes start their SuperNodes
     only once they know their partition (and, with TLS, once their key is registered). The
     SuperLink stops when the front dies: nothing could reach it any more."""
+    try:  # first: a port in use is a bad setting, and nothing is started
+        gauges = RoundGauges(settings.server_metrics_port) if settings.server_metrics_port is not None else None
+    except OSError as problem:
+        print(f"services.appmode.link: error: --server-metrics-port / FL_SERVER_METRICS_PORT = {settings.server_metrics_port}: {problem}", file=sys.stderr)
+        return settings_module.EXIT_BAD_SETTING
     hidden = {} if settings.serverapp_gpus else {"CUDA_VISIBLE_DEVICES": ""}
     shim_dir = flower.install_program(home / "bin", "flwr-serverapp", serverapp_shim.__file__).parent
     in_run_folder = {
@@ -131,6 +140,8 @@ def serve(settings: LinkSettings, home: Path) -> int:
         # -P: the run folder the ServerApp works in is not on its import path
         serverapp_shim.COMMAND_VARIABLE: json.dumps([sys.executable, "-P", "-m", "services.appmode.serverapp"]),
         serverapp_shim.MAX_NORM_VARIABLE: "" if settings.max_update_norm is None else repr(settings.max_update_norm),
+        serverapp_shim.DATA_DIR_VARIABLE: str(Path(settings.data_dir).resolve()),
+        serverapp_shim.WORKER_TIMEOUT_VARIABLE: repr(settings.worker_timeout),
     }
     env = flower.environment(home, shim_dir=shim_dir, extra={**hidden, **in_run_folder})
     port = free_port()
@@ -171,6 +182,8 @@ def serve(settings: LinkSettings, home: Path) -> int:
     log.info("partitions: %s", ", ".join(f"{identity} -> {partition}" for identity, partition in sorted(registry.assignments.items(), key=lambda item: item[1])))
     threading.Thread(target=watch_newcomers, args=(settings, registry, stop), name="bouquet-newcomers", daemon=True).start()
     threading.Thread(target=front.Refusals(home / "front").watch, args=(stop,), name="bouquet-refusals", daemon=True).start()
+    if gauges is not None:
+        threading.Thread(target=RunFollower(settings.results_dir, gauges).watch, args=(stop,), name="bouquet-gauges", daemon=True).start()
     if settings.tls_dir:
         def settled_identities() -> set[str]:
             current = assignment.read(settings.data_dir)
@@ -180,6 +193,8 @@ def serve(settings: LinkSettings, home: Path) -> int:
         threading.Thread(target=registrar.watch, args=(stop,), name="bouquet-node-keys", daemon=True).start()
     code = superlink.wait()
     stop.set()
+    if gauges is not None:
+        gauges.close()
     if code == -signal.SIGTERM and nginx.poll() is not None and nginx.returncode != 0:
         code = 1  # stopped because the front died: a failure, not a requested stop
     if nginx.poll() is None:

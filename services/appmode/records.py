@@ -4,7 +4,8 @@ Each node agent appends to its own file ``<data dir>/appmode-messages/<identity>
 writer per file); ``submit`` copies the lines of its run (Flower's run id, or no run id and a
 time inside the run: a launch Flower never handed a message) into ``<run folder>/messages.jsonl``,
 with what the ServerApp's reply checks said of each reply (``with_reply_checks``).
-Fields: node, partition, num_partitions, launch, flwr_run_id, task_id, message_type, message_id, pid,
+Fields: node, partition, num_partitions, launch, flwr_run_id, task_id, message_type, message_id, flwr_node_id
+(Flower's id of the node's SuperNode), pid,
 device, slots, slot_wait_seconds, worker_started_at / worker_ended_at (epoch s, while the slot
 was held), asked_at / ended_at, outcome (ok, app_error, failed, lost), cause, exit_code,
 retried_after_oom; from the reply checks: reason (outcome "refused"), update_norm,
@@ -63,23 +64,34 @@ def of_run(data_dir: str | Path, flwr_run_id: int | None, started_at: float, end
 
 
 def with_reply_checks(messages: list[dict[str, Any]], checks: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The run's messages with what the ServerApp process's reply checks (reply-checks.jsonl,
+    """The run's messages with what the ServerApp's process (reply-checks.jsonl,
     services.appmode.serverapp) said of their replies, matched by the message's id: a refused
     reply makes its message "refused" with the reason; a measured one adds its distance
-    (``update_norm``, ``clipped_from_norm``). A reply from a SuperNode Bouquet did not start has
-    no node record: it gets a line of its own, named by Flower's node id, without a partition."""
+    (``update_norm``, ``clipped_from_norm``); a reply that never came (``no_reply``: given up on,
+    services.appmode.absences) or came as an error the node did not record (``error_reply``:
+    Flower's own, e.g. a node that stopped) makes it "failed" with the cause. A message no node
+    recorded (its node stopped, or a SuperNode Bouquet did not start) gets a line of its own,
+    named by the replica that Flower node was (from the node's other records), else by Flower's
+    node id, without a partition."""
     out = [dict(record) for record in messages]
     by_id = {record["message_id"]: record for record in out if record.get("message_id")}
+    replicas = {record["flwr_node_id"]: record for record in out if record.get("flwr_node_id") is not None}
     for check in checks:
         record = by_id.get(check["message_id"])
         if record is None:
+            holder = replicas.get(check["flwr_node_id"], {})
             record = by_id[check["message_id"]] = {
-                "node": f"flower-node-{check['flwr_node_id']}", "partition": None, "flwr_node_id": check["flwr_node_id"], "flwr_run_id": check.get("flwr_run_id"),
-                "message_id": check["message_id"], "message_type": check.get("message_type"), "asked_at": check["checked_at"], "ended_at": check["checked_at"],
-                "outcome": "ok", "cause": None,
+                "node": holder.get("node", f"flower-node-{check['flwr_node_id']}"), "partition": holder.get("partition"), "num_partitions": holder.get("num_partitions"),
+                "flwr_node_id": check["flwr_node_id"], "flwr_run_id": check.get("flwr_run_id"), "message_id": check["message_id"], "message_type": check.get("message_type"),
+                "asked_at": check["checked_at"], "ended_at": check["checked_at"],  # checked_at: within the round that waited for it
+                "outcome": "ok", "cause": None, "recorded_by": "serverapp",
             }
             out.append(record)
         if "refused" in check:
             record.update(outcome=REFUSED, reason=check["refused"], cause=f"reply refused: {check['refused']}")
+        elif "no_reply" in check:
+            record.update(outcome="failed", cause=check["no_reply"])
+        elif "error_reply" in check and record.get("outcome") == "ok":  # the node's own failures keep the node's words
+            record.update(outcome="failed", cause=f"Flower's error reply: {check['error_reply']}")
         record.update({key: check[key] for key in ("update_norm", "clipped_from_norm") if key in check})
     return sorted(out, key=lambda record: record.get("asked_at", 0))

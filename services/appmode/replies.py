@@ -66,6 +66,10 @@ class ReplyChecks:
                 records[name] = seen[id(record)]
             self.pending[message_id] = Sent(message.metadata.message_type, records)
 
+    def forget(self, message_id: str) -> None:
+        """A message whose reply will not be checked (given up on: ``services.appmode.absences``)."""
+        self.pending.pop(message_id, None)
+
     def checked(self, reply: Message) -> Message:
         """The reply as the ServerApp may see it: unchanged, clipped, or an error reply saying why."""
         sent = self.pending.pop(reply.metadata.reply_to_message_id, None)

@@ -23,6 +23,8 @@ RESULTS_VARIABLE = "BOUQUET_SERVERAPP_RESULTS"
 COMMAND_VARIABLE = "BOUQUET_SERVERAPP_COMMAND"  # a JSON list: the program and its first arguments
 RUN_FOLDER_VARIABLE = "BOUQUET_RUN_FOLDER"  # for the command: the run folder (services.appmode.serverapp reads it)
 MAX_NORM_VARIABLE = "BOUQUET_MAX_UPDATE_NORM"  # for the command: FL_MAX_UPDATE_NORM, set by the link
+DATA_DIR_VARIABLE = "BOUQUET_DATA_DIR"  # for the command: the data folder (the nodes' records, the roster, the assignment)
+WORKER_TIMEOUT_VARIABLE = "BOUQUET_WORKER_TIMEOUT"  # for the command: FL_WORKER_TIMEOUT, the job's time budget's unit
 
 
 def working_folder(results: Path) -> tuple[Path, str | None]:

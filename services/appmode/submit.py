@@ -11,9 +11,11 @@ ClientApp message succeeded; exit code 0 only for a completed run
 (130 for one stopped by SIGTERM or Ctrl-C: the Flower run is stopped and the end still recorded).
 One submission at a time per results folder (a lock there): the ServerApp's working folder and
 the run's records assume it. A run id whose folder holds a finished run is refused.
-Then the run goes to the trackers (MLflow when MLFLOW_TRACKING_URI is set, TensorBoard) from the
-run folder, as task mode's server sends its rounds: at the run's end, as app mode's rounds are
-known only then.
+Each round's line goes to metrics.jsonl once the round ended (``rounds``: when the ServerApp's
+process notes the next round's start, with a moment for the nodes' last records), and from there to the trackers
+(MLflow when MLFLOW_TRACKING_URI is set, TensorBoard) and to the server's Prometheus gauges
+(``services.appmode.gauges``), as task mode's server sends its rounds; at the end every line is
+written again from all the records.
 """
 
 from __future__ import annotations
@@ -32,12 +34,12 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from services import joining, logs, tls
+from services import joining, logs, misses, tls
 from services import settings as settings_module
 from services.tracking.run import APP_MODE, RunTracking
 from services.appmode import assignment, evaluations, flower, records, serverapp_shim
 from services.appmode.app_identity import app_fingerprint, app_identity
-from services.appmode.rounds import rounds_completed, write_rounds
+from services.appmode.rounds import RoundStart, round_lines, round_starts, rounds_completed, write_rounds
 from services.files import FLWR_RUN_LOG, MESSAGES, REPLY_CHECKS, SERVERAPP_FOLDER, atomic_write, files_under, iso, read_json_lines, write_json_atomically
 from services.locks import HeldLock
 from services.server.results import concurrent_workers_peak, new_run_id, slots_per_device
@@ -46,7 +48,8 @@ from services.settings import SubmitSettings
 log = logging.getLogger("bouquet.submit")
 
 STARTED = re.compile(r"Successfully started run (\d+)")
-ROUND = re.compile(r"\[ROUND (\d+)/\d+\]")  # Flower's strategies log each round's start
+LIVE_WRITE_S = 1.0  # how often the ended rounds are looked for while the run goes
+RECORDS_SETTLE_S = 2.0  # after a round's end, the time its nodes' last records need to land
 CONNECTION = "bouquet"
 EXIT_FAILED = 1
 EXIT_INTERRUPTED = 130  # as a shell reports a program stopped by Ctrl-C
@@ -83,7 +86,10 @@ class Submission:
         flower.write_cli_config(self.home, settings.server_address, ca, token)
         self.env = flower.environment(self.home)
         self.foreign: int | None = None  # SuperNodes online at submission that Bouquet did not settle
-        self.round_starts: list[tuple[int, float]] = []  # Flower's "[ROUND k/N]" lines, as they came
+        self.flwr_run_id: int | None = None
+        self.started_at = time.time()
+        self.rounds_written = 0  # rounds whose line the live writer wrote and the trackers were told of
+        self.tracking: RunTracking | None = None
         self.interrupted = False  # SIGTERM or Ctrl-C: the Flower run was stopped
 
     def flwr(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
@@ -120,7 +126,6 @@ class Submission:
         command = [flower.program("flwr"), "run", str(Path(self.settings.app).resolve()), CONNECTION, "--stream"]
         if self.settings.app_run_config:
             command += ["--run-config", self.settings.app_run_config]
-        flwr_run_id: list[int] = []
         with open(self.folder / FLWR_RUN_LOG, "w") as kept:
             process = subprocess.Popen(command, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -131,24 +136,57 @@ class Submission:
                     kept.flush()
                     sys.stdout.write(line)
                     sys.stdout.flush()
-                    if not flwr_run_id and (found := STARTED.search(line)):
-                        flwr_run_id.append(int(found.group(1)))
-                    if found_round := ROUND.search(line):
-                        self.round_starts.append((int(found_round.group(1)), time.time()))
+                    if self.flwr_run_id is None and (found := STARTED.search(line)):
+                        self.flwr_run_id = int(found.group(1))
 
             copier = threading.Thread(target=copy, daemon=True)
             copier.start()
+            ended = threading.Event()
+            writer = threading.Thread(target=self.write_ended_rounds, args=(ended,), name="bouquet-rounds", daemon=True)
+            writer.start()
             try:
                 code: int | None = process.wait(timeout=max(1.0, deadline - time.monotonic()))
             except (subprocess.TimeoutExpired, KeyboardInterrupt) as end:
                 code = None
                 self.interrupted = isinstance(end, KeyboardInterrupt)
-                if flwr_run_id:
-                    self.flwr("stop", str(flwr_run_id[0]), CONNECTION)
+                if self.flwr_run_id is not None:
+                    self.flwr("stop", str(self.flwr_run_id), CONNECTION)
                 process.kill()
                 process.wait()
             copier.join(timeout=10)
-        return code, (flwr_run_id[0] if flwr_run_id else None)
+            ended.set()
+            writer.join()
+        return code, self.flwr_run_id
+
+    def write_ended_rounds(self, ended: threading.Event) -> None:
+        """While the run streams: the line of each round that ended, once its nodes' last records
+        had a moment to land (the trackers and the Prometheus gauges follow metrics.jsonl)."""
+        while not ended.wait(LIVE_WRITE_S):
+            starts = round_starts(self.folder)
+            if len(starts) - 1 > self.rounds_written and time.time() - starts[-1].at >= RECORDS_SETTLE_S:
+                try:
+                    self.record_rounds(starts[:-1], starts[-1].at, self.run_messages())
+                except (OSError, ValueError) as problem:  # the end writes them all again
+                    log.warning("could not write the rounds that ended so far: %s", problem)
+
+    def run_messages(self) -> list[dict[str, Any]]:
+        """The run's messages so far: the nodes' records, with the ServerApp's reply checks."""
+        if self.flwr_run_id is None:
+            return []
+        messages = records.of_run(self.settings.data_dir, self.flwr_run_id, self.started_at, time.time())
+        checks = [line for line in read_json_lines(self.folder / REPLY_CHECKS)[0] if line.get("flwr_run_id") == self.flwr_run_id]
+        return records.with_reply_checks(messages, checks)
+
+    def record_rounds(self, starts: list[RoundStart], last_ended_at: float, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """metrics.jsonl with these rounds; the trackers told of those they were not told of yet."""
+        settled = assignment.read(self.settings.data_dir)
+        lines = round_lines(starts, messages, last_ended_at, evaluations.read(_text(self.folder / FLWR_RUN_LOG)), None if settled is None else settled.partitions)
+        write_rounds(self.folder, lines)
+        if self.tracking is not None:
+            for line in lines[self.rounds_written:]:
+                self.tracking.round_recorded(line)
+        self.rounds_written = max(self.rounds_written, len(lines))
+        return lines
 
     @contextlib.contextmanager
     def serverapp_works_here(self) -> Iterator[None]:
@@ -172,10 +210,10 @@ class Submission:
         return runs[0] if runs else {"status": "unknown", "status-details": "the SuperLink does not know this run"}
 
     def run(self) -> int:
-        started_at, started = time.time(), time.monotonic()
+        started_at, started = self.started_at, time.monotonic()
         deadline = started + self.settings.run_timeout
         summary: dict[str, Any] = {"run_id": self.run_id, "mode": "app", "app": str(Path(self.settings.app).resolve()), "started_at": iso(started_at)}
-        tracking = RunTracking(
+        tracking = self.tracking = RunTracking(
             self.folder, {**settings_module.as_dict(self.settings), "mode": "app", **app_identity(Path(self.settings.app))}, {"path": summary["app"], "sha256": app_fingerprint(Path(self.settings.app))},
             mlflow_experiment=self.settings.mlflow_experiment, mlflow_optional=self.settings.mlflow_optional, tensorboard=self.settings.tensorboard,
             flush_timeout=self.settings.tracking_flush_timeout, engine_mode=APP_MODE,
@@ -195,13 +233,12 @@ class Submission:
                 problem = f"flwr run did not start a run (exit code {code}): {_said(self.folder / FLWR_RUN_LOG)}"
             if flwr_run_id is not None:
                 status = self.flower_status(flwr_run_id)
-        messages = records.of_run(self.settings.data_dir, flwr_run_id, started_at, time.time()) if flwr_run_id is not None else []
-        checks = [line for line in read_json_lines(self.folder / REPLY_CHECKS)[0] if line.get("flwr_run_id") == flwr_run_id] if flwr_run_id is not None else []
-        messages = records.with_reply_checks(messages, checks)
+        messages = self.run_messages()
         with open(self.folder / MESSAGES, "w") as out:
             out.writelines(json.dumps(record, sort_keys=True) + "\n" for record in messages)
         central = evaluations.read(_text(self.folder / FLWR_RUN_LOG))
-        rounds = write_rounds(self.folder, self.round_starts, messages, time.time(), central)
+        starts = round_starts(self.folder)
+        rounds = self.record_rounds(starts, max([time.time(), *(record.get("ended_at", 0) for record in messages)]), messages)
         cause = problem or self.verdict(code, status, messages)
         summary.update(
             status="interrupted" if self.interrupted else "failed" if cause else "completed",
@@ -226,7 +263,11 @@ class Submission:
             updates_clipped=sum(1 for record in messages if "clipped_from_norm" in record),
             slots_per_device=slots_per_device([m for m in messages if m.get("device")]),
             concurrent_workers_peak=concurrent_workers_peak(messages),
+            rounds_requested=starts[-1].rounds if starts else None,  # the ServerApp's, from Flower's "[ROUND k/N]" lines (None: it logged none)
+            rounds_recorded=len(rounds),
             rounds_completed=rounds_completed(rounds),
+            # partition -> rounds it missed and why (services.misses), as task mode: failed, update rejected, not connected
+            rounds_missed_by_partition=misses.by_partition(rounds),
             elapsed_seconds=round(time.monotonic() - started, 3),
             ended_at=iso(time.time()),
         )

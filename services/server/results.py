@@ -262,20 +262,8 @@ class RoundRecorder:
 
     def rounds_missed_by_partition(self) -> dict[str, dict[str, int]]:
         """The partitions that missed rounds, and why (services.misses: not connected, failed,
-        update rejected, aggregate refused). A partition missed a round at most once, whatever
-        the reasons; one never sampled (FL_FRACTION_FIT below 1) missed nothing. Partitions that
-        missed nothing are left out, so an empty dict says every partition trained when asked."""
-        out: dict[str, dict[str, int]] = {}
-        for record in self.rounds:
-            missed: dict[str, set[str]] = {}
-            for miss in misses.misses(record):
-                missed.setdefault(str(miss.partition), set()).add(miss.reason)
-            for partition, why in missed.items():
-                counts = out.setdefault(partition, {"missed": 0})
-                counts["missed"] += 1
-                for reason in (reason for reason in misses.REASONS if reason in why):
-                    counts[reason] = counts.get(reason, 0) + 1
-        return dict(sorted(out.items(), key=lambda item: int(item[0])))
+        update rejected, aggregate refused); FL_FRACTION_FIT below 1 leaves some unsampled, which missed nothing."""
+        return misses.by_partition(self.rounds)
 
     def partitions_by_host(self) -> dict[str, dict[str, list[int]]]:
         """Per round, the partitions each host trained (the clients' FL_HOST_NAME): where a
