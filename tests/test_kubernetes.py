@@ -1,5 +1,6 @@
-"""deploy/kubernetes/: the kustomize overlays render with the pinned kubectl and validate against
-the Kubernetes 1.37 JSON schemas (strict); their settings are the programs' own; and the rendered
+"""deploy/kubernetes/: the kustomize overlays (task mode: cpu, gpu; app mode: app-cpu, app-gpu)
+render with the pinned kubectl and validate against the Kubernetes 1.37 JSON schemas (strict); their
+settings are the programs' own; app mode keeps Control off the clients' Service; and the rendered
 pods' own specs RUN: a federation of the rendered server pod and 3 client pods under Docker, as a
 kubelet would start them (tests/kube.py), completes 2 rounds.
 
@@ -14,6 +15,9 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
+import subprocess
+import sys
 import tarfile
 import time
 import uuid
@@ -24,14 +28,22 @@ import yaml
 
 import kube
 from services import joining, settings
+from services.appmode import submit as submission
 
-OVERLAYS = ("cpu", "gpu")
-PROGRAM_SETTINGS = {
-    "server-settings": settings.SERVER,
-    "client-settings": settings.CLIENT,
-    "monitor-settings": settings.MONITOR,
+OVERLAYS = ("cpu", "gpu", "app-cpu", "app-gpu")
+APP_OVERLAYS = ("app-cpu", "app-gpu")
+# The program each container runs; FL_MODE=app: the server runs the link, a client pod a node
+# (services.appmode), and the Job submit the submission.
+PROGRAMS = {
+    "task": {"server": settings.SERVER, "client": settings.CLIENT, "monitor": settings.MONITOR},
+    "app": {"server": (*settings.SERVER, *settings.LINK), "client": (*settings.CLIENT, *settings.NODE),
+            "monitor": settings.MONITOR, "submit": settings.SUBMIT},
 }
-CONTAINER_PROGRAM = {"server": settings.SERVER, "client": settings.CLIENT, "monitor": settings.MONITOR}
+CONFIG_MAP_READER = {"server-settings": "server", "client-settings": "client", "monitor-settings": "monitor", "submit-settings": "submit"}
+
+
+def _mode(overlay: str) -> str:
+    return "app" if overlay.startswith("app-") else "task"
 
 
 def _unavailable(reason: str, switch: str) -> None:
@@ -60,6 +72,9 @@ def rendered(tools) -> dict[str, list[dict]]:
     (("overlays/gpu",), ()),
     (("overlays/gpu",), ("components/tls",)),
     (("overlays/cpu",), ("components/tls",)),
+    (("overlays/app-cpu",), ()),
+    (("overlays/app-gpu",), ()),
+    (("overlays/app-gpu",), ("components/tls",)),
 ])
 def test_overlays_render_and_pass_the_kubernetes_schemas(tools, tmp_path: Path, resources, components) -> None:
     documents = kube.kustomize(kube.overlay(tmp_path / "overlay", *resources, components=components) if components else kube.KUSTOMIZE_ROOT / resources[0])
@@ -69,6 +84,8 @@ def test_overlays_render_and_pass_the_kubernetes_schemas(tools, tmp_path: Path, 
     assert result.returncode == 0, result.stdout + result.stderr
     kinds = {(doc["kind"], doc["metadata"]["name"]) for doc in documents}
     assert {("Job", "server"), ("Service", "server"), ("StatefulSet", "client"), ("PersistentVolumeClaim", "bouquet-data")} <= kinds
+    app = {("Job", "submit"), ("Service", "server-control"), ("NetworkPolicy", "server-control")}
+    assert app <= kinds if "app-" in resources[0] else not app & kinds
 
 
 def test_the_time_slicing_config_passes_the_schemas(tools) -> None:
@@ -90,24 +107,36 @@ def test_strict_validation_rejects_a_misspelt_field(rendered, tmp_path: Path) ->
 # --- what the manifests promise -----------------------------------------------------------------
 
 
+def _templates(documents: list[dict]) -> dict[str, dict]:
+    """The pod template of every workload, by the workload's name."""
+    return {doc["metadata"]["name"]: doc["spec"]["template"] for doc in documents if doc["kind"] in ("Job", "StatefulSet", "DaemonSet")}
+
+
+def _pods(documents: list[dict]) -> dict[str, kube.Pod]:
+    """One pod of each Bouquet workload as the kubelet would start it (env resolved), by workload."""
+    return {name: kube.Pod(f"{name}-0", template, documents) for name, template in _templates(documents).items()}
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_settings_are_the_programs_own_and_valid(rendered, overlay: str) -> None:
     """A misspelt FL_* name would be passed and silently ignored; a bad value would fail in a pod."""
-    documents = rendered[overlay]
-    for prefix, declared in PROGRAM_SETTINGS.items():
-        if prefix == "monitor-settings" and overlay == "cpu":
-            continue
-        by_env = {setting.env: setting for setting in declared}
+    documents, programs = rendered[overlay], PROGRAMS[_mode(overlay)]
+    generated = {doc["metadata"]["name"].rsplit("-", 1)[0] for doc in documents if doc["kind"] == "ConfigMap"}
+    assert generated == {"server-settings", "client-settings"} | ({"monitor-settings"} if "gpu" in overlay else set()) | ({"submit-settings"} if _mode(overlay) == "app" else set())
+    for prefix in generated:
+        by_env = {setting.env: setting for setting in programs[CONFIG_MAP_READER[prefix]]}
         data = kube.by_prefix(documents, "ConfigMap", prefix)["data"]
         assert set(data) <= set(by_env), f"{prefix}: {sorted(set(data) - set(by_env))} are not settings of that program"
         for key, value in data.items():
             by_env[key].parse(value)
-    for doc in documents:
-        if doc["kind"] in ("Job", "StatefulSet", "DaemonSet"):
-            for container in doc["spec"]["template"]["spec"]["containers"]:
-                known = {setting.env for setting in CONTAINER_PROGRAM[container["name"]]}
-                names = {item["name"] for item in container.get("env", []) if item["name"].startswith("FL_")}
-                assert names <= known, f"{doc['kind']}/{doc['metadata']['name']}: {sorted(names - known)}"
+    for name, template in _templates(documents).items():
+        for container in template["spec"]["containers"]:
+            by_env = {setting.env: setting for setting in programs[container["name"]]}
+            names = {item["name"] for item in container.get("env", []) if item["name"].startswith("FL_")}
+            assert names <= set(by_env), f"{name}: {sorted(names - set(by_env))}"
+            for item in container.get("env", []):
+                if item["name"] in by_env:
+                    by_env[item["name"]].parse(str(item["value"]))
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -118,14 +147,16 @@ def test_pods_are_non_root_with_requests_and_the_compose_readiness_check(rendere
     client_set = kube.find(documents, "StatefulSet", "client")
     assert client_set["spec"]["podManagementPolicy"] == "Parallel"
     client = client_set["spec"]["template"]["spec"]
-    for pod in (server, client):
+    bouquet = [template["spec"] for name, template in _templates(documents).items() if name != "gpu-monitor"]
+    assert len(bouquet) == (3 if _mode(overlay) == "app" else 2)  # server, client (, submit)
+    for pod in bouquet:
         assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
         assert pod["shareProcessNamespace"] is True  # compose's init: true
-        container = pod["containers"][0]
-        assert container["securityContext"]["allowPrivilegeEscalation"] is False
-        assert container["securityContext"]["readOnlyRootFilesystem"] is True
-        assert {"cpu", "memory"} <= set(container["resources"]["requests"])
-        assert container["image"].endswith(f":{overlay}")
+        for container in (*pod["containers"], *pod.get("initContainers", [])):
+            assert container["securityContext"]["allowPrivilegeEscalation"] is False
+            assert container["securityContext"]["readOnlyRootFilesystem"] is True
+            assert {"cpu", "memory"} <= set(container["resources"]["requests"])
+            assert container["image"].endswith(f":{overlay.removeprefix('app-')}")
     probe = server["containers"][0]["readinessProbe"]["exec"]["command"]
     assert probe == compose["server"]["healthcheck"]["test"][1:]
     assert not any("FL_CLIENT_ID" == item["name"] for item in client["containers"][0]["env"]), "pods identify by their name"
@@ -142,6 +173,146 @@ def test_gpu_overlay_gives_each_client_pod_one_gpu_and_a_monitor_per_node_withou
     results = kube.find(documents, "PersistentVolumeClaim", "bouquet-results")
     assert results["spec"]["accessModes"] == ["ReadWriteMany"], "the monitor pods write into the run folders"
     assert not any(doc["kind"] == "DaemonSet" for doc in rendered["cpu"])
+
+
+# --- app mode -------------------------------------------------------------------------------------
+
+
+def _port(address: str) -> int:
+    return int(address.rpartition(":")[2])
+
+
+def _volumes(pod: kube.Pod) -> dict[str, dict]:
+    return {volume["name"]: volume for volume in pod.spec.get("volumes", [])}
+
+
+def _mounted_secret(pod: kube.Pod, file: str) -> tuple[str, str, bool]:
+    """(Secret, key, read-only) of the Secret volume through which ``file`` is in the pod's container."""
+    folder, _, name = file.rpartition("/")
+    for mount in pod.container()["volumeMounts"]:
+        secret = _volumes(pod)[mount["name"]].get("secret")
+        if secret and folder == mount["mountPath"]:
+            key = next(item["key"] for item in secret["items"] if item["path"] == name)
+            return secret["secretName"], key, mount.get("readOnly", False)
+    raise AssertionError(f"{pod.name}: {file} is in no Secret volume")
+
+
+def _references(pod: kube.Pod) -> set[str]:
+    """The Secrets and ConfigMaps the pod's volumes take."""
+    return {volume.get("secret", {}).get("secretName") or volume.get("configMap", {}).get("name") for volume in _volumes(pod).values()} - {None}
+
+
+@pytest.mark.parametrize("overlay", APP_OVERLAYS)
+def test_app_mode_clients_reach_only_the_fleet_port_and_only_the_submit_job_reaches_control(rendered, overlay: str) -> None:
+    documents = rendered[overlay]
+    pods = _pods(documents)
+    server, client, submit = pods["server"], pods["client"], pods["submit"]
+    for pod in (server, client, submit):
+        assert pod.environment()["FL_MODE"] == "app", pod.name
+    fleet, control = _port(server.environment()["FL_LISTEN_ADDRESS"]), _port(server.environment()["FL_CONTROL_ADDRESS"])
+    ports = {port["name"]: port["containerPort"] for port in server.container()["ports"]}
+    assert ports == {"fleet": fleet, "control": control} and fleet != control
+    assert not any("hostPort" in port for pod in pods.values() for port in pod.container().get("ports", [])), "no port on a node's address"
+    # The Services that reach the server pod, and which of its ports: the SuperLink's own (on its loopback) is none.
+    services = [doc for doc in documents if doc["kind"] == "Service"]
+    assert all(doc["spec"].get("type", "ClusterIP") == "ClusterIP" for doc in services), "nothing exposed beyond the cluster here"
+    reaching = {doc["metadata"]["name"]: {ports.get(port["targetPort"], port["targetPort"]) for port in doc["spec"]["ports"]}
+                for doc in services if doc["spec"]["selector"].items() <= server.labels.items()}
+    assert reaching == {"server": {fleet}, "server-control": {control}}
+    assert client.environment()["FL_SERVER_ADDRESS"] == f"server:{fleet}"
+    assert submit.environment()["FL_SERVER_ADDRESS"] == f"server-control:{control}"
+    # Where the network plugin enforces it: Fleet from anyone, Control from the submit Job's pods only, nothing else.
+    policy = kube.find(documents, "NetworkPolicy", "server-control")["spec"]
+    assert policy["podSelector"]["matchLabels"].items() <= server.labels.items() and policy["policyTypes"] == ["Ingress"]
+
+    def admits(pod: kube.Pod, port: int) -> bool:
+        return any(port in {p["port"] for p in rule["ports"]}
+                   and ("from" not in rule or any(peer["podSelector"]["matchLabels"].items() <= pod.labels.items() for peer in rule["from"]))
+                   for rule in policy["ingress"])
+
+    assert {p["port"] for rule in policy["ingress"] for p in rule["ports"]} == {fleet, control}
+    assert admits(client, fleet) and admits(submit, control)
+    assert not admits(client, control) and not admits(server, control)
+
+
+@pytest.mark.parametrize("overlay", APP_OVERLAYS)
+def test_the_submit_job_runs_the_app_with_the_submit_token_that_no_client_pod_holds(rendered, overlay: str) -> None:
+    documents = rendered[overlay]
+    pods = _pods(documents)
+    server, client, submit = pods["server"], pods["client"], pods["submit"]
+    job = kube.find(documents, "Job", "submit")
+    assert job["spec"]["backoffLimit"] == 0 and submit.spec["restartPolicy"] == "Never", "a retry would be a second run"
+    assert submit.container()["args"] == ["python", "-m", "services.appmode.submit"]
+    env = submit.environment()
+    token = ("bouquet-submit-token", "token", True)
+    assert _mounted_secret(submit, env["FL_SUBMIT_TOKEN_FILE"]) == token
+    assert _mounted_secret(server, server.environment()["FL_SUBMIT_TOKEN_FILE"]) == token
+    # The client pods run the ClientApp: no submit token; the join token does not apply in app mode.
+    assert _references(client).isdisjoint({"bouquet-submit-token", "bouquet-join-token"})
+    assert "bouquet-join-token" not in _references(server)
+    assert "FL_JOIN_TOKEN_FILE" not in client.environment() | server.environment()
+    assert not any("secretKeyRef" in item.get("valueFrom", {}) for pod in pods.values()
+                   for container in (*pod.spec["containers"], *pod.spec.get("initContainers", [])) for item in container.get("env", []))
+    # FL_APP is the folder the init container unpacks the ConfigMap bouquet-app's zip into.
+    unpack = submit.spec["initContainers"][0]
+    volumes = _volumes(submit)
+    app_mount = next(m for m in submit.container()["volumeMounts"] if m["mountPath"] == env["FL_APP"])
+    assert "emptyDir" in volumes[app_mount["name"]] and app_mount["readOnly"] is True
+    zip_mount = next(m for m in unpack["volumeMounts"] if "configMap" in volumes[m["name"]])
+    assert volumes[zip_mount["name"]]["configMap"]["name"] == "bouquet-app"
+    assert unpack["args"][-2:] == [f"{zip_mount['mountPath']}/app.zip", env["FL_APP"]]
+    assert {m["mountPath"]: m["name"] for m in unpack["volumeMounts"]}[env["FL_APP"]] == app_mount["name"]
+    # The run folder: submit writes it, the server's ServerApp works in it: one volume, pods on any node.
+    claims = {pod.name: {m["mountPath"]: _volumes(pod)[m["name"]]["persistentVolumeClaim"]["claimName"]
+                         for m in pod.container()["volumeMounts"] if "persistentVolumeClaim" in _volumes(pod)[m["name"]]}
+              for pod in (server, submit)}
+    assert claims[server.name]["/results"] == claims[submit.name][env["FL_RESULTS_DIR"]] == "bouquet-results"
+    assert claims[submit.name][env["FL_DATA_DIR"]] == "bouquet-data"
+    assert kube.find(documents, "PersistentVolumeClaim", "bouquet-results")["spec"]["accessModes"] == ["ReadWriteMany"]
+    # Workers as docs/kubernetes.md says ("Pods"): each client pod's own warm process, no per-node pool.
+    assert client.environment()["FL_WORKER_POOL"] == "replica"
+    assert not any("hostPath" in volume for pod in pods.values() for volume in pod.spec.get("volumes", []))
+
+
+def test_the_tls_component_gives_the_submit_job_the_ca_only(tools, tmp_path: Path) -> None:
+    documents = kube.kustomize(kube.overlay(tmp_path, "overlays/app-gpu", components=("components/tls",)))
+    submit = _pods(documents)["submit"]
+    folder = submit.environment()["FL_TLS_DIR"]
+    mount = next(m for m in submit.container()["volumeMounts"] if m["mountPath"] == folder)
+    secret = _volumes(submit)[mount["name"]]["secret"]
+    assert secret["secretName"] == "bouquet-tls" and secret["items"] == [{"key": "ca.crt", "path": "ca.crt"}]
+
+
+def test_the_documented_zip_unpacked_as_the_init_container_does_is_an_app_the_submission_takes(rendered, tmp_path: Path) -> None:
+    """docs/kubernetes.md's zip command, then the init container's own args (local paths for the
+    pod's): FL_APP is then a Flower App folder, as services.appmode.submit checks it."""
+    page = (kube.REPO / "docs" / "kubernetes.md").read_text()
+    command = next(line for line in page.splitlines() if line.startswith("python3 -m zipfile -c app.zip "))
+    subprocess.run(["bash", "-c", command.replace("app.zip", str(tmp_path / "app.zip"), 1)], cwd=kube.REPO, check=True)
+    pod = _pods(rendered["app-cpu"])["submit"]
+    app = pod.environment()["FL_APP"]
+    unpack = pod.spec["initContainers"][0]
+    mount = next(m for m in unpack["volumeMounts"] if "configMap" in _volumes(pod)[m["name"]])
+    local = {f"{mount['mountPath']}/app.zip": str(tmp_path / "app.zip"), app: str(tmp_path / "task")}
+    args = [sys.executable if arg == "python" else local.get(arg, arg) for arg in unpack["args"]]
+    subprocess.run(args, check=True)
+    assert submission.validate(settings.SubmitSettings(app=str(tmp_path / "task"))).app == str(tmp_path / "task")
+    assert (tmp_path / "task" / "quickstart_app" / "client_app.py").is_file()
+
+
+def test_docs_create_every_secret_and_config_map_the_overlays_mount_and_name_real_folders(rendered, tmp_path: Path) -> None:
+    """docs/kubernetes.md is how a user gets the Secrets and the App's ConfigMap: a name that
+    differs from the manifests' leaves the pods in ContainerCreating."""
+    page = (kube.REPO / "docs" / "kubernetes.md").read_text()
+    created = set(re.findall(r"kubectl create (?:secret generic|configmap) -n bouquet (\S+)", page))
+    with_tls = kube.kustomize(kube.overlay(tmp_path, "overlays/app-gpu", components=("components/tls",)))
+    needed = set()
+    for documents in (*rendered.values(), with_tls):
+        generated = {doc["metadata"]["name"] for doc in documents if doc["kind"] == "ConfigMap"}
+        needed |= {name for pod in _pods(documents).values() for name in _references(pod)} - generated
+    assert needed == created, f"mounted, never created: {sorted(needed - created)}; created, never mounted: {sorted(created - needed)}"
+    for folder in re.findall(r"-k deploy/kubernetes/([\w/-]+)", page):
+        assert (kube.KUSTOMIZE_ROOT / folder / "kustomization.yaml").is_file(), folder
 
 
 # --- the rendered pods, run -----------------------------------------------------------------------
