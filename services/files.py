@@ -1,12 +1,17 @@
-"""Small file mechanisms every part of Bouquet shares (server, monitor, launcher, benchmark).
+"""The file mechanics every part of Bouquet shares (both modes' servers, the clients, the
+monitor, the trackers, the launcher, the build-once cache, the need book, the benchmarks), so
+that each is written once:
 
-- ``replaced_atomically``: build a file or folder under a scratch name beside its target and
-  rename it into place, so a reader sees the old entry or the whole new one, never half of it.
-- ``atomic_write``: the same for a file written through a file object, fsynced before the rename.
-- ``write_json_atomically``: a JSON document that way (NaN and infinity become null).
-- ``tail``: the last lines of a log file, for error messages.
-- ``read_json_lines``: the complete lines of a JSON-lines file, from an offset on (a line still
-  being written, or cut by a crash, is not read); ``read_rounds``: a run's ``metrics.jsonl`` so.
+- the names of a run folder's files that several parts read (``METRICS``; app mode's
+  ``SERVERAPP_FOLDER``, ``MESSAGES``, ``REPLY_CHECKS``, ``FLWR_RUN_LOG``) and its time stamps
+  (``iso``, ``epoch``);
+- writing so a reader sees the old entry or the whole new one, never half of it:
+  ``replaced_atomically`` (a file or folder built beside its target, then renamed),
+  ``atomic_write`` (a file, fsynced before the rename), ``write_json_atomically`` (JSON through
+  ``json_safe``: NaN and infinity as null, bytes as hex);
+- reading: ``read_json_lines`` (the complete lines of a JSON-lines file from an offset on; a
+  line still being written, or cut by a crash, is not read), ``read_rounds`` (a run's
+  ``metrics.jsonl``), ``tail`` (the end of a log, for error messages), ``files_under``.
 
 Standard library only (the monitor image imports this module too).
 """

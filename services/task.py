@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
-import inspect as introspect
+import inspect
 import math
 import numbers
 import os
@@ -89,7 +89,7 @@ def sha256_of(module: ModuleType) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest() if path else ""
 
 
-def inspect(task: str) -> dict[str, Any]:
+def check_task(task: str) -> dict[str, Any]:
     """Worker job run once by the server at start: everything that can be wrong with FL_TASK,
     found before any client trains. Returns what the server records and needs to know."""
     module = load(task)
@@ -119,7 +119,7 @@ def _mismatch(module: ModuleType, name: str, calls: tuple[tuple[str, ...], ...])
     if not callable(function):
         return f"defines no function {' or '.join(_shown(name, call) for call in calls)}"
     try:
-        signature = introspect.signature(function)
+        signature = inspect.signature(function)
     except ValueError:  # a builtin without a signature: trust it
         return None
     errors = []
@@ -135,7 +135,7 @@ def _mismatch(module: ModuleType, name: str, calls: tuple[tuple[str, ...], ...])
 def load_data_arguments(load_data: Any, partition_id: int, num_partitions: int, batch_size: int) -> tuple[Any, ...]:
     """What this task's ``load_data`` is called with: the batch size too when it takes a third argument."""
     try:
-        introspect.signature(load_data).bind(partition_id, num_partitions, batch_size)
+        inspect.signature(load_data).bind(partition_id, num_partitions, batch_size)
     except TypeError:
         return (partition_id, num_partitions)
     except ValueError:  # no signature to read: the documented shape
@@ -144,7 +144,7 @@ def load_data_arguments(load_data: Any, partition_id: int, num_partitions: int, 
 
 
 def _accepts(function: Any, keyword: str) -> bool:
-    parameters = introspect.signature(function).parameters.values()
+    parameters = inspect.signature(function).parameters.values()
     return any(p.name == keyword or p.kind is p.VAR_KEYWORD for p in parameters)
 
 
@@ -167,7 +167,7 @@ def _ready(spec: TaskSpec, placement: Placement) -> tuple[ModuleType, torch.devi
         raise TaskError(f"{source_path(module)} changed since the server started the run (FL_TASK = {spec.task!r}); every round must train the same task")
     configure = getattr(module, "configure", None)
     if callable(configure):
-        wanted = introspect.signature(configure).parameters
+        wanted = inspect.signature(configure).parameters
         knobs = spec.knobs(placement.data_dir)
         takes_all = any(p.kind is p.VAR_KEYWORD for p in wanted.values())
         configure(**{k: v for k, v in knobs.items() if takes_all or k in wanted})

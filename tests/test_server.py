@@ -9,8 +9,9 @@ from flwr.common import Code, GetPropertiesRes, Status, ndarrays_to_parameters
 
 from services import protocol, worker
 from services.failures import Kind
-from services.server.flower import BouquetStrategy, ConnectedClients
+from services.server.connected import ConnectedClients
 from services.server.results import RoundRecorder, RunFolder
+from services.server.strategy import BouquetStrategy
 from services.settings import ServerSettings
 
 
@@ -91,7 +92,7 @@ def test_failed_central_evaluation_is_recorded_and_the_run_goes_on(tmp_path):
 def test_sampling_depends_on_the_round_alone_so_a_resumed_run_samples_as_the_uninterrupted_one():
     """fraction_fit < 1: a restarted server must not start the sampling stream again (it would
     pick round 1's clients for round 3 after a restart at round 3)."""
-    from services.server.flower import sample_for_round
+    from services.server.sampling import sample_for_round
     from services.server.membership import Holder
 
     holders = [Holder(f"cid{p}", f"id{p}", p) for p in range(10)]

@@ -18,7 +18,7 @@ import pytest
 
 from conftest import PYTHON, REPO
 from services.net import free_port, wait_until_listening
-from services.server.flower import IDENTITY_TIMEOUT_S
+from services.server.connected import IDENTITY_TIMEOUT_S
 
 pytestmark = pytest.mark.integration
 

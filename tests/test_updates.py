@@ -15,7 +15,7 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters
 
 from services import settings as settings_module
 from services import updates
-from services.server.flower import BouquetStrategy
+from services.server.strategy import BouquetStrategy
 from services.server.membership import Membership
 from services.server.registry import PartitionRegistry
 from services.server.results import RoundRecorder, RunFolder

@@ -8,6 +8,7 @@ import sys
 
 from services import joining, logs, roster, tls
 from services import settings as settings_module
+from services.admission import config as admission_config
 from services.client.connect import ServerUnreachable, wait_for_server
 from services.client.identity import identity as client_identity
 from services.pool.use import PoolProblem, check_setting as check_pool_setting, start_workers
@@ -48,7 +49,7 @@ def serve(settings: ClientSettings, identity: str) -> int:
     rejoins under the same identity, so with the same partition."""
     from services.client import flower  # imported late: validation comes first
 
-    client = flower.WorkerClient(identity, Placement.from_settings(settings), settings.worker_start, admitting=settings, join_token=settings.join_token, host=settings.host_name)
+    client = flower.WorkerClient(identity, Placement.from_settings(settings), settings.worker_start, admission=admission_config.worker_admission(settings), join_token=settings.join_token, host=settings.host_name)
     ca = tls.client_ca(settings.tls_dir) if settings.tls_dir else None
     prestarted = False
     while True:

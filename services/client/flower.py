@@ -28,8 +28,8 @@ from flwr.common import (
 
 from services import joining, protocol, worker
 from services.admission import config as admission_config, retry
+from services.admission.gate import Admission
 from services.failures import Kind
-from services.settings import LocalSettings
 from services.taskspec import Placement, TaskSpec
 
 log = logging.getLogger("bouquet.client")
@@ -37,18 +37,18 @@ log = logging.getLogger("bouquet.client")
 
 class WorkerClient(Client):
     def __init__(
-        self, identity: str, placement: Placement, start_method: str, admitting: LocalSettings | None = None, join_token: str | None = None,
+        self, identity: str, placement: Placement, start_method: str, admission: Admission | None = None, join_token: str | None = None,
         host: str | None = None,
     ) -> None:
-        """``admitting``: the settings that admit workers to slots (worker_slots, worker_memory_mib,
-        slots_dir, data_dir, device); None runs workers without admission. ``join_token``: the
+        """``admission``: how workers are admitted to slots (``admission.config.worker_admission``;
+        each job gets its need key); None runs workers without admission. ``join_token``: the
         secret this client proves when the server asks (services.joining). ``host``: the machine
         this replica runs on (FL_HOST_NAME), sent with every training's metrics when set."""
         self.identity = identity
         self.host = host
         self.placement = placement
         self.start_method = start_method
-        self.admitting = admitting
+        self.admission = admission
         self.join_token = join_token
         self.refused: str | None = None  # why the server refused this client, once it said so
 
@@ -118,7 +118,7 @@ class WorkerClient(Client):
             log.error("round %s: unreadable round config: %s: %s", server_round, type(problem).__name__, problem)
             cause = f"unreadable round config: {type(problem).__name__}: {problem}"
             return protocol.encode_failure(cause, kind=Kind.START_FAILED.value, client_pid=os.getpid())
-        admission = admission_config.admission_for(self.admitting, job, spec) if self.admitting is not None else None
+        admission = admission_config.for_job(self.admission, job, spec) if self.admission is not None else None
         wait = float(ins.config.get(protocol.SLOT_WAIT_TIMEOUT, spec.worker_timeout))  # this round's, from the server (services.budget)
         try:
             return retry.run(job, inputs, timeout=spec.worker_timeout, start_method=self.start_method, admission=admission, wait_timeout=wait)

@@ -20,28 +20,28 @@ log = logging.getLogger("bouquet.server")
 class CentralEvaluator:
     def __init__(self, spec: TaskSpec, placement: Placement, start_method: str, admitting: LocalSettings | None = None) -> None:
         """``admitting``: the server's settings; its evaluation workers take slots like the
-        clients' (None: no admission)."""
+        clients' (None: no admission). Only their share of admission is kept."""
         self.spec = spec
         self.placement = placement
         self.start_method = start_method
-        self.admitting = admitting
+        self.admission = admission_config.worker_admission(admitting) if admitting is not None else None
         self._sizing_logged = False
 
     def _run(self, job: str, inputs: dict[str, Any]) -> worker.WorkerResult:
-        admission = admission_config.admission_for(self.admitting, job, self.spec) if self.admitting is not None else None
+        admission = admission_config.for_job(self.admission, job, self.spec) if self.admission is not None else None
         result, _ = retry.run(job, inputs, timeout=self.spec.worker_timeout, start_method=self.start_method, admission=admission)
         if result.admitted and not self._sizing_logged:  # once per run: how the slots were sized and why
             self._sizing_logged = True
             log.info(
                 "worker slots (FL_WORKER_SLOTS=%s): %s has %s; the clients size theirs the same way on their devices",
-                self.admitting.worker_slots, result.admitted["device"], result.admitted["sizing"],
+                self.admission.slots, result.admitted["device"], result.admitted["sizing"],
             )
         return result
 
     def inspect(self) -> dict[str, Any]:
-        """What the task module offers (services.task.inspect), checked in a worker: raises
+        """What the task module offers (services.task.check_task), checked in a worker: raises
         WorkerFailed with the reason when FL_TASK is unusable."""
-        return worker.run("services.task:inspect", {"task": self.spec.task}, timeout=self.spec.worker_timeout, start_method=self.start_method).value
+        return worker.run("services.task:check_task", {"task": self.spec.task}, timeout=self.spec.worker_timeout, start_method=self.start_method).value
 
     def initial_weights(self) -> list[np.ndarray]:
         return self._run("services.task:initial_weights", {"spec": self.spec, "placement": self.placement}).value

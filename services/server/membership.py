@@ -6,8 +6,9 @@ data folder (``services.roster``) has connected, and (b) nothing changed for FL_
 seconds. A replica that announced but does not connect within FL_JOIN_TIMEOUT of the last
 change is given up on, by name. That count is settled once, as the number of partitions.
 
-Flower-free: ``services.server.flower`` asks the clients for their identities and hands this
-module plain snapshots ``{connection id: identity}``, so the rules are tested without a network.
+Flower-free: ``services.server.connected`` asks the clients for their identities, and this
+module is handed its plain snapshots ``{connection id: identity}``, so the rules are tested
+without a network.
 """
 
 from __future__ import annotations

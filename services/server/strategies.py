@@ -1,6 +1,7 @@
 """Which of Flower's aggregation strategies runs, with which hyper-parameters (FL_STRATEGY,
 FL_STRATEGY_ARGS). Flower's own classes do the aggregating; Bouquet's duties (membership,
-partitions, records, central evaluation, checkpoints) wrap them in ``services.server.flower``.
+partitions, records, central evaluation) wrap them in ``services.server.strategy``, and the
+round loop (``services.server.rounds``) writes the checkpoints.
 
 The arguments a user may set are the strategy constructor's own numbers and flags, found by
 introspection, minus the ones Bouquet decides (who trains, failures are accepted); each value
