@@ -13,6 +13,7 @@ is logged and recorded (``records``), without its token.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
@@ -26,8 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from services.admission import retry
-from services.admission.config import slots_dir
-from services.admission.gate import Admission
+from services.admission.config import worker_admission
 from services.admission.sizing import NeedBook
 from services.appmode import launch_args
 from services.appmode.keepalive import KeepAlive
@@ -64,9 +64,7 @@ class Launches:
         self.app_seen: str | None = None  # the FAB hash of the last App a message ran: the next ones likely run it too
         # the ServerApp waits as long for a reply (services.appmode.absences): one budget, both sides
         self.budget = JobBudget.for_round(settings.worker_timeout, place.num_partitions)
-        self.admission = Admission(
-            slots_dir=slots_dir(settings), slots=settings.worker_slots, memory_mib=settings.worker_memory_mib, device=settings.device, need_key=NEED_KEY
-        )
+        self.admission = dataclasses.replace(worker_admission(settings), need_key=NEED_KEY)
 
     def serve(self, argv: list[str]) -> int:
         """Run one launch to its end; the exit code Bouquet's flwr-clientapp exits with."""

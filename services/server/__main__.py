@@ -15,6 +15,7 @@ from typing import TypeVar
 
 from services import joining, logs, roster, tls, worker
 from services import settings as settings_module
+from services.admission import config as admission_config
 from services.pool.use import PoolProblem, check_setting as check_pool_setting, start_workers
 from services.server import resume
 from services.server.central import CentralEvaluator
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         registry, settings.min_clients, settings.join_grace, settings.join_timeout,
         announced=lambda: roster.live(settings.data_dir), saved=saved,
     )
-    evaluator = CentralEvaluator(spec, placement, settings.worker_start, admitting=settings)
+    evaluator = CentralEvaluator(spec, placement, settings.worker_start, admission=admission_config.worker_admission(settings))
     resume_from = load_checkpoint(resumed.checkpoint) if resumed and resumed.checkpoint else None
     started_at, started = utc_now(), time.monotonic()
     status, error = "failed", None

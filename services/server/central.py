@@ -11,20 +11,20 @@ import numpy as np
 
 from services import worker
 from services.admission import config as admission_config, retry
-from services.settings import LocalSettings
+from services.admission.gate import Admission
 from services.taskspec import Placement, TaskSpec
 
 log = logging.getLogger("bouquet.server")
 
 
 class CentralEvaluator:
-    def __init__(self, spec: TaskSpec, placement: Placement, start_method: str, admitting: LocalSettings | None = None) -> None:
-        """``admitting``: the server's settings; its evaluation workers take slots like the
-        clients' (None: no admission). Only their share of admission is kept."""
+    def __init__(self, spec: TaskSpec, placement: Placement, start_method: str, admission: Admission | None = None) -> None:
+        """``admission``: the server's share of admission (``admission.config.worker_admission``);
+        its evaluation workers take slots like the clients' (None: no admission)."""
         self.spec = spec
         self.placement = placement
         self.start_method = start_method
-        self.admission = admission_config.worker_admission(admitting) if admitting is not None else None
+        self.admission = admission
         self._sizing_logged = False
 
     def _run(self, job: str, inputs: dict[str, Any]) -> worker.WorkerResult:
