@@ -31,6 +31,7 @@ METRICS = "metrics.jsonl"  # in a run folder: one JSON line per finished round, 
 SERVERAPP_FOLDER = "serverapp"  # in an app-mode run folder: the ServerApp's working folder, what it saved
 MESSAGES = "messages.jsonl"  # in an app-mode run folder: one JSON line per ClientApp message
 REPLY_CHECKS = "reply-checks.jsonl"  # in an app-mode run folder: the ServerApp process's refused (and clipped) ClientApp replies, and those it stopped waiting for
+JOINS_REFUSED = ".appmode-joins-refused.jsonl"  # in the results folder: SuperNodes the app-mode front refused, one line per node, as the link saw them
 ROUND_STARTS = "round-starts.jsonl"  # in an app-mode run folder: when the ServerApp started each round, and which replicas ran then
 FLWR_RUN_LOG = "flwr-run.log"  # in an app-mode run folder: what `flwr run --stream` printed
 
@@ -114,6 +115,12 @@ def tail(path: Path, lines: int = 40) -> str:
         return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return "(no log)"
+
+
+def append_json_line(path: Path, payload: dict[str, Any]) -> None:
+    """One JSON line appended whole (one write: lines of concurrent writers never interleave)."""
+    with open(path, "a") as out:
+        out.write(json.dumps(payload, sort_keys=True) + "\n")
 
 
 def read_json_lines(path: Path, offset: int = 0) -> tuple[list[dict[str, Any]], int]:

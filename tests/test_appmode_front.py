@@ -25,6 +25,7 @@ import pytest
 from conftest import PYTHON, REPO
 from services.appmode import flower
 from services.certs import make_certificates
+from services.files import JOINS_REFUSED
 from services.net import free_port
 
 pytestmark = pytest.mark.integration
@@ -211,3 +212,6 @@ def test_a_stock_supernode_whose_key_was_not_registered_is_refused_and_said_once
     assert len(refusals) == 1, refusals
     assert "refused a SuperNode from 127.0.0.1" in refusals[0] and "412" in refusals[0] and "not registered" in refusals[0], refusals
     assert federation.online() == NODES  # Bouquet's own nodes only
+    # recorded for the run's summary (joins_refused): each stranger once, with its address and key
+    noted = [json.loads(line) for line in (federation.folder / "results" / JOINS_REFUSED).read_text().splitlines()]
+    assert sorted(line["key"] for line in noted) == sorted([name, other]) and {line["address"] for line in noted} == {"127.0.0.1"}, noted

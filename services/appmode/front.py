@@ -27,8 +27,10 @@ import pwd
 import shutil
 import subprocess
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 from services.lifetime import die_with_parent
 from services.net import split_address
@@ -198,6 +200,9 @@ class Refusals:
             log.warning("refused a SuperNode from %s (key %s): %s on %s, %s; said once per node", address, name, status, path, why)
         return fresh
 
-    def watch(self, stop: threading.Event, every: float = 1.0) -> None:
+    def watch(self, stop: threading.Event, every: float = 1.0, note: Callable[[dict[str, Any]], None] | None = None) -> None:
+        """Read the refusals every ``every`` s; ``note`` gets each refused node once (for the run's records)."""
         while not stop.wait(every):
-            self.read()
+            for address, key, status, path in self.read():
+                if note is not None:
+                    note({"at": round(time.time(), 4), "address": address, "key": key, "status": status, "path": path})

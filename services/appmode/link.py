@@ -32,11 +32,13 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
+from typing import Any, Callable
 
 from services import joining, logs, roster, tls
 from services import settings as settings_module
 from services.appmode import assignment, flower, front, node_keys, serverapp_shim
 from services.appmode.gauges import RunFollower
+from services.files import JOINS_REFUSED, append_json_line
 from services.lifetime import die_with_parent
 from services.net import free_port, wait_until_listening
 from services.server.membership import Membership
@@ -181,7 +183,7 @@ def serve(settings: LinkSettings, home: Path) -> int:
     publish(settings, registry, set())
     log.info("partitions: %s", ", ".join(f"{identity} -> {partition}" for identity, partition in sorted(registry.assignments.items(), key=lambda item: item[1])))
     threading.Thread(target=watch_newcomers, args=(settings, registry, stop), name="bouquet-newcomers", daemon=True).start()
-    threading.Thread(target=front.Refusals(home / "front").watch, args=(stop,), name="bouquet-refusals", daemon=True).start()
+    threading.Thread(target=front.Refusals(home / "front").watch, args=(stop, 1.0, _noting_refusals(Path(settings.results_dir))), name="bouquet-refusals", daemon=True).start()
     if gauges is not None:
         threading.Thread(target=RunFollower(settings.results_dir, gauges).watch, args=(stop,), name="bouquet-gauges", daemon=True).start()
     if settings.tls_dir:
@@ -202,6 +204,18 @@ def serve(settings: LinkSettings, home: Path) -> int:
         nginx.wait()
     log.info("flower-superlink exited with code %d", code)
     return 0 if code in (0, -signal.SIGTERM, -signal.SIGINT) else code
+
+
+def _noting_refusals(results: Path) -> Callable[[dict[str, Any]], None]:
+    """Each refused SuperNode, appended to the results folder's JOINS_REFUSED (submit counts
+    those of its run: summary.json joins_refused); a folder that cannot take it is said, never fatal."""
+    def note(line: dict[str, Any]) -> None:
+        try:
+            results.mkdir(parents=True, exist_ok=True)
+            append_json_line(results / JOINS_REFUSED, line)
+        except OSError as problem:
+            log.warning("could not record the refused SuperNode in %s: %s", results / JOINS_REFUSED, problem)
+    return note
 
 
 def _stop_with_the_front(nginx: subprocess.Popen, superlink: subprocess.Popen, stop: threading.Event) -> None:

@@ -17,7 +17,6 @@ replies every 0.5 s instead of Flower's 3 s: a round ends when its last reply co
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -40,7 +39,7 @@ from services.appmode.absences import Absences, Replicas
 from services.appmode.replies import ReplyChecks
 from services.appmode.serverapp_shim import DATA_DIR_VARIABLE, MAX_NORM_VARIABLE, RUN_FOLDER_VARIABLE, WORKER_TIMEOUT_VARIABLE
 from services.budget import JobBudget
-from services.files import REPLY_CHECKS, ROUND_STARTS
+from services.files import REPLY_CHECKS, ROUND_STARTS, append_json_line
 
 PULL_EVERY_S = 0.5  # Flower's send_and_receive sleeps 3 s between pulls
 GIVEN_UP = "Bouquet stopped waiting for this reply"  # the start of the Error's reason the ServerApp sees
@@ -60,8 +59,7 @@ class ChecksFile:
         elif "clipped_from_norm" in line:
             log(INFO, "Bouquet clipped the %s reply of node %s from L2 distance %.4g to %g (FL_MAX_UPDATE_NORM)",
                 line["message_type"], line["flwr_node_id"], line["clipped_from_norm"], line["update_norm"])
-        with open(self.path, "a") as out:
-            out.write(json.dumps(line, sort_keys=True) + "\n")
+        append_json_line(self.path, line)
 
 
 class RoundStarts(logging.Handler):
@@ -77,9 +75,7 @@ class RoundStarts(logging.Handler):
         found = ROUND.search(record.getMessage())
         if found is None:
             return
-        line = {"round": int(found.group(1)), "rounds": int(found.group(2)), "at": round(time.time(), 4), "running": sorted(roster.live(self.data_dir))}
-        with open(self.path, "a") as out:
-            out.write(json.dumps(line) + "\n")
+        append_json_line(self.path, {"round": int(found.group(1)), "rounds": int(found.group(2)), "at": round(time.time(), 4), "running": sorted(roster.live(self.data_dir))})
 
 
 def install(checks: ReplyChecks, absences: Absences, note: ChecksFile) -> None:

@@ -40,7 +40,7 @@ from services.tracking.run import APP_MODE, RunTracking
 from services.appmode import assignment, evaluations, flower, records, serverapp_shim
 from services.appmode.app_identity import app_fingerprint, app_identity
 from services.appmode.rounds import RoundStart, round_lines, round_starts, rounds_completed, write_rounds
-from services.files import FLWR_RUN_LOG, MESSAGES, REPLY_CHECKS, SERVERAPP_FOLDER, atomic_write, files_under, iso, read_json_lines, write_json_atomically
+from services.files import FLWR_RUN_LOG, JOINS_REFUSED, MESSAGES, REPLY_CHECKS, SERVERAPP_FOLDER, atomic_write, files_under, iso, read_json_lines, write_json_atomically
 from services.locks import HeldLock
 from services.server.results import concurrent_workers_peak, new_run_id, slots_per_device
 from services.settings import SubmitSettings
@@ -261,6 +261,8 @@ class Submission:
             # and replies clipped to FL_MAX_UPDATE_NORM, as task mode counts its updates
             updates_rejected=sum(1 for record in messages if record.get("outcome") == records.REFUSED and record.get("message_type") == "train"),
             updates_clipped=sum(1 for record in messages if "clipped_from_norm" in record),
+            # SuperNodes the front refused while the run went (unregistered key, bad signature), each once, as task mode counts wrong join secrets
+            joins_refused=sum(1 for line in read_json_lines(self.folder.parent / JOINS_REFUSED)[0] if started_at <= line.get("at", 0)),
             slots_per_device=slots_per_device([m for m in messages if m.get("device")]),
             concurrent_workers_peak=concurrent_workers_peak(messages),
             rounds_requested=starts[-1].rounds if starts else None,  # the ServerApp's, from Flower's "[ROUND k/N]" lines (None: it logged none)
