@@ -136,3 +136,14 @@ def test_the_link_feeds_the_gauges_each_round_of_the_current_run_once_even_after
     (run / "metrics.jsonl").write_text("".join(json.dumps({"round": n}) + "\n" for n in (1, 2)))
     follower.step()
     assert gauges.rounds == [1, 2]
+
+
+def test_a_node_record_that_lost_its_message_takes_the_id_of_flowers_error_reply_for_it():
+    """The node lost track of its worker (its warm process died), so its record names no message;
+    Flower failed that message ("ClientApp stopped responding"): one message, one line."""
+    lost = {"node": "client-0", "partition": 0, "outcome": "lost", "cause": "the node's warm process died", "message_id": None, "asked_at": 10.0, "ended_at": 11.0}
+    later = {"node": "client-0", "partition": 0, "outcome": "ok", "flwr_node_id": 5, "message_id": "m2", "message_type": "train", "asked_at": 80.0, "ended_at": 82.0}
+    check = {"message_id": "m1", "flwr_node_id": 5, "flwr_run_id": 7, "message_type": "train", "checked_at": 70.0, "error_reply": "ClientApp stopped responding."}
+    merged = records.with_reply_checks([lost, later], [check])
+    assert [(r["message_id"], r["outcome"], r["message_type"]) for r in merged] == [("m1", "lost", "train"), ("m2", "ok", "train")]
+    assert merged[0]["cause"] == lost["cause"] and merged[0]["flower_error"] == "ClientApp stopped responding."

@@ -72,12 +72,13 @@ def with_reply_checks(messages: list[dict[str, Any]], checks: Iterable[dict[str,
     Flower's own, e.g. a node that stopped) makes it "failed" with the cause. A message no node
     recorded (its node stopped, or a SuperNode Bouquet did not start) gets a line of its own,
     named by the replica that Flower node was (from the node's other records), else by Flower's
-    node id, without a partition."""
+    node id, without a partition. A node's record that names no message (it lost track of its
+    worker) takes the id of the error reply Flower made for that replica's message."""
     out = [dict(record) for record in messages]
     by_id = {record["message_id"]: record for record in out if record.get("message_id")}
     replicas = {record["flwr_node_id"]: record for record in out if record.get("flwr_node_id") is not None}
     for check in checks:
-        record = by_id.get(check["message_id"])
+        record = by_id.get(check["message_id"]) or _unnamed_of_the_same_replica(out, replicas.get(check["flwr_node_id"]), check)
         if record is None:
             holder = replicas.get(check["flwr_node_id"], {})
             record = by_id[check["message_id"]] = {
@@ -95,3 +96,15 @@ def with_reply_checks(messages: list[dict[str, Any]], checks: Iterable[dict[str,
             record.update(outcome="failed", cause=f"Flower's error reply: {check['error_reply']}")
         record.update({key: check[key] for key in ("update_norm", "clipped_from_norm") if key in check})
     return sorted(out, key=lambda record: record.get("asked_at", 0))
+
+
+def _unnamed_of_the_same_replica(out: list[dict[str, Any]], holder: dict[str, Any] | None, check: dict[str, Any]) -> dict[str, Any] | None:
+    """The replica's earliest failed record without a message id asked for before Flower's error
+    reply came: the same message, seen from both sides (it gets the id)."""
+    if holder is None or "error_reply" not in check:
+        return None
+    for record in out:
+        if record["node"] == holder["node"] and not record.get("message_id") and record.get("outcome") not in ("ok", REFUSED) and record.get("asked_at", 0) <= check["checked_at"]:
+            record.update(message_id=check["message_id"], message_type=record.get("message_type") or check.get("message_type"), flower_error=check["error_reply"])
+            return record
+    return None
