@@ -346,6 +346,7 @@ class AppFederation(Federation):
         self.start("server", ["-m", "services.server", "--mode", "app", "--listen-address", v.listen_address, "--min-clients", str(v.clients), "--join-grace", "0",
                               "--join-timeout", str(v.join_timeout), "--results-dir", str(v.results_dir), *common, *control, "--control-address", self.control_address,
                               "--worker-timeout", repr(v.worker_timeout),  # the ServerApp waits for a reply no longer than the job's time budget
+                              *(["--server-metrics-port", str(v.server_metrics_port)] if v.server_metrics_port is not None else []),
                               *(["--max-update-norm", repr(v.max_update_norm)] if v.max_update_norm is not None else [])])
         address = v.listen_address.replace("0.0.0.0", "127.0.0.1")
         node_names = [s.name for s in settings_module.declared(LocalSettings)] + ["connect_timeout", "worker_timeout"]

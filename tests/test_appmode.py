@@ -18,12 +18,15 @@ import re
 import shutil
 import signal
 import subprocess
+import time
+import urllib.request
 from pathlib import Path
 
 import psutil
 import pytest
 
 from conftest import PYTHON, REPO
+from services.net import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -268,11 +271,12 @@ def test_the_app_runs_over_tls_with_bouquets_certificates_and_a_preloading_warm_
 def test_ctrl_c_stops_flowers_run_and_records_its_end(tmp_path):
     """Ctrl-C on the launcher mid-run: the submission stops Flower's run, summary.json says
     "interrupted" with the cause, the rounds so far are kept, the ServerApp's folder marker is
-    gone, and the launcher exits 130."""
-    results = tmp_path / "results"
+    gone, and the launcher exits 130. Before that, while the run goes: round 1 is in
+    metrics.jsonl and in the server's Prometheus round gauges."""
+    results, gauges = tmp_path / "results", free_port()
     launcher = subprocess.Popen(
         [PYTHON, "scripts/run_local.py", "--app", str(EXAMPLE), "--clients", "2", "--app-run-config", "num-server-rounds=50",
-         "--results-dir", str(results), "--data-dir", str(tmp_path / "data"), "--run-id", "stopped"],
+         "--results-dir", str(results), "--data-dir", str(tmp_path / "data"), "--run-id", "stopped", "--server-metrics-port", str(gauges)],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     seen = []
@@ -281,6 +285,9 @@ def test_ctrl_c_stops_flowers_run_and_records_its_end(tmp_path):
             seen.append(line)
             if "[ROUND 2/50]" in line:
                 break
+        scraped = _scrape_until(f"http://127.0.0.1:{gauges}/metrics", "bouquet_server_round 1.0", timeout=120)
+        assert 'bouquet_server_round_clients{outcome="ok"} 2.0' in scraped, scraped
+        assert json.loads((results / "stopped" / "metrics.jsonl").read_text().splitlines()[0])["round"] == 1
         launcher.send_signal(signal.SIGINT)
         rest, _ = launcher.communicate(timeout=300)
     finally:
@@ -291,6 +298,20 @@ def test_ctrl_c_stops_flowers_run_and_records_its_end(tmp_path):
     assert summary["status"] == "interrupted" and "stopped (SIGTERM or Ctrl-C) while it ran" in summary["cause"], summary
     assert summary["flwr_run_id"] and summary["messages"]["total"] >= 2  # round 1's messages are recorded
     assert not (results / ".appmode-current-run").exists()
+
+
+def _scrape_until(url: str, wanted: str, timeout: float) -> str:
+    """The endpoint's text once it holds ``wanted`` (the event: the gauges got the round)."""
+    deadline, text = time.monotonic() + timeout, ""
+    while time.monotonic() < deadline:
+        try:
+            text = urllib.request.urlopen(url, timeout=5).read().decode()
+        except OSError:
+            text = ""
+        if wanted in text:
+            return text
+        time.sleep(0.5)
+    raise AssertionError(f"{wanted!r} not served at {url} within {timeout:g} s: {text[-1500:]}")
 
 
 HOSTILE_CLIENT = '''
