@@ -3,10 +3,12 @@ each one settled on: the evidence behind "every replica gets its own partition, 
 
     .venv/bin/python -m benchmarks.compose_trials --runs 10 --replicas 20 --out docs/measurements/<machine>/compose-trials.md
     .venv/bin/python -m benchmarks.compose_trials --runs 3 --replicas 20 --app examples/quickstart-app --rounds 3   # app mode
+    .venv/bin/python -m benchmarks.compose_trials --runs 1 --replicas 5 --app examples/quickstart-app --rounds 6 --kill-at-round 3
 
 App mode (``--app``): FL_MODE=app with the App as the task folder, `up`, then `run --rm submit` as the
 README says; also recorded: each round's seconds (metrics.jsonl) and the messages' median
-``app_load_seconds`` (messages.jsonl).
+``app_load_seconds`` (messages.jsonl). ``--kill-at-round K`` (app mode): `docker kill` of one
+replica as the ServerApp starts round K (round-starts.jsonl), then what each round recorded of it.
 
 Each run: `up --detach --no-build --scale client=N` with the CPU switch (COMPOSE_FILE=docker-compose.yml),
 the repository's .env otherwise unchanged, a results folder of its own; waits for the server to
@@ -29,7 +31,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from services.files import read_rounds
+from services.files import ROUND_STARTS, read_json_lines, read_rounds
 
 REPO = Path(__file__).resolve().parent.parent
 UNITS_MIB = {"B": 1 / 2**20, "KiB": 1 / 1024, "kB": 1e3 / 2**20, "MiB": 1, "MB": 1e6 / 2**20, "GiB": 1024, "GB": 1e9 / 2**20}
@@ -70,7 +72,31 @@ def app_facts(folder: Path) -> dict:
             "app_load_warm_median_s": warm[len(warm) // 2] if warm else None, "messages": len(messages), "messages_warm": len(warm)}
 
 
-def one_run(compose: list[str], replicas: int, index: int, work: Path, app: Path | None = None, rounds: int = 3) -> dict:
+def kill_a_replica_at(project: str, folder: Path, round_number: int, stop: threading.Event, killed: dict) -> None:
+    """`docker kill` of the last client container once the ServerApp noted round ``round_number``'s start."""
+    while not stop.wait(0.2):
+        if any(line["round"] >= round_number for line in read_json_lines(folder / ROUND_STARTS)[0]):
+            names = sorted(subprocess.run(["docker", "ps", "--format", "{{.Names}}", "--filter", f"label=com.docker.compose.project={project}",
+                                           "--filter", "label=com.docker.compose.service=client"], capture_output=True, text=True).stdout.split())
+            hostname = subprocess.run(["docker", "inspect", "-f", "{{.Config.Hostname}}", names[-1]], capture_output=True, text=True).stdout.strip()
+            subprocess.run(["docker", "kill", names[-1]], capture_output=True)
+            killed.update(container=names[-1], identity=hostname, at=time.time())
+            return
+
+
+def absences(folder: Path, killed: dict) -> dict:
+    """What each round recorded of the killed replica, and the run's misses."""
+    summary = json.loads((folder / "summary.json").read_text())
+    rounds = read_rounds(folder)
+    said = []
+    for record in rounds:
+        failure = next((f["cause"] for f in record.get("failures", []) if f["id"] == killed.get("identity")), None)
+        gap = next((g["reason"] for g in record.get("missing", []) if g["id"] == killed.get("identity")), None)
+        said.append(f"round {record['round']} ({record['round_seconds']} s): " + (f"failed: {failure}" if failure else f"missing: {gap}" if gap else "ok"))
+    return {"killed": killed, "said": said, "rounds_missed_by_partition": summary.get("rounds_missed_by_partition")}
+
+
+def one_run(compose: list[str], replicas: int, index: int, work: Path, app: Path | None = None, rounds: int = 3, kill_at: int | None = None) -> dict:
     project = f"bouquet-trial{index}"
     results = work / f"run{index}"
     results.mkdir(parents=True)
@@ -95,6 +121,9 @@ def one_run(compose: list[str], replicas: int, index: int, work: Path, app: Path
         if up.returncode != 0:
             return {"run": index, "error": f"up exited {up.returncode}: {up.stderr[-500:]}"}
         watcher.start()
+        killed: dict = {}
+        if kill_at:
+            threading.Thread(target=kill_a_replica_at, args=(project, results / "trial", kill_at, stop, killed), daemon=True).start()
         if app:  # the submission is the run: it exits with the run's outcome
             exit_code = str(run("run", "--rm", "submit").returncode)
         else:
@@ -131,6 +160,7 @@ def one_run(compose: list[str], replicas: int, index: int, work: Path, app: Path
             "report": (folder / "report.html").exists(),
             "ps": sorted(set(ps)),
             **(app_facts(folder) if app else {}),
+            **(absences(folder, killed) if kill_at else {}),
         }
     finally:
         stop.set()
@@ -146,6 +176,7 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, help="copy each run's folder (report.html, memory.csv, ...) here as run<N>/")
     parser.add_argument("--app", type=Path, help="app mode: this Flower App (e.g. examples/quickstart-app), submitted with `run --rm submit`")
     parser.add_argument("--rounds", type=int, default=3, help="app mode: num-server-rounds")
+    parser.add_argument("--kill-at-round", type=int, help="app mode: docker kill one replica as this round starts")
     options = parser.parse_args()
     compose = shlex.split(options.compose)
     version = subprocess.run([*compose, "version"], capture_output=True, text=True).stdout.strip()
@@ -157,7 +188,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bouquet-trials-") as work:
         for index in range(1, options.runs + 1):
             try:
-                r = one_run(compose, options.replicas, index, Path(work), options.app, options.rounds)
+                r = one_run(compose, options.replicas, index, Path(work), options.app, options.rounds, options.kill_at_round)
             except Exception as error:  # one run's surprise must not lose its folder (--keep) or the next runs
                 r = {"error": f"{type(error).__name__}: {error}"}
             if options.keep and (Path(work) / f"run{index}" / "trial").is_dir():
@@ -177,6 +208,10 @@ def main() -> None:
                         f"{r['messages_warm']} of {r['messages']}, median {r['app_load_warm_median_s']})")
                 print(line, flush=True)
                 lines.append(line)
+            if options.kill_at_round and "error" not in r:
+                for line in [f"    killed {r['killed']}", *(f"    {said}" for said in r["said"]), f"    rounds_missed_by_partition: {r['rounds_missed_by_partition']}"]:
+                    print(line, flush=True)
+                    lines.append(line)
     if options.out:
         options.out.parent.mkdir(parents=True, exist_ok=True)
         options.out.write_text("\n".join(lines) + "\n")
