@@ -15,6 +15,7 @@ from typing import Any, Callable
 import psutil
 
 from benchmarks import processes
+from services import lifetime
 from services.files import read_rounds, tail
 from services.settings import LocalSettings, as_flags
 from services.taskspec import TaskSpec
@@ -101,15 +102,9 @@ def run_launcher(
 def _stop(launcher: subprocess.Popen) -> None:
     """Ctrl-C for the launcher (it then stops its server and clients in order), SIGKILL as a last resort."""
     if launcher.poll() is None:
-        launcher.send_signal(signal.SIGINT)
-        try:
-            launcher.wait(timeout=45)
+        lifetime.send(launcher, signal.SIGINT)
+        if lifetime.wait(launcher, 45) is not None:
             return
-        except subprocess.TimeoutExpired:
-            pass
-    for pid in members(launcher.pid).values():
-        try:
-            os.killpg(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-    processes.stop([launcher], grace=1)
+    for pid in members(launcher.pid).values():  # each leads its own session
+        lifetime.signal_group(pid, signal.SIGKILL)
+    lifetime.stop(launcher, grace=1, whole_group=True)

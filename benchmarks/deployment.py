@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from benchmarks import deployment_config, processes
+from services import lifetime
 from services.net import free_port, wait_until_listening
 from services.files import read_json_lines, tail
 from services.taskspec import Placement, TaskSpec
@@ -127,7 +128,7 @@ def run_app(
         started.append(cli)
         _follow(cli, finished, started, work_dir, timeout)
     finally:
-        processes.stop(started)
+        lifetime.stop_all(started, processes.STOP_GRACE_S, whole_group=True)  # and the children they left behind (e.g. ClientApp processes)
 
 
 def _wait_for_nodes(bin_dir: Path, env: dict[str, str], clients: int, nodes: list[subprocess.Popen], work_dir: Path, deadline: float) -> None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import statistics
 import subprocess
 import sys
@@ -28,7 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from services import joining
+from services import joining, lifetime
 from services import settings as settings_module
 from services.certs import make_certificates
 from services.net import free_port
@@ -102,19 +101,11 @@ class Link:
 
 def _start(log: Path, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
     with open(log, "w") as out:
-        return subprocess.Popen([sys.executable, *argv], cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+        return lifetime.start([sys.executable, *argv], dies_with_parent=False, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
 
 
 def _stop(processes: list[subprocess.Popen]) -> None:
-    for process in processes:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-    for process in processes:
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    lifetime.stop_all(processes, grace=60)
 
 
 def _text(path: Path) -> str:

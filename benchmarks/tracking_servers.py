@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import time
 import urllib.error
@@ -17,6 +16,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Callable
 
+from services import lifetime
 from services.net import free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -78,10 +78,10 @@ class MlflowServer:
     def start(self) -> "MlflowServer":
         self.starts += 1
         log = open(self.folder / f"mlflow-server-{self.starts}.log", "w")
-        self.process = subprocess.Popen(
+        self.process = lifetime.start(
             [self.executable, "server", "--backend-store-uri", f"sqlite:///{self.folder / 'mlflow.db'}",
              "--artifacts-destination", str(self.folder / "artifacts"), "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            stdout=log, stderr=subprocess.STDOUT, own_session=True, dies_with_parent=False,
             # no GenAI job consumers (seven huey processes that Bouquet's runs never use)
             env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
         )
@@ -100,19 +100,8 @@ class MlflowServer:
 
     def stop(self) -> None:
         """The server and every process it started (its own session): none outlives it."""
-        if self.process is None:
-            return
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(self.process.pid, signal.SIGKILL)  # workers that outlived the server
-        except ProcessLookupError:
-            pass
-        self.process.wait(10)
+        if self.process is not None:
+            lifetime.stop(self.process, grace=30, whole_group=True)  # then SIGKILL for workers that outlived the server
 
     # -- MLflow's REST API, as any user's tool would read it --------------------------------------
 
@@ -153,9 +142,9 @@ class Prometheus:
             f"scrape_configs:\n  - job_name: bouquet\n    static_configs:\n      - targets: {json.dumps(targets)}\n"
         )
         log = open(folder / "prometheus.log", "w")
-        self.process = subprocess.Popen(
+        self.process = lifetime.start(
             [executable, f"--config.file={config}", f"--storage.tsdb.path={folder / 'tsdb'}", f"--web.listen-address=127.0.0.1:{self.port}"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            stdout=log, stderr=subprocess.STDOUT, own_session=True, dies_with_parent=False,
         )
         log.close()
         wait_for(self._ready, START_TIMEOUT_S, f"prometheus on {self.url} (log {log.name})")
@@ -173,6 +162,4 @@ class Prometheus:
         return get_json(f"{self.url}/api/v1/query?{urllib.parse.urlencode({'query': expression})}")["data"]["result"]
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            self.process.wait(30)
+        lifetime.stop(self.process, grace=30, whole_group=True)

@@ -32,11 +32,10 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from services import joining
+from services import joining, lifetime
 from services import settings as settings_module
 from services.appmode import assignment
 from services.certs import make_certificates
-from services.lifetime import die_with_parent
 from services.net import free_port, wait_until_listening
 from services.files import read_rounds, tail
 from services.server.results import new_run_id
@@ -165,15 +164,15 @@ class Federation:
     def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
         log_path = self.log_dir / f"{name}.log"
         log_file = open(log_path, "w")
-        process = subprocess.Popen(
+        process = lifetime.start(
             [sys.executable, *argv],
             cwd=REPO,
             stdout=log_file,
             stderr=subprocess.STDOUT,
             # FL_JOIN_TOKEN stays out: the run's token reaches the processes as FL_JOIN_TOKEN_FILE.
             env={**{key: value for key, value in os.environ.items() if key != "FL_JOIN_TOKEN"}, "PYTHONUNBUFFERED": "1", **(env or {})},
-            start_new_session=True,  # Ctrl-C reaches the launcher only; it stops the others in order
-            preexec_fn=die_with_parent,  # SIGTERM if the launcher dies, even by SIGKILL
+            own_session=True,  # Ctrl-C reaches the launcher only; it stops the others in order
+            dies_with_parent=True,  # SIGTERM if the launcher dies, even by SIGKILL
         )
         log_file.close()
         self.processes[name] = (process, log_path)
@@ -250,15 +249,8 @@ class Federation:
         """Server first (so it writes its summary), then clients and monitor."""
         order = sorted(self.processes.items(), key=lambda item: item[0] != "server")
         for name, (process, _) in order:
-            if process.poll() is None:
-                process.send_signal(signal.SIGINT if name == "server" else signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        for _, (process, _) in order:
-            try:
-                process.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+            lifetime.send(process, signal.SIGINT if name == "server" else signal.SIGTERM)
+        lifetime.reap([process for _, (process, _) in order], grace)  # what still runs after the grace: SIGKILL, to its whole session
         self._collect_logs()
 
     def _collect_logs(self) -> None:
@@ -366,12 +358,9 @@ class AppFederation(Federation):
         records the run's end (summary.json "interrupted", the trackers); then the federation."""
         console.print("[yellow]interrupted: stopping the run, then the federation[/yellow]")
         submit = self.processes.get("submit")
-        if submit is not None and submit[0].poll() is None:
-            submit[0].send_signal(signal.SIGTERM)
-            try:
-                submit[0].wait(timeout=SUBMISSION_STOP_S)
-            except subprocess.TimeoutExpired:
-                pass  # _stop kills it
+        if submit is not None:
+            lifetime.send(submit[0], signal.SIGTERM)
+            lifetime.wait(submit[0], SUBMISSION_STOP_S)  # still running after it: _stop kills it
         self._stop(grace=15)
         return 130
 

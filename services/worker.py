@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Protocol, Sequence
 
 from services.failures import Kind, classify, first_line
-from services.lifetime import die_with_parent, is_alive
+from services.lifetime import die_with_parent, ended, is_alive
 from services.pool import wire
 from services.settings import WORKER_STARTS
 
@@ -517,7 +517,10 @@ def _start(process: multiprocessing.process.BaseProcess, start_method: str) -> N
         if start_method != "forkserver":
             raise WorkerFailed(f"could not start a {start_method} worker: {type(error).__name__}: {error}", None, kind=Kind.START_FAILED) from error
         first_error = error
-    _await_forkserver_exit(forkserver_pid())
+    # Once the dead forkserver is a zombie, multiprocessing sees it is gone (it checks with
+    # waitpid, which this process must not call or it would take the status from it).
+    if (dead := forkserver_pid()) is not None:
+        ended(dead, patience=5.0)
     try:
         process.start()  # multiprocessing notices the dead forkserver and starts a new one
     except (OSError, EOFError) as error:
@@ -526,20 +529,6 @@ def _start(process: multiprocessing.process.BaseProcess, start_method: str) -> N
             f"after restarting the forkserver: {type(error).__name__}: {error})",
             None, kind=Kind.START_FAILED,
         ) from error
-
-
-def _await_forkserver_exit(pid: int | None, patience: float = 5.0) -> None:
-    """Wait until the dead forkserver is a zombie: only then does multiprocessing see it is gone
-    (it checks with waitpid, which we must not call ourselves or it would lose the status)."""
-    deadline = time.monotonic() + patience
-    while pid is not None and time.monotonic() < deadline:
-        try:
-            state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            return
-        if state in ("Z", "X"):
-            return
-        time.sleep(0.02)
 
 
 def _run_inprocess(job: str, kwargs: dict[str, Any]) -> WorkerResult:

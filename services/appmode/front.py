@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from services.lifetime import die_with_parent
+from services import lifetime
 from services.net import split_address
 
 log = logging.getLogger("bouquet.front")
@@ -153,7 +153,7 @@ def start(plan: Plan, folder: Path) -> subprocess.Popen:
     checked = subprocess.run([program, "-t", "-q", "-p", str(folder), "-c", str(conf), "-e", "stderr"], capture_output=True, text=True)
     if checked.returncode != 0:
         raise RuntimeError(f"nginx refused the front's configuration: {checked.stderr.strip()[-600:]}")
-    return subprocess.Popen([program, "-p", str(folder), "-c", str(conf), "-e", "stderr"], preexec_fn=die_with_parent)
+    return lifetime.start([program, "-p", str(folder), "-c", str(conf), "-e", "stderr"])
 
 
 def fingerprint(public_key: bytes) -> str:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from services import lifetime
 from services.admission import retry
 from services.admission.config import worker_admission
 from services.admission.sizing import NeedBook
@@ -43,6 +44,9 @@ JOB = "services.appmode.clientapp:run"
 WARM_APP = "services.appmode.clientapp:warm_app"  # what the pool's warm child for a run's App runs once
 NEED_KEY = "appmode-clientapp"  # the remembered GPU need of this node's ClientApp workers
 REFUSAL_TIMEOUT_S = 120.0
+# A process closes its files before it becomes a zombie, so a worker's sentinel can report a dying
+# warm process (forkserver) a moment before it has ended: that moment, to see it end.
+WARM_EXIT_PATIENCE_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -85,7 +89,7 @@ class Launches:
                     warm=Warm(WARM_APP, self.app_seen) if self.app_seen else None,
                 )
         except WorkerFailed as failure:
-            if warm is not None and _gone(warm):
+            if warm is not None and lifetime.ended(warm, patience=WARM_EXIT_PATIENCE_S):
                 # The worker's exit is reported through its forkserver: with that gone, the node
                 # cannot tell how the worker ended (it may still be running and reply).
                 lost = WorkerFailed(f"the node's warm process (pid {warm}) died while this message ran, so its worker (pid {failure.pid}) "
@@ -163,19 +167,3 @@ class Launches:
             if line.startswith('{"refusal"'):
                 return json.loads(line)["refusal"]
         return {"problem": f"the refusal exited with code {done.returncode} without an outcome"}
-
-
-def _gone(pid: int, patience: float = 2.0) -> bool:
-    """Whether ``pid`` has ended (gone or a zombie). A process closes its files before it becomes a
-    zombie, so a worker's sentinel can report a dying forkserver a moment early: wait a little."""
-    deadline = time.monotonic() + patience
-    while True:
-        try:
-            with open(f"/proc/{pid}/stat") as stat:
-                if stat.read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
-                    return True
-        except OSError:
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.05)

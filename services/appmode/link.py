@@ -34,12 +34,11 @@ import threading
 from pathlib import Path
 from typing import Any, Callable
 
-from services import joining, logs, roster, tls
+from services import joining, lifetime, logs, roster, tls
 from services import settings as settings_module
 from services.appmode import assignment, flower, front, node_keys, serverapp_shim
 from services.appmode.gauges import RunFollower
 from services.files import JOINS_REFUSED, append_json_line
-from services.lifetime import die_with_parent
 from services.net import free_port, wait_until_listening
 from services.server.membership import Membership
 from services.server.registry import PartitionRegistry
@@ -147,7 +146,7 @@ def serve(settings: LinkSettings, home: Path) -> int:
     }
     env = flower.environment(home, shim_dir=shim_dir, extra={**hidden, **in_run_folder})
     port = free_port()
-    superlink = subprocess.Popen(superlink_command(settings, port), env=env, preexec_fn=die_with_parent)  # SIGTERM when this process dies, however it dies
+    superlink = lifetime.start(superlink_command(settings, port), env=env)  # SIGTERM when this process dies, however it dies
     log.info("flower-superlink (pid %d) on 127.0.0.1:%d%s", superlink.pid, port, "" if settings.serverapp_gpus else "; the ServerApp sees no GPU (FL_SERVERAPP_GPUS)")
     token = joining.token_in_file(settings.submit_token_file, SUBMIT_TOKEN_NAMES) if settings.submit_token_file else None
     plan = front.Plan(settings.listen_address, port, settings.tls_dir, settings.control_address if token else None, token)
@@ -157,8 +156,7 @@ def serve(settings: LinkSettings, home: Path) -> int:
         wait_until_listening(_local(settings.listen_address), nginx, 30, "the front (nginx)")
     except RuntimeError as problem:
         log.error("%s", problem)
-        superlink.terminate()
-        superlink.wait()
+        lifetime.stop(superlink, grace=None)
         return 1
     log.info("front (nginx, pid %d): SuperNodes' Fleet calls only on %s%s", nginx.pid, settings.listen_address,
              f"; Control on {settings.control_address} for the submit token's holders" if token else "; no Control listener (FL_SUBMIT_TOKEN_FILE unset): runs start only from inside the server")
@@ -171,8 +169,7 @@ def serve(settings: LinkSettings, home: Path) -> int:
     settled = threading.Event()
 
     def relay(signum: int, _frame: object) -> None:
-        if superlink.poll() is None:
-            superlink.send_signal(signum)
+        lifetime.send(superlink, signum)
         if not settled.is_set():  # stopped while settling: nothing to wait for
             raise SystemExit(0)
 
@@ -199,9 +196,7 @@ def serve(settings: LinkSettings, home: Path) -> int:
         gauges.close()
     if code == -signal.SIGTERM and nginx.poll() is not None and nginx.returncode != 0:
         code = 1  # stopped because the front died: a failure, not a requested stop
-    if nginx.poll() is None:
-        nginx.terminate()
-        nginx.wait()
+    lifetime.stop(nginx, grace=None)
     log.info("flower-superlink exited with code %d", code)
     return 0 if code in (0, -signal.SIGTERM, -signal.SIGINT) else code
 
@@ -222,7 +217,7 @@ def _stop_with_the_front(nginx: subprocess.Popen, superlink: subprocess.Popen, s
     code = nginx.wait()
     if not stop.is_set() and superlink.poll() is None:
         log.error("the front (nginx) exited with code %d: no SuperNode and no submission can reach the SuperLink any more; stopping it", code)
-        superlink.terminate()
+        lifetime.send(superlink)
 
 
 def _local(address: str) -> str:

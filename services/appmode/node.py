@@ -30,11 +30,10 @@ import threading
 import time
 from pathlib import Path
 
-from services import logs, roster, tls, worker
+from services import lifetime, logs, roster, tls, worker
 from services import settings as settings_module
 from services.appmode import assignment, flower, node_keys, records, shim
 from services.appmode.launches import Launches, NodePlace
-from services.lifetime import die_with_parent
 from services.net import free_port
 from services.client.identity import identity as node_identity
 from services.pool import wire
@@ -169,8 +168,8 @@ def run(settings: NodeSettings, identity: str) -> int:
     env = {**env, "BOUQUET_NODE_SOCKET": socket_path, "BOUQUET_PYTHON": sys.executable}
     runtime = runtime_address(pool)
     secret = write_secret(launches.scratch)
-    supernode = subprocess.Popen(supernode_command(settings, place, runtime, secret, node_keys.supernode_arguments(settings.tls_dir, settings.data_dir, identity, home, settings.connect_timeout)), env=env, preexec_fn=die_with_parent)  # SIGTERM when this process dies, however it dies
-    superexec = subprocess.Popen(superexec_command(runtime, secret), env=env, preexec_fn=die_with_parent)
+    supernode = lifetime.start(supernode_command(settings, place, runtime, secret, node_keys.supernode_arguments(settings.tls_dir, settings.data_dir, identity, home, settings.connect_timeout)), env=env)  # SIGTERM when this process dies, however it dies
+    superexec = lifetime.start(superexec_command(runtime, secret), env=env)
     log.info("flower-supernode (pid %d, runtime API %s) and flower-superexec (pid %d) started for %s", supernode.pid, runtime, superexec.pid, settings.server_address)
 
     stopping = []
@@ -178,8 +177,7 @@ def run(settings: NodeSettings, identity: str) -> int:
     def relay(signum: int, _frame: object) -> None:
         stopping.append(signum)
         for process in (supernode, superexec):
-            if process.poll() is None:
-                process.send_signal(signum)
+            lifetime.send(process, signum)
 
     signal.signal(signal.SIGTERM, relay)
     signal.signal(signal.SIGINT, relay)
@@ -188,17 +186,7 @@ def run(settings: NodeSettings, identity: str) -> int:
     if first is superexec and not stopping:
         log.error("flower-superexec exited with code %d: this node can run no more messages; stopping its SuperNode", code)
         code = 1  # a node without its SuperExec has failed, however SuperExec ended (compose restarts the replica)
-        supernode.terminate()
-    elif first is superexec:
-        supernode.terminate()
-    else:
-        superexec.terminate()
-    for process in (supernode, superexec):
-        try:
-            process.wait(timeout=STOP_PATIENCE_S)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    lifetime.stop_all((supernode, superexec), STOP_PATIENCE_S)  # the other one: SIGTERM, SIGKILL after STOP_PATIENCE_S
     server.shutdown()
     server.server_close()
     shutil.rmtree(launches.scratch, ignore_errors=True)

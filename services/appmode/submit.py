@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from services import joining, logs, misses, tls
+from services import joining, lifetime, logs, misses, tls
 from services import settings as settings_module
 from services.tracking.run import APP_MODE, RunTracking
 from services.appmode import assignment, evaluations, flower, records, serverapp_shim
@@ -127,7 +127,7 @@ class Submission:
         if self.settings.app_run_config:
             command += ["--run-config", self.settings.app_run_config]
         with open(self.folder / FLWR_RUN_LOG, "w") as kept:
-            process = subprocess.Popen(command, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            process = lifetime.start(command, dies_with_parent=False, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
             def copy() -> None:
                 assert process.stdout is not None
@@ -145,14 +145,13 @@ class Submission:
             writer = threading.Thread(target=self.write_ended_rounds, args=(ended,), name="bouquet-rounds", daemon=True)
             writer.start()
             try:
-                code: int | None = process.wait(timeout=max(1.0, deadline - time.monotonic()))
-            except (subprocess.TimeoutExpired, KeyboardInterrupt) as end:
-                code = None
-                self.interrupted = isinstance(end, KeyboardInterrupt)
+                code = lifetime.wait(process, max(1.0, deadline - time.monotonic()))
+            except KeyboardInterrupt:
+                code, self.interrupted = None, True
+            if code is None:  # out of time, or interrupted: Flower's run stops, then its stream at once
                 if self.flwr_run_id is not None:
                     self.flwr("stop", str(self.flwr_run_id), CONNECTION)
-                process.kill()
-                process.wait()
+                lifetime.stop(process, grace=0, sig=signal.SIGKILL)
             copier.join(timeout=10)
             ended.set()
             writer.join()
