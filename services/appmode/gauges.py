@@ -27,13 +27,21 @@ class RunFollower:
         self.gauges = gauges
         self.folder: Path | None = None
         self.told = 0  # lines of ``folder``'s metrics.jsonl the gauges have
+        self.seen: tuple[int, int] | None = None  # that file's (inode, mtime) when last read
 
     def step(self) -> None:
         folder = self.current_run() or self.folder  # submit removes the marker before the run's last lines
         if folder is None:
             return
         if folder != self.folder:
-            self.folder, self.told = folder, 0
+            self.folder, self.told, self.seen = folder, 0, None
+        try:
+            stat = (folder / METRICS).stat()
+        except OSError:
+            return
+        if (stat.st_ino, stat.st_mtime_ns) == self.seen:  # submit replaces the file whole: unchanged, nothing to read
+            return
+        self.seen = (stat.st_ino, stat.st_mtime_ns)
         lines = read_json_lines(folder / METRICS)[0]
         for line in lines[self.told:]:
             self.gauges.round_recorded(line)
